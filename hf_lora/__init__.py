@@ -1,0 +1,43 @@
+"""hf_lora: LoRA adapters for Hugging Face models, peft-compatible files, no peft dependency.
+
+cfg = hf_lora.LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05)
+model = hf_lora.get_lora_model(AutoModelForCausalLM.from_pretrained("gpt2"), cfg)
+"""
+
+from .config import LoRAConfig
+from .errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    HubAccessError,
+    LoRAError,
+    TargetModulesError,
+)
+from .hub import download_adapter, push_adapter_to_hub
+from .layers import LoRALayer, ModulesToSave, delta_weight, merged_weight
+from .model import LoRAModel, get_lora_model
+from .serialization import adapter_state_dict, read_adapter
+from .targets import TARGET_MODULES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TARGET_MODULES",
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "AdapterStateError",
+    "HubAccessError",
+    "LoRAConfig",
+    "LoRAError",
+    "LoRALayer",
+    "LoRAModel",
+    "ModulesToSave",
+    "TargetModulesError",
+    "adapter_state_dict",
+    "delta_weight",
+    "download_adapter",
+    "get_lora_model",
+    "merged_weight",
+    "push_adapter_to_hub",
+    "read_adapter",
+]

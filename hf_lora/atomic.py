@@ -1,0 +1,72 @@
+"""Atomic file writes: a file is replaced whole or not at all, even if the process is killed mid-write."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically; a small file that already holds exactly `data` is left
+    alone (so re-saving an unchanged config is not a write at all).
+
+    The temporary file lives beside the target *directory* (so a crash leaves nothing inside it) and is
+    fsynced before the rename; the directory is fsynced after it, so the new file survives a power cut.
+    Temporary files of writers that were killed are removed on the next write.
+    """
+    with contextlib.suppress(OSError):
+        if len(data) <= 2**20 and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    prefix = f".{path.parent.name}.{path.name}."
+    for tmp_dir in (path.parent.parent, path.parent):
+        _remove_stale(tmp_dir, prefix)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=tmp_dir)
+        except OSError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno == errno.EXDEV and tmp_dir != path.parent:
+                continue  # the parent is another file system: write beside the file instead
+            raise
+        _fsync_dir(path.parent)
+        return
+    raise OSError(f"cannot create a temporary file to write {path}")
+
+
+def _remove_stale(directory: Path, prefix: str) -> None:
+    with contextlib.suppress(OSError):
+        for tmp in directory.glob(f"{prefix}*.tmp"):
+            pid = tmp.name.removeprefix(prefix).split(".", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,265 @@
+"""`LoRAConfig`: the hyper-parameters of one adapter, and their peft-compatible JSON form.
+
+The JSON written by `to_dict()` carries every key peft's `LoraConfig` writes, so `peft` (and anything else
+that reads `adapter_config.json`) loads our adapters unchanged; `from_dict()` reads peft's files back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+BIAS_MODES = ("none", "all", "lora_only")
+# Heads that a sequence-classification adapter must train and save, as peft does for task_type="SEQ_CLS".
+SEQ_CLS_HEADS = ("classifier", "score")
+
+_INIT_STRINGS = ("gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+# Keys peft writes for features hf_lora does not implement, with the value that means "feature off".
+# A file that turns one of them on cannot be loaded faithfully, so it is refused rather than half-applied.
+_PEFT_FEATURES_OFF: dict[str, Any] = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+# Keys peft writes that carry no meaning for loading (bookkeeping); read and dropped silently.
+_PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size")
+
+
+@dataclass
+class LoRAConfig:
+    """Hyper-parameters of one LoRA adapter; field names and meanings follow peft's `LoraConfig`.
+
+    `target_modules`: module names matched exactly or as a dotted suffix (a list), a regex matched with
+    `re.fullmatch` against the full module path (a string), ``"all-linear"`` (every Linear/Conv1D except
+    the output head), or None for the architecture's default from `hf_lora.targets.TARGET_MODULES`.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    use_rslora: bool = False
+    use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists arrive as tuples/sets from user code and as lists from JSON; keep one canonical form.
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                setattr(self, name, _unique_list(value))
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, str):
+            self.modules_to_save = _unique_list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, (tuple, set)):
+            self.layers_to_transform = sorted(self.layers_to_transform)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every problem, so a user fixes them all in one go."""
+        problems = list(_problems(self))
+        if problems:
+            raise ValueError("Invalid LoRAConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    # ---- derived values -------------------------------------------------------------------------
+
+    def rank_for(self, module_path: str) -> int:
+        return int(self.rank_pattern[key]) if (key := pattern_key(self.rank_pattern, module_path)) else self.r
+
+    def alpha_for(self, module_path: str) -> float:
+        return (
+            self.alpha_pattern[key]
+            if (key := pattern_key(self.alpha_pattern, module_path))
+            else self.lora_alpha
+        )
+
+    def scaling_for(self, module_path: str) -> float:
+        r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def replace(self, **changes: Any) -> LoRAConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- peft-compatible JSON -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` content: every key peft's LoraConfig writes, in its sorted order."""
+        d: dict[str, Any] = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d.update(_PEFT_FEATURES_OFF)
+        d.update(peft_type="LORA", megatron_core="megatron.core", qalora_group_size=16, auto_mapping=None)
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "adapter config") -> LoRAConfig:
+        """Read a peft or hf_lora `adapter_config.json`; unknown keys warn (files from newer versions)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(
+                f"{source}: peft_type is {peft_type!r}; hf_lora loads only LoRA adapters (peft_type 'LORA')."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unsupported, unknown = {}, [], []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_FEATURES_OFF:
+                if value not in (_PEFT_FEATURES_OFF[key], None, False, {}, []):
+                    unsupported.append(f"{key}={value!r}")
+            elif key not in _PEFT_BOOKKEEPING:
+                unknown.append(key)
+        if unsupported:
+            raise ValueError(
+                f"{source}: the adapter uses peft features hf_lora does not implement: "
+                f"{', '.join(unsupported)}. Load it with peft, or retrain without them."
+            )
+        if unknown:
+            logger.warning(
+                "%s: ignoring unknown keys %s (written by a newer version?).",
+                source,
+                ", ".join(sorted(unknown)),
+            )
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
+    """The first key of `rank_pattern`/`alpha_pattern` that matches `module_path` as peft matches it:
+    the key, read as a regex, must match a dotted suffix of the path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+def _problems(c: LoRAConfig):
+    if not _is_int(c.r) or c.r <= 0:
+        yield f"r must be a positive integer, got {c.r!r}."
+    if not _is_number(c.lora_alpha) or c.lora_alpha <= 0:
+        yield f"lora_alpha must be a positive number, got {c.lora_alpha!r}."
+    if not _is_number(c.lora_dropout) or not 0 <= c.lora_dropout < 1:
+        yield f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}."
+    if c.bias not in BIAS_MODES:
+        yield f"bias must be one of {BIAS_MODES}, got {c.bias!r}."
+    if c.task_type is not None and c.task_type not in TASK_TYPES:
+        yield f"task_type must be None or one of {TASK_TYPES}, got {c.task_type!r}."
+    yield from _target_problems("target_modules", c.target_modules)
+    yield from _target_problems("exclude_modules", c.exclude_modules)
+    if c.modules_to_save is not None and (
+        isinstance(c.modules_to_save, str) or not all(isinstance(m, str) and m for m in c.modules_to_save)
+    ):
+        yield f"modules_to_save must be a list of module names, got {c.modules_to_save!r}."
+    init = c.init_lora_weights
+    if not isinstance(init, bool) and not (
+        isinstance(init, str) and (init in _INIT_STRINGS or _PISSA_NITER.fullmatch(init))
+    ):
+        yield (
+            f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
+            f"got {init!r}."
+        )
+    for key, value in c.rank_pattern.items():
+        if not _is_int(value) or value <= 0:
+            yield f"rank_pattern[{key!r}] must be a positive integer, got {value!r}."
+        yield from _regex_problem(f"rank_pattern key {key!r}", key)
+    for key, value in c.alpha_pattern.items():
+        if not _is_number(value) or value <= 0:
+            yield f"alpha_pattern[{key!r}] must be a positive number, got {value!r}."
+        yield from _regex_problem(f"alpha_pattern key {key!r}", key)
+    layers = c.layers_to_transform
+    if layers is not None:
+        items = [layers] if _is_int(layers) else layers
+        if not isinstance(items, list) or not all(_is_int(i) and i >= 0 for i in items):
+            yield f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}."
+        if isinstance(c.target_modules, str):
+            yield "layers_to_transform cannot be combined with a regex target_modules; put the layers in the regex."
+    if c.layers_pattern is not None and layers is None:
+        yield "layers_pattern only has an effect together with layers_to_transform; set both or neither."
+    if c.use_dora and c.init_lora_weights not in (True, False, "gaussian"):
+        yield f"use_dora=True cannot be combined with init_lora_weights={c.init_lora_weights!r}."
+
+
+def _target_problems(name: str, value: Any):
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value != "all-linear":
+            yield from _regex_problem(name, value)
+    elif not all(isinstance(v, str) and v for v in value):
+        yield f"{name} must be a list of module names or a regex string, got {value!r}."
+    elif not value:
+        yield f"{name} is an empty list; give module names, a regex, 'all-linear', or None for the default."
+
+
+def _regex_problem(what: str, pattern: str):
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        yield f"{what} is not a valid regular expression: {e}."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unique_list(values: Any) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value)
+    return value

@@ -1,0 +1,25 @@
+"""Exception types. Each also derives from the built-in a caller would naturally catch."""
+
+
+class LoRAError(Exception):
+    """Base class of every error hf_lora raises on purpose."""
+
+
+class TargetModulesError(LoRAError, ValueError):
+    """`target_modules` / `modules_to_save` / layer selection does not fit the model."""
+
+
+class AdapterNotFoundError(LoRAError, FileNotFoundError):
+    """No adapter at the given path or Hub repo (or a file of it is missing)."""
+
+
+class AdapterFormatError(LoRAError, ValueError):
+    """Adapter files exist but cannot be used: corrupted, truncated, unsafe, or made for another model."""
+
+
+class AdapterStateError(LoRAError, RuntimeError):
+    """The call does not fit the model's current adapter state (unknown adapter name, already wrapped, ...)."""
+
+
+class HubAccessError(LoRAError, PermissionError):
+    """The Hub refused the credentials (bad or missing token, or no write access to that namespace)."""

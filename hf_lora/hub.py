@@ -1,0 +1,192 @@
+"""Sharing adapters on the Hugging Face Hub (or any server speaking its protocol, via `HF_ENDPOINT`).
+
+Pushing saves the adapter into a temporary directory and uploads it in ONE commit, so a repo never holds
+half an adapter; pulling goes through `hf_hub_download` and its cache (so `HF_HUB_OFFLINE=1` works for
+anything downloaded before). Tokens are handed to `huggingface_hub` and never written or logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .atomic import pid_alive
+from .errors import AdapterNotFoundError, HubAccessError
+from .model_card import CARD_NAME, MARKER
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
+    from .model import LoRAModel
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", CARD_NAME, "loss_curve.svg")
+_PUSH_TMP_PREFIX = "hf_lora-push-"
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def resolve_adapter_file(
+    model_id: str | os.PathLike,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path | None:
+    """Local path of `filename` of an adapter in a directory or Hub repo; None if the adapter has no such
+    file. Raises AdapterNotFoundError / HubAccessError with the repo and endpoint when it cannot tell."""
+    if subfolder and (Path(subfolder).is_absolute() or ".." in Path(subfolder).parts):
+        raise ValueError(f"subfolder {subfolder!r} must be a relative path inside the adapter repo.")
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        file = path / (subfolder or "") / filename
+        return file if file.is_file() else None
+    if path.exists():
+        raise AdapterNotFoundError(f"{model_id} is a file; pass the directory that holds the adapter files.")
+    repo_id = str(model_id)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise AdapterNotFoundError(
+            f"no adapter at {repo_id!r}: it is not a local directory, nor a Hub repo id like 'user/name'."
+        ) from None
+    try:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token))
+    except RevisionNotFoundError:
+        raise AdapterNotFoundError(
+            f"revision {revision!r} not found in Hub repo {repo_id!r} at {endpoint()}."
+        ) from None
+    except RepositoryNotFoundError:
+        raise AdapterNotFoundError(
+            f"no adapter at {repo_id!r}: not a local directory, and no Hub repo of that name at {endpoint()} "
+            "(or it is private and your token cannot read it)."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise AdapterNotFoundError(
+            f"{filename} of {repo_id!r} is not in the local cache and the Hub cannot be reached "
+            f"({endpoint()}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online."
+        ) from None
+    except EntryNotFoundError:
+        return None
+    except HfHubHTTPError as e:
+        raise _http_error(e, repo_id) from None
+
+
+def push_adapter_to_hub(
+    model: LoRAModel,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    card_data: dict[str, Any] | None = None,
+    log_history: list[dict[str, Any]] | None = None,
+    selected_adapters: list[str] | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Create the repo if needed and upload the adapter files in one commit; returns the CommitInfo
+    (`.oid`, `.commit_url`). A README.md already in the repo that hf_lora did not write is kept."""
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision not in {b.name for b in api.list_repo_refs(repo_id).branches}:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        keep_readme = _remote_readme_is_users(repo_id, revision, token)
+    except HfHubHTTPError as e:
+        raise _http_error(e, repo_id) from None
+
+    _remove_stale_push_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{_PUSH_TMP_PREFIX}{os.getpid()}-") as tmp:
+        model.save_pretrained(
+            tmp,
+            selected_adapters=selected_adapters,
+            repo_id=repo_id,
+            card_data=card_data,
+            log_history=log_history,
+        )
+        if keep_readme:
+            for card in Path(tmp).rglob(CARD_NAME):
+                card.unlink()
+        try:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=commit_message or "Upload LoRA adapter (hf_lora)",
+                create_pr=create_pr,
+            )
+        except HfHubHTTPError as e:
+            raise _http_error(e, repo_id) from None
+    logger.info("pushed adapter to %s/%s (commit %s)", endpoint(), repo_id, info.oid)
+    return info
+
+
+def download_adapter(
+    repo_id: str, local_dir: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """Download an adapter repo's files (with every adapter's subfolder) into `local_dir`."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            local_dir=local_dir,
+            allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
+        )
+    except RepositoryNotFoundError:
+        raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
+    except RevisionNotFoundError:
+        raise AdapterNotFoundError(
+            f"revision {revision!r} not found in {repo_id!r} at {endpoint()}."
+        ) from None
+    except HfHubHTTPError as e:
+        raise _http_error(e, repo_id) from None
+    return Path(path)
+
+
+def _remote_readme_is_users(repo_id: str, revision: str | None, token: str | None) -> bool:
+    try:
+        path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token)
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return False
+    return MARKER not in Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _http_error(e: HfHubHTTPError, repo_id: str) -> Exception:
+    status = e.response.status_code if e.response is not None else None
+    if status in (401, 403):
+        return HubAccessError(
+            f"the Hub at {endpoint()} refused access to {repo_id!r} (HTTP {status}): check the token "
+            "(token=..., HF_TOKEN or `hf auth login`) and that it may write to this namespace."
+        )
+    return e
+
+
+def _remove_stale_push_dirs() -> None:
+    """Temporary push directories of processes that were killed mid-push."""
+    for d in Path(tempfile.gettempdir()).glob(f"{_PUSH_TMP_PREFIX}*"):
+        pid = d.name.removeprefix(_PUSH_TMP_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)

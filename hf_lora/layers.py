@@ -1,0 +1,398 @@
+"""LoRA layers: `y = base(x) + (dropout(x) @ A.T @ B.T) * scaling`, with A (r, in) and B (out, r).
+
+A LoRA layer is the original `nn.Linear` / GPT-2 `Conv1D` object with its class swapped for a subclass
+that adds the adapter (loralib's approach): the base `weight`/`bias` stay the same Parameter objects
+under the same names, nothing is copied, and `unload()` swaps the class back. Adapters are keyed by name
+(`lora_A["default"]`), so several can live side by side.
+
+Training and inference go through `_LoRAFunction`, a fused autograd function: the scaled LoRA update is
+accumulated into the base output in place (no full-size `* scaling` / `+` passes), the input is saved
+once, and dropout keeps only its mask. Anything it does not cover (several active adapters, mixed
+dtypes, autocast, trainable base weights, unknown Linear subclasses, tensor subclasses) takes the plain
+path, which computes exactly what peft computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import AdapterStateError
+
+BASE_ROWS = "__base__"  # name of "no adapter" in mixed batches, as in peft
+
+
+# ---- pure functions over weights --------------------------------------------------------------------
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """The dense update `scaling * B @ A` in fp32, laid out like the base weight ((in, out) for Conv1D)."""
+    delta = (B.float() @ A.float()) * scaling  # (out, in)
+    return delta.T if fan_in_fan_out else delta
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """`weight + sign * delta`, added in fp32 and rounded once to the weight's dtype."""
+    if weight.dtype == delta.dtype:
+        return weight + delta if sign > 0 else weight - delta
+    return (weight.float() + sign * delta).to(weight.dtype)
+
+
+def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
+    """True: A kaiming-uniform(a=sqrt(5)), B zeros (the update starts at zero, as in the LoRA paper);
+    "gaussian": A ~ N(0, 1/r); False: both as nn.Linear initialises weights (a non-zero update)."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+
+# ---- the fused path ---------------------------------------------------------------------------------
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """Base projection + one LoRA adapter, forward and backward, for a frozen base weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float, dropout_p: float, fan_in_fan_out: bool):
+        in_features = A.shape[1]
+        x2d = x.reshape(-1, in_features)  # (N, in)
+        w_io = weight if fan_in_fan_out else weight.T  # (in, out), a view
+        y = torch.addmm(bias, x2d, w_io) if bias is not None else x2d @ w_io  # (N, out)
+        mask = None
+        if dropout_p > 0:
+            # Same draw as F.dropout on CPU (bernoulli_(1-p) on a tensor like x, then / (1-p)), so a
+            # seeded run drops the same elements as peft does.
+            mask = torch.empty_like(x2d).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+            h = (x2d * mask) @ A.T  # (N, r)
+        else:
+            h = x2d @ A.T  # (N, r)
+        y.addmm_(h, B.T, alpha=scaling)  # y += scaling * h @ B.T, in place
+        ctx.save_for_backward(x, weight, A, B, h, mask)
+        ctx.scaling, ctx.fan_in_fan_out = scaling, fan_in_fan_out
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, h, mask = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        gh = (g @ B).mul_(s)  # (N, r): gradient w.r.t. h
+        grad_x = grad_A = grad_B = grad_bias = None
+        x2d = x.reshape(-1, A.shape[1])
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
+            if mask is None:
+                grad_x.addmm_(gh, A)
+            else:
+                grad_x.addcmul_(gh @ A, mask)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[3]:
+            grad_A = gh.T @ (x2d if mask is None else x2d * mask)  # (r, in)
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.T @ h).mul_(s)  # (out, r)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def _plain_tensor(t: torch.Tensor | None) -> bool:
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+# ---- the layer --------------------------------------------------------------------------------------
+
+
+class LoRALayer(nn.Module):
+    """Mixin for a Linear-like base class; instances are made by `make_lora_layer`, never constructed."""
+
+    lora_A: nn.ParameterDict  # adapter -> (r, in)
+    lora_B: nn.ParameterDict  # adapter -> (out, r)
+    lora_scaling: dict[str, float]
+    lora_dropout: dict[str, float]
+    active_adapters: tuple[str, ...]  # what the user selected
+    merged_adapters: list[str]  # folded into `weight`, in merge order
+    adapters_disabled: bool
+    fan_in_fan_out: bool  # base weight stored (in, out), as GPT-2's Conv1D does
+    _live: tuple[str, ...]  # active, not merged, not disabled: what forward adds
+    _row_adapters: Sequence[str] | None  # one adapter name per batch row (mixed batches), or None
+    _fused: bool  # the base class is plain nn.Linear / Conv1D, so _LoRAFunction may replace its forward
+
+    @property
+    def in_features_(self) -> int:
+        return self.weight.shape[0] if self.fan_in_fan_out else self.weight.shape[1]
+
+    @property
+    def out_features_(self) -> int:
+        return self.weight.shape[1] if self.fan_in_fan_out else self.weight.shape[0]
+
+    # -- adapters --
+
+    def add_adapter(
+        self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None = True
+    ) -> None:
+        """Create adapter `name`; `init=None` leaves A and B uninitialised (they are loaded next)."""
+        w = self.weight
+        # Adapters train in fp32 on a half-precision base (peft's default): tiny tensors, stable updates.
+        dtype = (
+            torch.float32
+            if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point()
+            else w.dtype
+        )
+        A = torch.empty(r, self.in_features_, dtype=dtype, device=w.device)
+        B = torch.empty(self.out_features_, r, dtype=dtype, device=w.device)
+        if init is not None:
+            init_lora_(A, B, init)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_scaling[name] = scaling
+        self.lora_dropout[name] = dropout
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for store in (self.lora_A, self.lora_B):
+            if name in store:
+                del store[name]
+        self.lora_scaling.pop(name, None)
+        self.lora_dropout.pop(name, None)
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+        self._refresh()
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = tuple(names)
+        self._refresh()
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    def _refresh(self) -> None:
+        """Recompute the adapters forward must add, once per state change instead of once per call."""
+        if self.adapters_disabled:
+            self._live = ()
+        else:
+            self._live = tuple(
+                a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters
+            )
+
+    # -- merging --
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return delta_weight(
+            self.lora_A[name], self.lora_B[name], self.lora_scaling[name], self.fan_in_fan_out
+        )
+
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the base weight. Idempotent: an adapter already merged is skipped."""
+        for name in self.active_adapters if names is None else names:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            with torch.no_grad():
+                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name)))
+            self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Subtract merged adapters again, last merged first."""
+        for name in reversed(list(self.merged_adapters)):
+            if names is not None and name not in names:
+                continue
+            with torch.no_grad():
+                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
+            self.merged_adapters.remove(name)
+        self._refresh()
+
+    # -- forward --
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(x, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._row_adapters is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        live = self._live
+        if not live:
+            return self._base_forward(x, *args, **kwargs)
+        if len(live) == 1 and self._can_fuse(x, live[0]):
+            name = live[0]
+            return _LoRAFunction.apply(
+                x,
+                self.weight,
+                self.bias,
+                self.lora_A[name],
+                self.lora_B[name],
+                self.lora_scaling[name],
+                self.lora_dropout[name] if self.training else 0.0,
+                self.fan_in_fan_out,
+            )
+        result = self._base_forward(x, *args, **kwargs)
+        for name in live:
+            result = self._add_lora(result, x, name)
+        return result
+
+    def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The reference computation, op for op as peft does it."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = x.to(A.dtype)
+        p = self.lora_dropout[name]
+        if p and self.training:
+            x = F.dropout(x, p)
+        return (result + F.linear(F.linear(x, A), B) * self.lora_scaling[name]).to(result.dtype)
+
+    def _can_fuse(self, x: torch.Tensor, name: str) -> bool:
+        A, B, w, b = self.lora_A[name], self.lora_B[name], self.weight, self.bias
+        return (
+            self._fused
+            and not w.requires_grad
+            and (b is None or not b.requires_grad)
+            and x.dtype == w.dtype == A.dtype == B.dtype
+            and (b is None or b.dtype == w.dtype)
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(_plain_tensor(t) for t in (x, w, b, A, B))
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each batch row gets the adapter named for it (or none, for "__base__")."""
+        rows = _rows_for_batch(self._row_adapters, x.shape[0])
+        result = self._base_forward(x, *args, **kwargs)
+        if self.adapters_disabled:
+            return result
+        for name in dict.fromkeys(rows):
+            if name == BASE_ROWS or name not in self.lora_A:
+                continue
+            if name in self.merged_adapters:
+                raise AdapterStateError(
+                    f"adapter {name!r} is merged into the weights; unmerge it before a mixed-batch forward."
+                )
+            idx = [i for i, n in enumerate(rows) if n == name]
+            result[idx] = self._add_lora(result[idx], x[idx], name)
+        return result
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
+        return f"{super().extra_repr()}, lora=[{adapters}]"
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """An `nn.Linear` with LoRA adapters."""
+
+
+class LoRAConv1D(LoRALayer, Conv1D):
+    """GPT-2's `Conv1D` (a Linear with its weight stored (in, out)) with LoRA adapters."""
+
+
+_LAYER_CLASSES: dict[type, type[LoRALayer]] = {nn.Linear: LoRALinear, Conv1D: LoRAConv1D}
+
+
+def lora_layer_class(base_cls: type[nn.Module]) -> type[LoRALayer]:
+    """The LoRA class for a base class; subclasses of Linear/Conv1D (quantised layers and the like) get
+    a generated subclass that keeps their own forward for the base projection."""
+    if base_cls not in _LAYER_CLASSES:
+        _LAYER_CLASSES[base_cls] = type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {})
+    return _LAYER_CLASSES[base_cls]
+
+
+class ModulesToSave(nn.Module):
+    """A module trained and saved in full (e.g. a classification head): keeps the original and one
+    trainable copy per adapter, and calls the active adapter's copy. Attribute names match peft's."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+        self._row_adapters: Sequence[str] | None = None
+
+    def add(self, name: str) -> None:
+        clone = copy.deepcopy(self.original_module)
+        clone.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def current(self) -> nn.Module:
+        if self.adapters_disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = self._row_adapters
+        if rows is None or self.adapters_disabled:
+            return self.current()(x, *args, **kwargs)
+        rows = _rows_for_batch(rows, x.shape[0])
+        out = self.original_module(x, *args, **kwargs)
+        for name in dict.fromkeys(rows):
+            if name != BASE_ROWS and name in self.modules_to_save:
+                idx = [i for i, n in enumerate(rows) if n == name]
+                out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # `weight`, `in_features`, ... of the module it stands for, so code that inspects heads still works.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "original_module" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.current(), name)
+
+
+def _rows_for_batch(rows: Sequence[str], batch: int) -> Sequence[str]:
+    """Adapter names per row; `generate` repeats each row k times for beams / several sequences."""
+    if len(rows) == batch:
+        return rows
+    if rows and batch % len(rows) == 0:
+        k = batch // len(rows)
+        return [name for name in rows for _ in range(k)]
+    raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows.")
+
+
+def make_lora_layer(module: nn.Module) -> LoRALayer:
+    """Turn a Linear/Conv1D into a LoRA layer in place (no adapters yet). Idempotent."""
+    if isinstance(module, LoRALayer):
+        return module
+    base_cls = type(module)
+    module.__class__ = lora_layer_class(base_cls)
+    module.lora_A = nn.ParameterDict()
+    module.lora_B = nn.ParameterDict()
+    module.lora_scaling, module.lora_dropout = {}, {}
+    module.active_adapters, module.merged_adapters = (), []
+    module.adapters_disabled = False
+    module.fan_in_fan_out = isinstance(module, Conv1D)
+    module._row_adapters = None
+    module._fused = base_cls in (nn.Linear, Conv1D)
+    module._lora_base_class = base_cls
+    module._refresh()
+    return module
+
+
+def unmake_lora_layer(module: LoRALayer) -> nn.Module:
+    """Remove every adapter (without merging) and give the module its original class back."""
+    for name in ("lora_A", "lora_B"):
+        delattr(module, name)
+    for name in (
+        "lora_scaling",
+        "lora_dropout",
+        "active_adapters",
+        "merged_adapters",
+        "adapters_disabled",
+        "fan_in_fan_out",
+        "_row_adapters",
+        "_fused",
+        "_live",
+    ):
+        module.__dict__.pop(name, None)
+    module.__class__ = module.__dict__.pop("_lora_base_class")
+    return module

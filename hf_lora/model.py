@@ -1,0 +1,413 @@
+"""`get_lora_model` and `LoRAModel`: a model with LoRA adapters, which is still the model it was.
+
+`get_lora_model(model, cfg)` turns the targeted Linear/Conv1D modules into LoRA layers in place and then
+gives the model object the class `LoRA<ModelClass>`, a subclass of both `LoRAModel` and its own class.
+So a LoRA GPT-2 *is* a `GPT2LMHeadModel` (and a `PreTrainedModel`): its forward signature, `generate()`,
+`config`, gradient checkpointing and every attribute are the model's own, with no wrapper in between,
+and `transformers.Trainer` sees a model it knows, whose `save_pretrained` writes the adapter only.
+`merge_and_unload()` / `unload()` hand back the original class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from .config import SEQ_CLS_HEADS, LoRAConfig
+from .errors import AdapterStateError
+from .layers import BASE_ROWS, LoRALayer, ModulesToSave, make_lora_layer, unmake_lora_layer
+from .targets import resolve_modules_to_save, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+class LoRAModel(nn.Module):
+    """A model with LoRA adapters. Instances come from `get_lora_model` or `LoRAModel.from_pretrained`;
+    each is also an instance of the model's own class (see the module docstring)."""
+
+    peft_config: dict[str, LoRAConfig]  # adapter name -> config (peft's attribute name)
+    _active: tuple[str, ...]
+    _lora_base_class: type[nn.Module]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise TypeError(
+            "Create LoRA models with hf_lora.get_lora_model(model, config) or LoRAModel.from_pretrained."
+        )
+
+    def __reduce_ex__(self, protocol: int):
+        # The class is generated at run time, so pickle/deepcopy rebuild it from the original class.
+        state = self.__dict__.copy()
+        return (_rebuild_lora_model, (self._lora_base_class, state))
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.peft_config)
+
+    def lora_layers(self) -> Iterator[tuple[str, LoRALayer]]:
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALayer):
+                yield name, module
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for name, module in self.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: LoRAConfig) -> None:
+        """Add another adapter (not active: call `set_adapter`). The model is unchanged if this fails."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterStateError(
+                f"an adapter named {adapter_name!r} exists already; delete_adapter() it or choose another name."
+            )
+        config = _prepare_config(self, config)
+        targets = resolve_targets(self, config)
+        saved = resolve_modules_to_save(self, config)
+        _inject(self, adapter_name, config, targets, saved)
+        self.set_adapter(self._active)  # new adapter inactive; trainable flags follow the active ones
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make these adapters the active ones (and the only trainable ones, unless in inference mode)."""
+        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+        if unknown := [n for n in names if n not in self.peft_config]:
+            raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
+        self._active = names
+        for _, layer in self.lora_layers():
+            layer.set_active(names)
+            for name in layer.lora_A:
+                trainable = name in names and not self.peft_config[name].inference_mode
+                layer.lora_A[name].requires_grad_(trainable)
+                layer.lora_B[name].requires_grad_(trainable)
+        for _, wrapper in self.saved_modules():
+            wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
+            for name, clone in wrapper.modules_to_save.items():
+                clone.requires_grad_(name in names and not self.peft_config[name].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterStateError(f"unknown adapter {adapter_name!r}; this model has {self.adapters}.")
+        if len(self.peft_config) == 1:
+            raise AdapterStateError(
+                "cannot delete the only adapter; use unload() to get the base model back."
+            )
+        for _, layer in list(self.lora_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.lora_A:
+                unmake_lora_layer(layer)
+        for path, wrapper in list(self.saved_modules()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not wrapper.modules_to_save:
+                _set_submodule(self, path, wrapper.original_module)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        self.set_adapter(remaining)
+
+    # ---- enabling, merging, unloading ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block: outputs equal the model without adapters."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
+        self.unmerge_adapter()
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+            for name, layer in self.lora_layers():
+                layer.merge(merged.get(name, []))
+
+    def disable_adapters(self) -> None:
+        """Switch adapters off until `enable_adapters()` (transformers' method names)."""
+        self.unmerge_adapter()
+        self._set_disabled(True)
+
+    def enable_adapters(self) -> None:
+        self._set_disabled(False)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        for _, layer in self.lora_layers():
+            layer.adapters_disabled = disabled
+            layer._refresh()
+        for _, wrapper in self.saved_modules():
+            wrapper.adapters_disabled = disabled
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the active adapters into the base weights (idempotent; `unmerge_adapter` undoes it)."""
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        if unknown := [n for n in names if n not in self.peft_config]:
+            raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
+        layers = [layer for _, layer in self.lora_layers()]
+        if already := [n for n in names if any(n in layer.merged_adapters for layer in layers)]:
+            logger.warning(
+                "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
+            )
+        for layer in layers:
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights (a no-op if none is merged)."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the active adapters into the weights and return the plain base model (its original class,
+        no LoRA layers, trained `modules_to_save` copies in place): zero inference overhead."""
+        self.merge_adapter(adapter_names)
+        return self._unload(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        return self._unload(keep_trained_copies=False)
+
+    def _unload(self, keep_trained_copies: bool) -> nn.Module:
+        for _, layer in list(self.lora_layers()):
+            unmake_lora_layer(layer)
+        for path, wrapper in list(self.saved_modules()):
+            module = wrapper.current() if keep_trained_copies else wrapper.original_module
+            _set_submodule(self, path, module)
+        for name in ("peft_config", "_active"):
+            self.__dict__.pop(name, None)
+        self.__class__ = self.__dict__.pop("_lora_base_class")
+        return self
+
+    # ---- mixed batches --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def adapter_rows(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Inside the block each batch row uses its own adapter (`"__base__"` for none)."""
+        names = list(adapter_names)
+        if unknown := sorted(set(names) - set(self.peft_config) - {BASE_ROWS}):
+            raise AdapterStateError(
+                f"adapter_names has unknown adapters {unknown}; this model has {self.adapters}."
+            )
+        modules = [m for _, m in self.lora_layers()] + [m for _, m in self.saved_modules()]
+        for m in modules:
+            m._row_adapters = names
+        try:
+            yield
+        finally:
+            for m in modules:
+                m._row_adapters = None
+
+    # ---- parameters -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def get_base_model(self) -> nn.Module:
+        """The model itself (it is the base model, with LoRA layers inside)."""
+        return self
+
+    # ---- transformers integration ---------------------------------------------------------------
+
+    def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        enable = args[0] if args else kwargs.get("enable", True)
+        # With the embeddings frozen, checkpointed blocks get inputs that need no grad, and reentrant
+        # checkpointing then drops the LoRA gradients: the embedding output must require grad.
+        # transformers does this itself for models whose main input is input_ids.
+        if enable and getattr(self, "main_input_name", None) != "input_ids":
+            self.enable_input_require_grads()
+
+    # Serialization and the Hub live in their own modules; bound here so the model offers them as methods.
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        from .serialization import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
+        from .serialization import load_adapter
+
+        load_adapter(self, model_id, adapter_name, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any
+    ) -> LoRAModel:
+        from .serialization import from_pretrained
+
+        return from_pretrained(model, model_id, adapter_name, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        from .hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
+
+
+def get_lora_model(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRAModel:
+    """Add a LoRA adapter to `model` in place, freeze everything else, and return it as a `LoRAModel`.
+
+    Works for any `torch.nn.Module` with Linear (or Conv1D) layers; transformers models also get their
+    architecture's default targets. If anything about the config does not fit the model, the error is
+    raised before the model is touched.
+    """
+    if isinstance(model, LoRAModel):
+        raise AdapterStateError(
+            "this model already has LoRA adapters; add another with model.add_adapter(name, config), or "
+            "start from a fresh base model."
+        )
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be an hf_lora.LoRAConfig, got {type(config).__name__}.")
+    _check_adapter_name(adapter_name)
+    config = _prepare_config(model, config)
+    targets = resolve_targets(model, config)
+    saved = resolve_modules_to_save(model, config)
+    return _attach(model, adapter_name, config, targets, saved)
+
+
+def _attach(
+    model: nn.Module,
+    name: str,
+    config: LoRAConfig,
+    targets: list[str],
+    saved: list[str],
+    initialise: bool = True,
+) -> LoRAModel:
+    """Freeze the model, make it a LoRAModel and add its first adapter (targets already resolved)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base_cls = type(model)
+    model.__class__ = _lora_model_class(base_cls)
+    model._lora_base_class = base_cls
+    model.peft_config = {}
+    model._active = (name,)
+    _inject(model, name, config, targets, saved, initialise)
+    model.set_adapter(name)
+    return model
+
+
+def _inject(
+    model: LoRAModel,
+    name: str,
+    config: LoRAConfig,
+    targets: list[str],
+    saved: list[str],
+    initialise: bool = True,
+) -> None:
+    """Add adapter `name` to the resolved modules. `initialise=False` leaves the new tensors empty, for
+    callers that fill them from a file next."""
+    for path in targets:
+        layer = make_lora_layer(model.get_submodule(path))
+        layer.add_adapter(
+            name,
+            r=config.rank_for(path),
+            scaling=config.scaling_for(path),
+            dropout=config.lora_dropout,
+            init=config.init_lora_weights if initialise else None,
+        )
+        layer.set_active(model._active)
+    for path in saved:
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            _set_submodule(model, path, wrapper)
+        wrapper.add(name)
+    if config.bias != "none":
+        lora_paths = set(targets)
+        for pname, p in model.named_parameters():
+            owner = pname.rsplit(".", 1)[0]
+            if "bias" in pname and (config.bias == "all" or owner in lora_paths):
+                p.requires_grad_(True)
+    model.peft_config[name] = config
+    logger.info("adapter %r: LoRA on %d modules, %d modules saved in full", name, len(targets), len(saved))
+
+
+def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """Fill what the model tells us: its name, the classification heads to save, Conv1D's layout."""
+    changes: dict[str, Any] = {}
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+            model, "name_or_path", None
+        )
+        if name:
+            changes["base_model_name_or_path"] = str(name)
+    if config.task_type == "SEQ_CLS":
+        heads = list(config.modules_to_save or [])
+        changes["modules_to_save"] = heads + [h for h in SEQ_CLS_HEADS if h not in heads]
+    return config.replace(**changes) if changes else config
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter "
+            f"(no dots; {BASE_ROWS!r} is reserved)."
+        )
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
+    """`LoRA<Base>`: LoRAModel's methods first, then the model's own. Its forward is the model's, with
+    one extra keyword, `adapter_names` (mixed batches); the visible signature stays the model's."""
+    if base_cls not in _MODEL_CLASSES:
+        base_forward = base_cls.forward
+
+        @functools.wraps(base_forward)
+        def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+            if adapter_names is None:
+                return base_forward(self, *args, **kwargs)
+            with self.adapter_rows(adapter_names):
+                return base_forward(self, *args, **kwargs)
+
+        attrs: dict[str, Any] = {"forward": forward, "__module__": base_cls.__module__}
+        if callable(getattr(base_cls, "generate", None)):
+            base_generate = base_cls.generate
+
+            @functools.wraps(base_generate)
+            def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+                if adapter_names is None:
+                    return base_generate(self, *args, **kwargs)
+                with self.adapter_rows(adapter_names):
+                    return base_generate(self, *args, **kwargs)
+
+            attrs["generate"] = generate
+        _MODEL_CLASSES[base_cls] = type(f"LoRA{base_cls.__name__}", (LoRAModel, base_cls), attrs)
+    return _MODEL_CLASSES[base_cls]
+
+
+def _rebuild_lora_model(base_cls: type[nn.Module], state: dict[str, Any]) -> LoRAModel:
+    obj = base_cls.__new__(base_cls)
+    obj.__dict__.update(state)
+    obj.__class__ = _lora_model_class(base_cls)
+    return obj

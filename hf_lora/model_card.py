@@ -1,0 +1,221 @@
+"""The README.md that goes with a saved adapter, rendered from `model_cards/adapter_card.md`.
+
+The card has the Hub's YAML front matter (base model, library, tags, pipeline tag), the LoRA settings,
+training metrics and a loss curve (an SVG drawn here, no plotting library needed) when a Trainer's log
+is at hand, and usage snippets for hf_lora and peft. A README the user wrote is never overwritten:
+only one that carries hf_lora's marker line is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .atomic import atomic_write
+
+if TYPE_CHECKING:
+    from .model import LoRAModel
+
+logger = logging.getLogger(__name__)
+
+MARKER = "<!-- hf_lora model card"
+CARD_NAME = "README.md"
+LOSS_CURVE_NAME = "loss_curve.svg"
+_TEMPLATE_NAME = "adapter_card.md"
+_TASKS = {  # task_type -> (Auto class, pipeline tag)
+    "CAUSAL_LM": ("AutoModelForCausalLM", "text-generation"),
+    "SEQ_CLS": ("AutoModelForSequenceClassification", "text-classification"),
+    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "text2text-generation"),
+    "TOKEN_CLS": ("AutoModelForTokenClassification", "token-classification"),
+    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering"),
+    "FEATURE_EXTRACTION": ("AutoModel", "feature-extraction"),
+}
+_CLASS_SUFFIXES = {  # model class name suffix -> task_type, when the config does not say
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+
+
+def template_path() -> Path:
+    """`model_cards/adapter_card.md`: shipped inside the wheel as `hf_lora.model_cards`, read from the
+    source tree otherwise."""
+    try:
+        path = Path(str(resources.files("hf_lora.model_cards") / _TEMPLATE_NAME))
+        if path.is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[1] / "model_cards" / _TEMPLATE_NAME
+
+
+def is_hub_id(name: str | None) -> bool:
+    return bool(name) and not Path(name).expanduser().exists() and bool(_HUB_ID.fullmatch(name))
+
+
+def task_of(model: LoRAModel, adapter_name: str) -> str | None:
+    task = model.peft_config[adapter_name].task_type
+    if task:
+        return task
+    cls_name = model._lora_base_class.__name__
+    return next((t for suffix, t in _CLASS_SUFFIXES.items() if cls_name.endswith(suffix)), None)
+
+
+def render_model_card(
+    model: LoRAModel,
+    adapter_name: str,
+    *,
+    repo_id: str | None = None,
+    log_history: list[dict[str, Any]] | None = None,
+    card_data: dict[str, Any] | None = None,
+    loss_curve: str | None = None,
+) -> str:
+    config = model.peft_config[adapter_name]
+    base = config.base_model_name_or_path
+    hub_base = base if is_hub_id(base) else None
+    task = task_of(model, adapter_name)
+    auto_class, pipeline_tag = _TASKS.get(task, ("AutoModel", None))
+    tags = ["lora", "hf_lora", "peft"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
+    data = ModelCardData(base_model=hub_base, library_name="peft", tags=tags, pipeline_tag=pipeline_tag)
+    for key, value in (card_data or {}).items():
+        setattr(data, key, value)
+
+    layers = [layer for _, layer in model.lora_layers() if adapter_name in layer.lora_A]
+    adapter_params = sum(
+        layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel() for layer in layers
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    metrics, metric_names = _metrics_table(log_history or [])
+    targets = config.target_modules
+    card = ModelCard.from_template(
+        data,
+        template_path=str(template_path()),
+        title=f"LoRA adapter for {base}" if base else "LoRA adapter",
+        base_model=base,
+        base_model_url=f"https://huggingface.co/{hub_base}" if hub_base else base,
+        adapter_size=_human_bytes(adapter_params * 4),
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        scaling=f"{config.scaling_for(''):g}",
+        use_rslora=config.use_rslora,
+        rank_pattern=config.rank_pattern,
+        alpha_pattern=config.alpha_pattern,
+        lora_dropout=config.lora_dropout,
+        target_modules=f"`{targets}`"
+        if isinstance(targets, str)
+        else ", ".join(f"`{t}`" for t in targets or []),
+        n_lora_layers=len(layers),
+        modules_to_save=", ".join(f"`{m}`" for m in config.modules_to_save or []),
+        bias=config.bias,
+        task_type=task,
+        trainable=f"{trainable:,}",
+        total=f"{total:,}",
+        trainable_pct=f"{100 * trainable / max(total, 1):.4f}%",
+        metrics=metrics,
+        metric_names=metric_names,
+        loss_curve=loss_curve,
+        auto_class=auto_class,
+        repo_id=repo_id or "<path or repo id of this adapter>",
+    )
+    return str(card)
+
+
+def write_model_card(
+    model: LoRAModel,
+    directory: Path,
+    adapter_name: str,
+    *,
+    repo_id: str | None = None,
+    log_history: list[dict[str, Any]] | None = None,
+    card_data: dict[str, Any] | None = None,
+) -> bool:
+    """Write README.md (and the loss curve) unless the user wrote their own README. True if written."""
+    card_path = directory / CARD_NAME
+    if card_path.exists() and MARKER not in card_path.read_text(encoding="utf-8", errors="replace"):
+        logger.info("%s was written by hand; leaving it as it is", card_path)
+        return False
+    if log_history is None:
+        log_history = _trainer_log(directory)
+    curve = None
+    points = [(e["step"], e["loss"]) for e in log_history or [] if "loss" in e and "step" in e]
+    if len(points) >= 2:
+        atomic_write(directory / LOSS_CURVE_NAME, loss_curve_svg(points).encode())
+        curve = LOSS_CURVE_NAME
+    text = render_model_card(
+        model, adapter_name, repo_id=repo_id, log_history=log_history, card_data=card_data, loss_curve=curve
+    )
+    atomic_write(card_path, text.encode())
+    return True
+
+
+def _trainer_log(directory: Path) -> list[dict[str, Any]] | None:
+    """The Trainer's log when the directory is (or sits next to) a checkpoint with trainer_state.json."""
+    state = directory / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        return json.loads(state.read_text()).get("log_history")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _metrics_table(log: list[dict[str, Any]], max_rows: int = 12) -> tuple[list[dict[str, Any]], list[str]]:
+    wanted = ("loss", "eval_loss", "eval_accuracy", "learning_rate", "epoch")
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in log:
+        if "step" not in entry:
+            continue
+        row = rows.setdefault(entry["step"], {"step": entry["step"]})
+        for key in wanted:
+            if key in entry:
+                row[key] = f"{entry[key]:.4g}" if isinstance(entry[key], float) else entry[key]
+    names = [k for k in wanted if any(k in r for r in rows.values())]
+    if not any(k in names for k in ("loss", "eval_loss")):
+        return [], []
+    ordered = [rows[s] for s in sorted(rows)]
+    if len(ordered) > max_rows:  # keep the first, the last and evenly spaced rows between
+        picks = {round(i * (len(ordered) - 1) / (max_rows - 1)) for i in range(max_rows)}
+        ordered = [row for i, row in enumerate(ordered) if i in picks]
+    return ordered, names
+
+
+def loss_curve_svg(points: list[tuple[float, float]], width: int = 480, height: int = 240) -> str:
+    """A small line chart of (step, loss) as standalone SVG."""
+    pad = 40
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 2 * pad) / ((x1 - x0) or 1)
+    sy = (height - 2 * pad) / ((y1 - y0) or 1)
+    path = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>\n'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>\n'
+        f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{path}"/>\n'
+        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">step</text>\n'
+        f'<text x="{pad}" y="{pad - 8}" text-anchor="middle">loss</text>\n'
+        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>\n'
+        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>\n'
+        f'<text x="{pad}" y="{height - pad + 14}" text-anchor="middle">{x0:g}</text>\n'
+        f'<text x="{width - pad}" y="{height - pad + 14}" text-anchor="middle">{x1:g}</text>\n'
+        "</svg>\n"
+    )
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"

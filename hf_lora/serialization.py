@@ -1,0 +1,516 @@
+"""Adapter files in peft's format: `adapter_config.json` + `adapter_model.safetensors` (+ a README.md card).
+
+Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, modules saved in full
+under their plain path, biases of LoRA layers under `<path>.base_layer.bias`: exactly what peft writes
+and reads, so adapters move freely between the two libraries.
+
+Saving never damages what is on disk: each file is written to a temporary file beside the target
+directory and renamed over the old one (atomic on POSIX), and an unchanged config is not rewritten, so
+re-saving a training adapter is a single atomic rename. Loading checks everything (file integrity,
+keys, shapes) before the model is touched, and refuses pickle files unless asked explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .atomic import atomic_write
+from .config import LoRAConfig
+from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError
+from .layers import LoRALayer, ModulesToSave
+from .model import DEFAULT_ADAPTER, LoRAModel, _attach, _check_adapter_name, _inject, _prepare_config
+from .model_card import write_model_card
+from .targets import base_modules, resolve_modules_to_save, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+CARD_NAME = "README.md"
+PREFIX = "base_model.model."
+SAFETENSORS_METADATA = {"format": "pt"}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+# ---- key maps ---------------------------------------------------------------------------------------
+
+
+def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
+    """file key -> the model's own state-dict key, for every tensor of one adapter."""
+    config = model.peft_config[adapter_name]
+    keys: dict[str, str] = {}
+    lora_paths = set()
+    for path, layer in model.lora_layers():
+        if adapter_name in layer.lora_A:
+            lora_paths.add(path)
+            keys[f"{PREFIX}{path}.lora_A.weight"] = f"{path}.lora_A.{adapter_name}"
+            keys[f"{PREFIX}{path}.lora_B.weight"] = f"{path}.lora_B.{adapter_name}"
+    for path, wrapper in model.saved_modules():
+        if adapter_name in wrapper.modules_to_save:
+            for k in wrapper.modules_to_save[adapter_name].state_dict():
+                keys[f"{PREFIX}{path}.{k}"] = f"{path}.modules_to_save.{adapter_name}.{k}"
+    if config.bias != "none":
+        for path, module in base_modules(model):
+            if isinstance(module, ModulesToSave) or getattr(module, "bias", None) is None:
+                continue
+            if not isinstance(module.bias, nn.Parameter):
+                continue
+            if path in lora_paths:
+                keys[f"{PREFIX}{path}.base_layer.bias"] = f"{path}.bias"
+            elif config.bias == "all" and not _inside_saved(model, path):
+                keys[f"{PREFIX}{path}.bias"] = f"{path}.bias"
+    return keys
+
+
+def _inside_saved(model: LoRAModel, path: str) -> bool:
+    return any(path == p or path.startswith(p + ".") for p, _ in model.saved_modules())
+
+
+def adapter_state_dict(
+    model: LoRAModel, adapter_name: str = DEFAULT_ADAPTER, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under their file keys, on CPU and contiguous.
+
+    `state_dict` is the full model state dict when a trainer gathered it (FSDP, DeepSpeed); otherwise
+    the model's own tensors are read (sharded DTensors are gathered, which is a collective call).
+    """
+    if adapter_name not in model.peft_config:
+        raise AdapterStateError(f"unknown adapter {adapter_name!r}; this model has {model.adapters}.")
+    keymap = adapter_key_map(model, adapter_name)
+    if state_dict is not None:
+        state_dict = {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+    else:
+        state_dict = dict(model.state_dict(keep_vars=True))
+    out = {}
+    for file_key, own_key in keymap.items():
+        if own_key not in state_dict:
+            raise AdapterStateError(f"the state dict given to save has no tensor {own_key!r}.")
+        t = state_dict[own_key]
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 / tensor parallel): gather the whole tensor
+            t = t.full_tensor()
+        out[file_key] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix) or f".{prefix}" in key:
+                key = key.removeprefix(prefix).replace(f".{prefix}", ".")
+                changed = True
+    return key
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: LoRAModel,
+    save_directory: str | os.PathLike,
+    *,
+    selected_adapters: list[str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_main_process: bool = True,
+    safe_serialization: bool = True,
+    model_card: bool = True,
+    log_history: list[dict[str, Any]] | None = None,
+    card_data: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Write each adapter in peft's layout: the default (or only) adapter at the root, others in
+    `save_directory/<name>/`. Every rank must call this under FSDP2 (gathering is collective); only the
+    main process writes."""
+    if not safe_serialization:
+        raise ValueError("hf_lora writes safetensors only (pickle files can run code when loaded).")
+    if kwargs:
+        logger.debug("save_pretrained: ignoring arguments meant for full-model saving: %s", sorted(kwargs))
+    names = selected_adapters or model.adapters
+    if unknown := [n for n in names if n not in model.peft_config]:
+        raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {model.adapters}.")
+    # Gather first (collective under FSDP2: every rank takes part), then only the main process writes.
+    tensors = {name: adapter_state_dict(model, name, state_dict) for name in names}
+    if not is_main_process:
+        return
+    root = Path(save_directory)
+    for name in names:
+        directory = root if name == DEFAULT_ADAPTER or len(names) == 1 else root / name
+        write_adapter(directory, adapter_config(model, name), tensors[name])
+        if model_card:
+            write_model_card(
+                model, directory, name, repo_id=repo_id, log_history=log_history, card_data=card_data
+            )
+    logger.info("saved adapter(s) %s to %s", names, root)
+
+
+def adapter_config(model: LoRAModel, adapter_name: str) -> dict[str, Any]:
+    """The config as written to disk: inference_mode on and Conv1D's layout recorded, as peft does."""
+    config = model.peft_config[adapter_name]
+    d = config.to_dict()
+    d["inference_mode"] = True
+    if any(layer.fan_in_fan_out and adapter_name in layer.lora_A for _, layer in model.lora_layers()):
+        d["fan_in_fan_out"] = True
+    if config.task_type is None:
+        base = model._lora_base_class
+        d["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
+    return d
+
+
+def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write one adapter's two files; each lands whole or not at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = save_safetensors_bytes(tensors, metadata=SAFETENSORS_METADATA)
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write(directory / WEIGHTS_NAME, weights)
+    atomic_write(directory / CONFIG_NAME, config_bytes)
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk or the Hub, checked for integrity but not yet against a model."""
+
+    config: LoRAConfig
+    raw_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    source: str  # where it came from, for messages
+
+
+def read_adapter(
+    model_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+) -> AdapterFiles:
+    """Read `adapter_config.json` and the weights from a local directory or a Hub repo."""
+    from .hub import resolve_adapter_file
+
+    def resolve(filename: str) -> Path | None:
+        return resolve_adapter_file(model_id, filename, subfolder=subfolder, revision=revision, token=token)
+
+    config_path = resolve(CONFIG_NAME)
+    where = str(model_id) + (f"/{subfolder}" if subfolder else "")
+    if config_path is None:
+        raise AdapterNotFoundError(f"no {CONFIG_NAME} in {where}: is this an adapter directory or repo?")
+    raw = _read_json(config_path)
+    config = LoRAConfig.from_dict(raw, source=str(config_path))
+
+    weights_path = resolve(WEIGHTS_NAME)
+    if weights_path is not None:
+        tensors = read_safetensors(weights_path)
+    else:
+        pickled = next((p for name in PICKLE_WEIGHTS_NAMES if (p := resolve(name)) is not None), None)
+        if pickled is None:
+            raise AdapterNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{pickled} is a pickle file, and loading pickle can run arbitrary code, so hf_lora refuses "
+                f"it. Convert it to {WEIGHTS_NAME} where you trust it, or pass allow_pickle=True if you "
+                "trust its author (it is then read with torch.load(weights_only=True))."
+            )
+        tensors = _read_pickle(pickled)
+    return AdapterFiles(config=config, raw_config=raw, tensors=tensors, source=where)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(
+            f"{path} is not valid JSON ({e}); the file is damaged or not a config."
+        ) from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its header against the file size, so a truncated,
+    corrupted or hostile file (a header claiming huge tensors) fails with a clear error, not an
+    allocation."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{path} is truncated ({size} bytes): not a safetensors file.")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise AdapterFormatError(
+                f"{path}: header claims {n:,} bytes but the file has {size:,}: truncated or corrupted."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AdapterFormatError(
+                f"{path}: the safetensors header is not valid JSON (corrupted file)."
+            ) from None
+        _check_header(path, header, data_bytes=size - 8 - n)
+        f.seek(0)
+        data = f.read()
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise AdapterFormatError(f"{path}: cannot read tensors ({e}).") from None
+
+
+def _check_header(path: Path, header: Any, data_bytes: int) -> None:
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object (corrupted file).")
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end <= data_bytes
+        except (KeyError, TypeError, ValueError):
+            ok, nbytes, begin, end = False, -1, 0, 0
+        if not ok or end - begin != nbytes:
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} does not fit the file (truncated or corrupted); save the adapter again."
+            )
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterFormatError(f"{path}: cannot be read as a weights-only torch file ({e}).") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AdapterFormatError(f"{path}: expected a dict of tensors.")
+    return obj
+
+
+# ---- loading into a model ---------------------------------------------------------------------------
+
+
+def from_pretrained(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+) -> LoRAModel:
+    """Load an adapter (ours or peft's) from a directory or Hub repo onto a base model.
+
+    As in peft, the adapter is frozen unless `is_trainable=True`. On any error the model is unchanged.
+    """
+    if isinstance(model, LoRAModel):
+        raise AdapterStateError(
+            "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
+        )
+    _check_adapter_name(adapter_name)
+    files = read_adapter(
+        model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
+    )
+    config = _prepare_config(model, files.config.replace(inference_mode=not is_trainable))
+    plan = _plan_load(model, config, files)
+    lora_model = _attach(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
+    _copy_tensors(lora_model, adapter_name, files)
+    return lora_model
+
+
+def load_adapter(
+    model: LoRAModel,
+    model_id: str | os.PathLike,
+    adapter_name: str,
+    *,
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+) -> None:
+    """Load another adapter into a LoRA model (inactive until `set_adapter`), or reload an existing one
+    in place (what Trainer does when it resumes or restores the best checkpoint)."""
+    files = read_adapter(
+        model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
+    )
+    if adapter_name in model.peft_config:
+        _reload_in_place(model, adapter_name, files, is_trainable)
+        return
+    _check_adapter_name(adapter_name)
+    config = _prepare_config(model, files.config.replace(inference_mode=not is_trainable))
+    plan = _plan_load(model, config, files)
+    _inject(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
+    try:
+        _copy_tensors(model, adapter_name, files)
+    except Exception:
+        model.delete_adapter(adapter_name)
+        raise
+    model.set_adapter(model.active_adapters)
+
+
+@dataclass
+class LoadPlan:
+    config: LoRAConfig
+    targets: list[str]
+    saved: list[str]
+
+
+def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> LoadPlan:
+    """Check the file's tensors against what `config` would create in `model`, before touching it."""
+    keys = {_normalise_key(k): k for k in files.tensors}
+    try:
+        targets = resolve_targets(model, config)
+    except ValueError as e:
+        raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
+    saved = resolve_modules_to_save(model, config)
+    modules = dict(base_modules(model))
+
+    # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
+    # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
+    expected = _expected_shapes(modules, config, targets, saved)
+    for key in sorted(set(keys) - set(expected)):
+        path = key.removeprefix(PREFIX).rpartition(".")[0]
+        if path in modules and path not in targets and not _inside(path, saved) and not key.endswith(".bias"):
+            saved.append(path)
+            logger.info(
+                "%s: loading %s as a module saved in full (it is in the adapter file)", files.source, path
+            )
+    expected = _expected_shapes(modules, config, targets, saved)
+
+    problems = []
+    missing = [k for k, (_, required) in expected.items() if required and k not in keys]
+    unexpected = sorted(set(keys) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {_few(missing)}")
+    if unexpected:
+        made_for = files.raw_config.get("base_model_name_or_path") or (
+            (files.raw_config.get("auto_mapping") or {}).get("base_model_class")
+        )
+        hint = f" (the adapter was made for {made_for!r})" if made_for else ""
+        problems.append(f"tensors for modules this model does not have{hint}: {_few(unexpected)}")
+    for key, (shape, _) in expected.items():
+        if key in keys and tuple(files.tensors[keys[key]].shape) != shape:
+            got = tuple(files.tensors[keys[key]].shape)
+            problems.append(f"{key} has shape {got}, the model needs {shape}")
+    if problems:
+        raise AdapterFormatError(
+            f"adapter {files.source} does not fit {type(model).__name__}: "
+            + "; ".join(problems[:6])
+            + ". Is it an adapter for a different base model (architecture or size)?"
+        )
+    return LoadPlan(
+        config=config.replace(modules_to_save=_saved_names(config, saved)), targets=targets, saved=saved
+    )
+
+
+def _saved_names(config: LoRAConfig, saved: list[str]) -> list[str] | None:
+    names = list(config.modules_to_save or [])
+    for path in saved:
+        if not any(path == n or path.endswith("." + n) for n in names):
+            names.append(path)
+    return names or None
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def _expected_shapes(
+    modules: dict[str, nn.Module], config: LoRAConfig, targets: list[str], saved: list[str]
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """file key -> (shape, required) for the adapter `config` creates."""
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for path in targets:
+        m = modules[path]
+        n_in, n_out = m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1]
+        r = config.rank_for(path)
+        out[f"{PREFIX}{path}.lora_A.weight"] = ((r, n_in), True)
+        out[f"{PREFIX}{path}.lora_B.weight"] = ((n_out, r), True)
+        if config.bias != "none" and getattr(m, "bias", None) is not None:
+            out[f"{PREFIX}{path}.base_layer.bias"] = (tuple(m.bias.shape), False)
+    for path in saved:
+        for k, v in modules[path].state_dict().items():
+            out[f"{PREFIX}{path}.{k}"] = (tuple(v.shape), True)
+    if config.bias == "all":
+        for path, m in modules.items():
+            b = getattr(m, "bias", None)
+            if isinstance(b, nn.Parameter) and path not in targets and not _inside(path, saved):
+                out[f"{PREFIX}{path}.bias"] = (tuple(b.shape), False)
+    return out
+
+
+def _normalise_key(key: str) -> str:
+    """Older peft files carry the adapter name in keys (`lora_A.default.weight`,
+    `classifier.modules_to_save.default.weight`); map them to today's names."""
+    key = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+
+
+def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> None:
+    keymap = adapter_key_map(model, adapter_name)
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in files.tensors.items():
+            own_key = keymap.get(_normalise_key(key))
+            if own_key is None:
+                continue
+            target = own[own_key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
+    keymap = adapter_key_map(model, adapter_name)
+    own = model.state_dict(keep_vars=True)
+    given = {_normalise_key(k): k for k in files.tensors}
+    problems = [f"missing {k}" for k in keymap if k not in given and not k.endswith(".bias")]
+    problems += [
+        f"{k} has shape {tuple(files.tensors[given[k]].shape)}, the model needs {tuple(own[v].shape)}"
+        for k, v in keymap.items()
+        if k in given and files.tensors[given[k]].shape != own[v].shape
+    ]
+    problems += [f"unexpected {k}" for k in given if k not in keymap]
+    if problems:
+        raise AdapterFormatError(
+            f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}."
+        )
+    _copy_tensors(model, adapter_name, files)
+    model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)
+    model.set_adapter(model.active_adapters)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "AdapterFiles",
+    "LoRALayer",
+    "adapter_key_map",
+    "adapter_state_dict",
+    "from_pretrained",
+    "load_adapter",
+    "read_adapter",
+    "read_safetensors",
+    "save_pretrained",
+]

@@ -1,0 +1,226 @@
+"""Which modules get LoRA: the per-architecture default targets (data) and the matching rules.
+
+The matching rules are peft's, so the same config selects the same modules in both libraries, with one
+deliberate difference: `modules_to_save` names match on a dot boundary only (peft's plain suffix match
+makes `classifier` also grab DistilBERT's `pre_classifier`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SEQ_CLS_HEADS, LoRAConfig
+from .errors import TargetModulesError
+from .layers import LoRALayer, ModulesToSave
+
+# Default `target_modules` per `config.model_type`. GPT-2 adapts all three Conv1D kinds, as the GPT-2 news
+# tutorial does (peft's default is `c_attn` only); the rest follow peft's defaults.
+TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_bigcode": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "starcoder2": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "whisper": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "codegen": ["qkv_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "mpt": ["Wqkv"],
+}
+
+# Module types a LoRA layer can wrap. Conv1D is GPT-2's transposed Linear (weight stored as (in, out)).
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules()` of the model as it was before any adapter: a saved-module wrapper shows as the
+    module it wraps, and the adapters' own parameter containers are not listed."""
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, ModulesToSave):
+            child = child.original_module
+        yield path, child
+        if not isinstance(child, LoRALayer):
+            yield from base_modules(child, path + ".")
+
+
+def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every (path, module) that LoRA can wrap."""
+    for name, module in base_modules(model):
+        if isinstance(module, LINEAR_TYPES):
+            yield name, module
+
+
+def describe_candidates(model: nn.Module, limit: int = 12) -> str:
+    """Short summary of the model's wrappable modules, by their last name, for error messages."""
+    counts: dict[str, int] = {}
+    for name, _ in linear_modules(model):
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    if not counts:
+        return "the model has no nn.Linear or Conv1D modules"
+    names = [f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items()]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return "Linear/Conv1D modules in this model: " + ", ".join(names[:limit]) + more
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    mtype = model_type(model)
+    if mtype in TARGET_MODULES:
+        return list(TARGET_MODULES[mtype])
+    what = f"architecture {mtype!r}" if mtype else f"model class {type(model).__name__}"
+    raise TargetModulesError(
+        f"No default target_modules for {what}. Pass target_modules=[...] (names matched as dotted "
+        f"suffixes, or a regex string) or target_modules='all-linear'. {describe_candidates(model)}."
+    )
+
+
+def matches_name(path: str, names: str | Iterable[str]) -> bool:
+    """peft's target rule: a regex string must fullmatch the path; list entries match exactly or as a suffix."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The index of the repeated block a module lives in (`...h.3.attn` -> 3), peft's way: the first
+    number in the path that follows `layers_pattern` (or any name, when no pattern is given)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        return int(m["idx"]) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        if m := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path):
+            return int(m["idx"])
+    return None
+
+
+def in_modules_to_save(path: str, modules_to_save: Iterable[str] | None) -> bool:
+    """True if `path` is, or lies inside, a module named in `modules_to_save` (dot boundary match)."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in modules_to_save or ())
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, ModulesToSave):
+        head = head.original_module
+    if head is None:
+        return None
+    return next((name for name, m in base_modules(model) if m is head), None)
+
+
+def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none."""
+    targets = config.target_modules
+    if targets is None:
+        targets = default_target_modules(model)
+    layers = config.layers_to_transform
+    if isinstance(layers, int):
+        layers = [layers]
+
+    found, unsupported = [], []
+    head = output_head_path(model) if targets == "all-linear" else None
+    for path, module in base_modules(model):
+        if in_modules_to_save(path, config.modules_to_save):
+            continue
+        if config.exclude_modules and matches_name(path, config.exclude_modules):
+            continue
+        if targets == "all-linear":
+            if isinstance(module, LINEAR_TYPES) and path != head:
+                found.append(path)
+            continue
+        if not matches_name(path, targets):
+            continue
+        if layers and not isinstance(targets, str) and layer_index(path, config.layers_pattern) not in layers:
+            continue
+        if isinstance(module, LINEAR_TYPES):
+            found.append(path)
+        else:
+            unsupported.append(f"{path} ({type(module).__name__})")
+
+    if unsupported:
+        raise TargetModulesError(
+            f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"
+            f"{' ...' if len(unsupported) > 5 else ''}. Only nn.Linear and Conv1D are supported; "
+            f"name the projections inside them instead. {describe_candidates(model)}."
+        )
+    if not found:
+        where = f" in layers {layers}" if layers else ""
+        raise TargetModulesError(
+            f"target_modules={targets!r} matches no module{where} of {type(model).__name__}. "
+            f"{describe_candidates(model)}. Use some of these names, or target_modules='all-linear'."
+        )
+    if layers:
+        present = {layer_index(p, config.layers_pattern) for p, _ in linear_modules(model)} - {None}
+        if missing := sorted(set(layers) - present):
+            raise TargetModulesError(
+                f"layers_to_transform={config.layers_to_transform!r} names layers {missing} that the model "
+                f"does not have (it has layers {min(present)}..{max(present)})."
+                if present
+                else f"layers_to_transform is set, but no numbered layers were found in {type(model).__name__}."
+            )
+    _check_patterns(config, found)
+    return found
+
+
+def _check_patterns(config: LoRAConfig, targets: list[str]) -> None:
+    """A rank/alpha pattern that matches no targeted module is almost surely a typo: say so."""
+    for kind, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in patterns:
+            if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets):
+                raise TargetModulesError(
+                    f"{kind} key {key!r} matches none of the {len(targets)} targeted modules "
+                    f"(e.g. {targets[0]!r}). Keys are regexes matched against the end of a module path."
+                )
+
+
+def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Paths of the modules to train and save in full. A name the user gave must exist; the default
+    classification heads (`classifier`, `score`) are optional, since a model has one or the other."""
+    names = list(config.modules_to_save or [])
+    optional = set(SEQ_CLS_HEADS) if config.task_type == "SEQ_CLS" else set()
+    found: list[str] = []
+    for name in names:
+        hits = [path for path, _ in base_modules(model) if path == name or path.endswith("." + name)]
+        if not hits and name not in optional:
+            raise TargetModulesError(
+                f"modules_to_save names {name!r}, but {type(model).__name__} has no module of that name. "
+                f"Its top-level modules: {', '.join(n for n, _ in model.named_children())}."
+            )
+        found.extend(hits)
+    return found

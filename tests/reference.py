@@ -1,0 +1,39 @@
+"""peft as the oracle: build the peft twin of an hf_lora model, with the same weights."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import hf_lora
+
+
+def peft_twin(ours: hf_lora.LoRAModel, base_copy: torch.nn.Module, **peft_kwargs):
+    """peft model on `base_copy` (an untouched copy of the base) with our adapter's A/B copied in."""
+    ref = get_peft_model(base_copy, LoraConfig(**peft_kwargs))
+    copy_lora_weights(ours, ref)
+    return ref
+
+
+def copy_lora_weights(ours: hf_lora.LoRAModel, ref, adapter: str = "default") -> None:
+    inner = ref.base_model.model
+    with torch.no_grad():
+        for path, layer in ours.lora_layers():
+            if adapter not in layer.lora_A:
+                continue
+            twin = inner.get_submodule(path)
+            twin.lora_A[adapter].weight.copy_(layer.lora_A[adapter])
+            twin.lora_B[adapter].weight.copy_(layer.lora_B[adapter])
+        for path, wrapper in ours.saved_modules():
+            if adapter in wrapper.modules_to_save:
+                twin = inner.get_submodule(path).modules_to_save[adapter]
+                twin.load_state_dict(wrapper.modules_to_save[adapter].state_dict())
+
+
+def randomise_B(model: hf_lora.LoRAModel, seed: int = 0) -> None:
+    """B starts at zero, which would hide any error in the LoRA path: give it values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for B in layer.lora_B.values():
+                B.copy_(torch.randn(B.shape, generator=g) * 0.1)

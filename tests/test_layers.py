@@ -1,0 +1,155 @@
+"""The LoRA layer: the fused path against the plain reference path, merging as pure functions, init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_lora.layers import (
+    LoRAConv1D,
+    LoRALinear,
+    _LoRAFunction,
+    delta_weight,
+    init_lora_,
+    make_lora_layer,
+    merged_weight,
+    unmake_lora_layer,
+)
+
+
+def lora_layer(kind: str, bias: bool = True, dropout: float = 0.0, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    base = nn.Linear(24, 40, bias=bias) if kind == "linear" else Conv1D(40, 24)
+    if kind == "conv1d":  # GPT-2's Conv1D always has a bias
+        nn.init.normal_(base.weight, std=0.2)
+    base = base.to(dtype)
+    base.requires_grad_(False)
+    layer = make_lora_layer(base)
+    layer.add_adapter("default", r=4, scaling=2.0, dropout=dropout)
+    layer.set_active(["default"])
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(std=0.5)
+    return layer
+
+
+def run(layer, x, fused: bool, seed: int = 7):
+    """Output and gradients (input, A, B) through one path, with the RNG at the same state."""
+    layer._fused = fused
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = layer(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    grads = [x.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad]
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("linear", False), ("conv1d", True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24)])
+def test_fused_path_equals_plain_path(kind, bias, dropout, shape):
+    layer = lora_layer(kind, bias=bias, dropout=dropout).train()
+    x = torch.randn(shape)
+    fused_out, fused_grads = run(layer, x, fused=True)
+    plain_out, plain_grads = run(layer, x, fused=False)
+    assert (fused_out - plain_out).abs().max().item() <= 1e-5
+    for f, p in zip(fused_grads, plain_grads):
+        assert (f - p).abs().max().item() <= 1e-5
+    if dropout:  # and dropout really drops something: a different seed changes the output
+        other, _ = run(layer, x, fused=True, seed=8)
+        assert (other - fused_out).abs().max() > 1e-3
+
+
+def test_fused_path_is_the_one_that_runs():
+    layer = lora_layer("linear").train()
+    out = layer(torch.randn(3, 24, requires_grad=True))
+    assert type(out.grad_fn).__name__ == "_LoRAFunctionBackward"
+
+
+def test_fused_function_passes_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: _LoRAFunction.apply(t[0], w, t[1], t[2], t[3], 1.5, 0.0, False), (x, b, A, B)
+    )
+    assert torch.autograd.gradcheck(
+        lambda *t: _LoRAFunction.apply(t[0], w.T, t[1], t[2], t[3], 0.5, 0.0, True), (x, b, A, B)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_take_the_plain_path(dtype):
+    layer = lora_layer("linear", dtype=dtype)
+    x = torch.randn(2, 24, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    assert type(out.grad_fn).__name__ != "_LoRAFunctionBackward"
+    expected = (
+        layer._base_forward(x).float()
+        + (x.float() @ layer.lora_A["default"].T @ layer.lora_B["default"].T) * 2.0
+    ).to(dtype)
+    assert torch.allclose(out.float(), expected.float(), atol=1e-2)
+
+
+def test_delta_and_merge_golden_values():
+    A = torch.tensor([[1.0, 0.0, 2.0]])  # (r=1, in=3)
+    B = torch.tensor([[1.0], [-1.0]])  # (out=2, r=1)
+    expected = torch.tensor([[0.5, 0.0, 1.0], [-0.5, 0.0, -1.0]])
+    assert torch.equal(delta_weight(A, B, 0.5, fan_in_fan_out=False), expected)
+    assert torch.equal(delta_weight(A, B, 0.5, fan_in_fan_out=True), expected.T)
+    w = torch.ones(2, 3, dtype=torch.bfloat16)
+    merged = merged_weight(w, expected)
+    assert merged.dtype == torch.bfloat16 and torch.equal(
+        merged.float(), (1 + expected).to(torch.bfloat16).float()
+    )
+    assert torch.equal(merged_weight(merged, expected, sign=-1), w)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_layer_merge_is_idempotent_and_exact(kind):
+    layer = lora_layer(kind)
+    x = torch.randn(4, 24)
+    expected = layer(x).detach()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.merge()
+    assert layer.merged_adapters == ["default"]
+    assert torch.allclose(layer(x), expected, atol=1e-5), "merged forward equals unmerged"
+    layer.unmerge()
+    layer.unmerge()
+    assert torch.allclose(layer.weight, w0, atol=1e-6) and not layer.merged_adapters
+
+
+def test_init_modes():
+    A, B = torch.empty(8, 256), torch.empty(32, 8)
+    init_lora_(A, B, True)
+    bound = 1 / math.sqrt(256)  # kaiming-uniform with a=sqrt(5) on fan_in=256
+    assert torch.all(B == 0) and A.abs().max() <= bound and A.abs().max() > 0.9 * bound
+    init_lora_(A, B, "gaussian")
+    assert torch.all(B == 0) and abs(A.std().item() - 1 / 8) < 0.01
+    init_lora_(A, B, False)
+    assert B.abs().sum() > 0
+
+
+def test_make_and_unmake_keep_the_same_parameters():
+    base = nn.Linear(4, 3)
+    weight = base.weight
+    layer = make_lora_layer(base)
+    assert type(layer) is LoRALinear and layer.weight is weight and make_lora_layer(layer) is layer
+    layer.add_adapter("a", r=2, scaling=1.0, dropout=0.0)
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "lora_A.a", "lora_B.a"}
+    plain = unmake_lora_layer(layer)
+    assert (
+        type(plain) is nn.Linear
+        and plain.weight is weight
+        and set(dict(plain.named_parameters())) == {"weight", "bias"}
+    )
+    assert type(make_lora_layer(Conv1D(3, 4))) is LoRAConv1D

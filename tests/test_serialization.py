@@ -1,0 +1,287 @@
+"""Adapter files: peft's exact format both ways, atomic writes, and loads that fail cleanly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import batch_for, make_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import copy_lora_weights, randomise_B
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import hf_lora
+from hf_lora import AdapterFormatError, AdapterNotFoundError, LoRAConfig, LoRAModel, get_lora_model
+from hf_lora.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+CASES = [
+    ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="lora_only")),
+    ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all")),
+    ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])),
+    (
+        "llama",
+        dict(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}
+        ),
+    ),
+]
+IDS = ["gpt2", "gpt2-bias-lora", "gpt2-bias-all", "bert-head", "llama-pattern"]
+
+
+def trained(kind: str, fields: dict, seed: int = 0):
+    """An hf_lora model and its peft twin with the same non-trivial adapter (biases nudged too)."""
+    base = make_model(kind, seed)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    randomise_B(ours, seed)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.01)
+    copy_lora_weights(ours, ref)
+    ref_params = dict(ref.base_model.model.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad and p.dim() == 1:
+                parts = name.rsplit(".", 1)
+                twin = ref_params.get(f"{parts[0]}.base_layer.{parts[1]}", ref_params.get(name))
+                if twin is not None:
+                    twin.copy_(p)
+    return ours, ref
+
+
+def logits(model, kind):
+    with torch.no_grad():
+        return model(**batch_for(kind)).logits
+
+
+@pytest.mark.parametrize(("kind", "fields"), CASES, ids=IDS)
+def test_same_files_keys_and_config_as_peft(tmp_path, kind, fields):
+    ours, ref = trained(kind, fields)
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    names = sorted(os.listdir(tmp_path / "ours"))
+    assert names == ["README.md", CONFIG_NAME, WEIGHTS_NAME] == sorted(os.listdir(tmp_path / "peft"))
+    with (
+        safe_open(tmp_path / "ours" / WEIGHTS_NAME, "pt") as a,
+        safe_open(tmp_path / "peft" / WEIGHTS_NAME, "pt") as b,
+    ):
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert a.metadata() == {"format": "pt"} == b.metadata()
+        for key in a:
+            assert a.get_tensor(key).dtype == torch.float32
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    ours_cfg = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    peft_cfg = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    assert set(peft_cfg) - {"peft_version"} <= set(ours_cfg)
+    for key in (
+        "r",
+        "lora_alpha",
+        "bias",
+        "fan_in_fan_out",
+        "inference_mode",
+        "peft_type",
+        "rank_pattern",
+        "auto_mapping",
+    ):
+        assert ours_cfg[key] == peft_cfg[key], key
+    assert sorted(ours_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
+
+
+@pytest.mark.parametrize(("kind", "fields"), CASES, ids=IDS)
+def test_adapters_travel_both_ways_with_identical_logits(tmp_path, kind, fields):
+    ours, ref = trained(kind, fields)
+    expected = logits(ours, kind)
+    assert (expected - logits(ref, kind)).abs().max() <= 1e-6
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+
+    # biases are base weights that the adapter carries: load onto fresh copies of the base
+    into_peft = PeftModel.from_pretrained(make_model(kind), tmp_path / "ours")
+    into_ours = LoRAModel.from_pretrained(make_model(kind), tmp_path / "peft")
+    ours_again = LoRAModel.from_pretrained(make_model(kind), tmp_path / "ours")
+    for model in (into_peft, into_ours, ours_again):
+        assert (logits(model, kind) - expected).abs().max().item() <= 1e-6
+
+
+def test_peft_seq_cls_adapter_with_pre_classifier_loads_faithfully(tmp_path):
+    """peft's suffix match trains DistilBERT's pre_classifier too; its file says so, and we load it."""
+    base = make_model("distilbert")
+    ref = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    )
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path)
+    ours = LoRAModel.from_pretrained(base, tmp_path)
+    assert sorted(p for p, _ in ours.saved_modules()) == ["classifier", "pre_classifier"]
+    assert (logits(ours, "distilbert") - logits(ref, "distilbert")).abs().max().item() <= 1e-6
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    frozen = LoRAModel.from_pretrained(make_model("gpt2"), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = LoRAModel.from_pretrained(make_model("gpt2"), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == ours.get_nb_trainable_parameters()[0]
+
+
+def test_model_card_is_written_but_a_users_readme_is_kept(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(
+        tmp_path,
+        log_history=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7}],
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "- hf_lora" in card
+    assert "| rank `r` | 4 |" in card and "| 2 | 2.5 | 2.7 |" in card and "loss_curve.svg" in card
+    assert (tmp_path / "loss_curve.svg").read_text().startswith("<svg")
+    (tmp_path / "README.md").write_text("# my notes\n")
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"
+
+
+def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    randomise_B(ours, seed=5)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ours.save_pretrained(tmp_path / "out")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert not [p for p in tmp_path.rglob("*.tmp")], "temporary files are cleaned up"
+    LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "out")
+
+
+def test_unchanged_config_is_not_rewritten(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    stat = (tmp_path / CONFIG_NAME).stat()
+    randomise_B(ours, seed=9)
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).stat().st_ino == stat.st_ino, "same file: the config did not change"
+
+
+def corrupt(kind: str):
+    """Ways an adapter directory goes bad, each applied to a good saved adapter."""
+
+    def apply(d: Path) -> None:
+        weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
+        if kind == "empty":
+            weights.unlink(), config.unlink()
+        elif kind == "no-weights":
+            weights.unlink()
+        elif kind == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-100])
+        elif kind == "garbage":
+            weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+        elif kind == "huge-header":
+            weights.write_bytes((2**60).to_bytes(8, "little") + b"{}")
+        elif kind == "huge-tensor":
+            header = json.dumps(
+                {"x": {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 2**62]}}
+            ).encode()
+            weights.write_bytes(len(header).to_bytes(8, "little") + header)
+        elif kind == "bad-json":
+            config.write_text("{r: 4")
+        elif kind == "json-list":
+            config.write_text("[1, 2]")
+        elif kind == "not-lora":
+            config.write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+        elif kind == "wrong-shape":
+            from safetensors.torch import load_file
+
+            tensors = load_file(weights)
+            key = next(k for k in tensors if k.endswith("lora_A.weight"))
+            tensors[key] = torch.zeros(4, 32)
+            save_file(tensors, weights, metadata={"format": "pt"})
+        elif kind == "missing-tensor":
+            from safetensors.torch import load_file
+
+            tensors = load_file(weights)
+            tensors.pop(next(k for k in tensors if k.endswith("lora_B.weight")))
+            save_file(tensors, weights, metadata={"format": "pt"})
+        elif kind == "pickle":
+            from safetensors.torch import load_file
+
+            torch.save(load_file(weights), d / "adapter_model.bin")
+            weights.unlink()
+
+    return apply
+
+
+BAD = [
+    ("empty", AdapterNotFoundError, "no adapter_config.json"),
+    ("no-weights", AdapterNotFoundError, "no adapter_model.safetensors"),
+    ("truncated", AdapterFormatError, "truncated or corrupted"),
+    ("garbage", AdapterFormatError, "adapter_model.safetensors"),
+    ("huge-header", AdapterFormatError, "header claims"),
+    ("huge-tensor", AdapterFormatError, "does not fit the file"),
+    ("bad-json", AdapterFormatError, "is not valid JSON"),
+    ("json-list", ValueError, "expected a JSON object"),
+    ("not-lora", ValueError, "peft_type is 'PREFIX_TUNING'"),
+    ("wrong-shape", AdapterFormatError, "has shape (4, 32), the model needs (4, 64)"),
+    ("missing-tensor", AdapterFormatError, "missing tensors"),
+    ("pickle", AdapterFormatError, "pickle file"),
+]
+
+
+@pytest.mark.parametrize(("kind", "error", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_adapter_dirs_fail_clearly_and_leave_the_model_alone(tmp_path, kind, error, message):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    corrupt(kind)(tmp_path)
+    base = make_model("gpt2")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LoRAModel.from_pretrained(base, tmp_path)
+    assert type(base).__name__ == "GPT2LMHeadModel"
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_pickle_only_with_explicit_consent(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    corrupt("pickle")(tmp_path)
+    model = LoRAModel.from_pretrained(make_model("gpt2"), tmp_path, allow_pickle=True)
+    assert (logits(model, "gpt2") - logits(ours, "gpt2")).abs().max() <= 1e-6
+
+
+def test_adapter_for_another_architecture_or_size_is_refused(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(AdapterFormatError, match="does not fit this model") as err:
+        LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+    assert "c_attn" in str(err.value)
+    llama = get_lora_model(make_model("llama"), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    llama.save_pretrained(tmp_path / "llama")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=96, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128))  # fmt: skip
+    with pytest.raises(AdapterFormatError, match=r"has shape \(4, 64\), the model needs \(4, 96\)"):
+        LoRAModel.from_pretrained(wider, tmp_path / "llama")
+
+
+def test_loading_onto_a_lora_model_points_to_load_adapter(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(hf_lora.AdapterStateError, match="load_adapter"):
+        LoRAModel.from_pretrained(ours, tmp_path)
+    with pytest.raises(AdapterNotFoundError, match="not a local directory"):
+        LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "does" / "not" / "exist")
