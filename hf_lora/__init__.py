@@ -21,6 +21,16 @@ from .targets import TARGET_MODULES
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The Trainer pulls in much of transformers and accelerate: import it only when asked for.
+    if name == "LoRATrainer":
+        from .trainer import LoRATrainer
+
+        return LoRATrainer
+    raise AttributeError(f"module 'hf_lora' has no attribute {name!r}")
+
+
 __all__ = [
     "TARGET_MODULES",
     "AdapterFormatError",
@@ -31,6 +41,7 @@ __all__ = [
     "LoRAError",
     "LoRALayer",
     "LoRAModel",
+    "LoRATrainer",
     "ModulesToSave",
     "TargetModulesError",
     "adapter_state_dict",

@@ -191,6 +191,7 @@ class LoRAModel(nn.Module):
         for name in ("peft_config", "_active"):
             self.__dict__.pop(name, None)
         self.__class__ = self.__dict__.pop("_lora_base_class")
+        _untie_if_replaced(self)
         return self
 
     # ---- mixed batches --------------------------------------------------------------------------
@@ -359,6 +360,29 @@ def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
         heads = list(config.modules_to_save or [])
         changes["modules_to_save"] = heads + [h for h in SEQ_CLS_HEADS if h not in heads]
     return config.replace(**changes) if changes else config
+
+
+def _untie_if_replaced(model: nn.Module) -> None:
+    """A trained copy of a tied output head (modules_to_save=["lm_head"]) is no longer the embedding:
+    record that in the config, or saving and reloading the merged model would tie them again."""
+    config = getattr(model, "config", None)
+    get_in, get_out = (
+        getattr(model, "get_input_embeddings", None),
+        getattr(model, "get_output_embeddings", None),
+    )
+    if not (
+        config is not None
+        and getattr(config, "tie_word_embeddings", False)
+        and callable(get_in)
+        and callable(get_out)
+    ):
+        return
+    emb_in, emb_out = get_in(), get_out()
+    if emb_in is not None and emb_out is not None and emb_in.weight is not emb_out.weight:
+        config.tie_word_embeddings = False
+        logger.info(
+            "the output head was trained separately from the input embeddings: tie_word_embeddings=False"
+        )
 
 
 def _check_adapter_name(name: str) -> None:

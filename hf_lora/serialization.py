@@ -88,7 +88,8 @@ def _inside_saved(model: LoRAModel, path: str) -> bool:
 def adapter_state_dict(
     model: LoRAModel, adapter_name: str = DEFAULT_ADAPTER, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter under their file keys, on CPU and contiguous.
+    """The tensors of one adapter under their file keys, on CPU and contiguous (like `state_dict()`,
+    they may share memory with the model's parameters).
 
     `state_dict` is the full model state dict when a trainer gathered it (FSDP, DeepSpeed); otherwise
     the model's own tensors are read (sharded DTensors are gathered, which is a collective call).

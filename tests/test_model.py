@@ -143,6 +143,9 @@ def test_merge_and_unload_gives_the_plain_model_with_peft_weights(kind, settings
     assert max((ours_sd[k] - ref_sd[k]).abs().max().item() for k in ours_sd) <= 1e-6
     if kind == "gpt2":
         assert type(merged.transformer.h[0].attn.c_attn) is Conv1D
+    if "modules_to_save" in settings:  # a trained lm_head copy is no longer the tied embedding
+        assert merged.config.tie_word_embeddings is False
+        assert merged.lm_head.weight is not merged.transformer.wte.weight
 
 
 def test_adapter_starts_as_the_identity_and_disable_gives_the_base():

@@ -1,0 +1,67 @@
+"""`transformers.Trainer` integration.
+
+A LoRA model is a `PreTrainedModel` of its own class, so a plain `Trainer` already trains it, sees its
+forward signature, and saves checkpoints and `save_model()` through its `save_pretrained`, which writes
+the adapter only. What a plain Trainer cannot do is read such a checkpoint back: it only knows full
+weights and peft's own class. It then stops with an error (`Can't find a checkpoint index` on resume,
+a missing `pytorch_model.bin` for `load_best_model_at_end`) rather than train on without the adapter.
+
+`LoRATrainer` is the drop-in that closes that gap: resume and best-model restore load the adapter, and
+DDP runs without `find_unused_parameters` (every trainable LoRA weight is used in every step, so the
+graph walk transformers turns on by default is pure cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .model import DEFAULT_ADAPTER, LoRAModel
+from .serialization import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+
+class LoRATrainer(transformers.Trainer):
+    """`transformers.Trainer` that can resume from, and restore the best of, adapter-only checkpoints."""
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        if args is not None and isinstance(model, LoRAModel) and args.ddp_find_unused_parameters is None:
+            args = copy.copy(args)  # the caller's arguments stay as they were
+            args.ddp_find_unused_parameters = False
+        super().__init__(model, args, *rest, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(target, LoRAModel) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            load_checkpoint_adapters(target, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        target = self.accelerator.unwrap_model(self.model)
+        if isinstance(target, LoRAModel) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            logger.info("loading the best adapter from %s", self.state.best_model_checkpoint)
+            load_checkpoint_adapters(target, self.state.best_model_checkpoint)
+        else:
+            super()._load_best_model()
+
+
+def load_checkpoint_adapters(model: LoRAModel, checkpoint: str | os.PathLike) -> None:
+    """Reload every adapter of `model` in place from a checkpoint written by its `save_pretrained`."""
+    root = Path(checkpoint)
+    if not (root / CONFIG_NAME).is_file() and not any(
+        (root / n / CONFIG_NAME).is_file() for n in model.adapters
+    ):
+        raise FileNotFoundError(
+            f"{root} holds no adapter ({CONFIG_NAME} missing); is it a {PREFIX_CHECKPOINT_DIR}-N folder of this run?"
+        )
+    single = len(model.adapters) == 1
+    for name in model.adapters:
+        directory = root if name == DEFAULT_ADAPTER or single else root / name
+        model.load_adapter(directory, name, is_trainable=not model.peft_config[name].inference_mode)
