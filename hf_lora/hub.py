@@ -91,6 +91,21 @@ def resolve_adapter_file(
         raise _http_error(e, repo_id) from None
 
 
+def list_repo_files(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+) -> list[str]:
+    try:
+        return HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    except RepositoryNotFoundError:
+        raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
+    except RevisionNotFoundError:
+        raise AdapterNotFoundError(
+            f"revision {revision!r} not found in {repo_id!r} at {endpoint()}."
+        ) from None
+    except HfHubHTTPError as e:
+        raise _http_error(e, repo_id) from None
+
+
 def push_adapter_to_hub(
     model: LoRAModel,
     repo_id: str,

@@ -18,11 +18,12 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import SEQ_CLS_HEADS, LoRAConfig
 from .errors import AdapterStateError
-from .layers import BASE_ROWS, LoRALayer, ModulesToSave, make_lora_layer, unmake_lora_layer
+from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
 from .targets import resolve_modules_to_save, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,77 @@ class LoRAModel(nn.Module):
         saved = resolve_modules_to_save(self, config)
         _inject(self, adapter_name, config, targets, saved)
         self.set_adapter(self._active)  # new adapter inactive; trainable flags follow the active ones
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """A new adapter (inactive, frozen) that combines existing ones: `sum_i weights[i] * delta_i`.
+
+        "cat" is exact, with rank = the sum of the ranks; "svd" is the best approximation of that sum at
+        `svd_rank` (default: the largest rank); "linear" mixes the factors (same ranks only; approximate).
+        Modules saved in full are taken from the one adapter that has them.
+        """
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterStateError(f"an adapter named {adapter_name!r} exists already.")
+        if unknown := [n for n in adapters if n not in self.peft_config]:
+            raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
+        if len(weights) != len(adapters) or not adapters:
+            raise ValueError(
+                f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights."
+            )
+        layers = [(p, layer) for p, layer in self.lora_layers() if any(a in layer.lora_A for a in adapters)]
+        ranks = {a: max(layer.rank(a) for _, layer in layers if a in layer.lora_A) for a in adapters}
+        how = "linear" if len(adapters) == 1 else combination_type
+        if how == "linear" and len(set(ranks.values())) > 1:
+            raise ValueError(
+                f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'."
+            )
+        rank = {"cat": sum(ranks.values()), "svd": svd_rank or max(ranks.values())}.get(
+            how, max(ranks.values())
+        )
+        saved = {}
+        for path, wrapper in self.saved_modules():
+            owners = [a for a in adapters if a in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own {path!r}; such copies cannot be combined."
+                )
+            if owners:
+                saved[path] = owners[0]
+
+        first = self.peft_config[adapters[0]]
+        config = first.replace(
+            r=rank,
+            lora_alpha=rank,  # scaling 1: the weights and scalings are folded into A
+            target_modules=sorted(p for p, _ in layers),
+            exclude_modules=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            rank_pattern={},
+            alpha_pattern={},
+            modules_to_save=sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []})
+            or None,
+        )
+        _inject(self, adapter_name, config, [p for p, _ in layers], list(saved), initialise=False)
+        with torch.no_grad():
+            for _, layer in layers:
+                present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+                parts = [(layer.lora_A[a], layer.lora_B[a], layer.lora_scaling[a]) for a, _ in present]
+                A, B = combine_adapters(parts, [w for _, w in present], how, rank)
+                layer.lora_A[adapter_name].copy_(A)
+                layer.lora_B[adapter_name].copy_(B)
+            for path, owner in saved.items():
+                wrapper = self.get_submodule(path)
+                wrapper.modules_to_save[adapter_name].load_state_dict(
+                    wrapper.modules_to_save[owner].state_dict()
+                )
+        self.set_adapter(self._active)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the active ones (and the only trainable ones, unless in inference mode)."""

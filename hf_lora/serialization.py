@@ -140,7 +140,7 @@ def save_pretrained(
     repo_id: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """Write each adapter in peft's layout: the default (or only) adapter at the root, others in
+    """Write each adapter in peft's layout: the adapter named "default" at the root, any other in
     `save_directory/<name>/`. Every rank must call this under FSDP2 (gathering is collective); only the
     main process writes."""
     if not safe_serialization:
@@ -156,13 +156,18 @@ def save_pretrained(
         return
     root = Path(save_directory)
     for name in names:
-        directory = root if name == DEFAULT_ADAPTER or len(names) == 1 else root / name
+        directory = adapter_dir(root, name)
         write_adapter(directory, adapter_config(model, name), tensors[name])
         if model_card:
             write_model_card(
                 model, directory, name, repo_id=repo_id, log_history=log_history, card_data=card_data
             )
     logger.info("saved adapter(s) %s to %s", names, root)
+
+
+def adapter_dir(root: Path, adapter_name: str) -> Path:
+    """Where an adapter lives in a saved directory or repo (peft's layout)."""
+    return root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
 
 
 def adapter_config(model: LoRAModel, adapter_name: str) -> dict[str, Any]:
@@ -217,7 +222,15 @@ def read_adapter(
     config_path = resolve(CONFIG_NAME)
     where = str(model_id) + (f"/{subfolder}" if subfolder else "")
     if config_path is None:
-        raise AdapterNotFoundError(f"no {CONFIG_NAME} in {where}: is this an adapter directory or repo?")
+        named = (
+            [n for n, _ in list_adapters(model_id, revision=revision, token=token)] if not subfolder else []
+        )
+        hint = (
+            f" It holds adapters in subfolders: {', '.join(named)}; pass subfolder=<name> or all_adapters=True."
+            if named
+            else " Is this an adapter directory or repo?"
+        )
+        raise AdapterNotFoundError(f"no {CONFIG_NAME} in {where}.{hint}")
     raw = _read_json(config_path)
     config = LoRAConfig.from_dict(raw, source=str(config_path))
 
@@ -236,6 +249,27 @@ def read_adapter(
             )
         tensors = _read_pickle(pickled)
     return AdapterFiles(config=config, raw_config=raw, tensors=tensors, source=where)
+
+
+def list_adapters(
+    model_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> list[tuple[str, str | None]]:
+    """(adapter name, subfolder) of every adapter saved in a directory or repo, the root one first."""
+    from .hub import list_repo_files
+
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        files = [str(p.relative_to(path)) for p in path.rglob(CONFIG_NAME)]
+    else:
+        files = list_repo_files(str(model_id), revision=revision, token=token)
+    found = []
+    for f in files:
+        parts = Path(f).parts
+        if parts == (CONFIG_NAME,):
+            found.insert(0, (DEFAULT_ADAPTER, None))
+        elif len(parts) == 2 and parts[1] == CONFIG_NAME:
+            found.append((parts[0], parts[0]))
+    return found
 
 
 def _read_json(path: Path) -> Any:
@@ -317,11 +351,23 @@ def from_pretrained(
     revision: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    all_adapters: bool = False,
 ) -> LoRAModel:
     """Load an adapter (ours or peft's) from a directory or Hub repo onto a base model.
 
-    As in peft, the adapter is frozen unless `is_trainable=True`. On any error the model is unchanged.
+    As in peft, the adapter is frozen unless `is_trainable=True`, and only the root adapter is read;
+    `all_adapters=True` also loads every `<name>/` subfolder as adapter `<name>` (the first one read is
+    active). On any error the model is unchanged.
     """
+    if all_adapters:
+        return _from_pretrained_all(
+            model,
+            model_id,
+            is_trainable=is_trainable,
+            revision=revision,
+            token=token,
+            allow_pickle=allow_pickle,
+        )
     if isinstance(model, LoRAModel):
         raise AdapterStateError(
             "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
@@ -334,6 +380,21 @@ def from_pretrained(
     plan = _plan_load(model, config, files)
     lora_model = _attach(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
     _copy_tensors(lora_model, adapter_name, files)
+    return lora_model
+
+
+def _from_pretrained_all(model: nn.Module, model_id: str | os.PathLike, **kwargs: Any) -> LoRAModel:
+    found = list_adapters(model_id, revision=kwargs.get("revision"), token=kwargs.get("token"))
+    if not found:
+        raise AdapterNotFoundError(f"no adapters ({CONFIG_NAME}) found in {model_id}.")
+    (first, sub), rest = found[0], found[1:]
+    lora_model = from_pretrained(model, model_id, first, subfolder=sub, **kwargs)
+    try:
+        for name, sub in rest:
+            load_adapter(lora_model, model_id, name, subfolder=sub, **kwargs)
+    except Exception:
+        lora_model.unload()
+        raise
     return lora_model
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .model import DEFAULT_ADAPTER, LoRAModel
-from .serialization import CONFIG_NAME
+from .model import LoRAModel
+from .serialization import CONFIG_NAME, adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def load_checkpoint_adapters(model: LoRAModel, checkpoint: str | os.PathLike) ->
         raise FileNotFoundError(
             f"{root} holds no adapter ({CONFIG_NAME} missing); is it a {PREFIX_CHECKPOINT_DIR}-N folder of this run?"
         )
-    single = len(model.adapters) == 1
     for name in model.adapters:
-        directory = root if name == DEFAULT_ADAPTER or single else root / name
-        model.load_adapter(directory, name, is_trainable=not model.peft_config[name].inference_mode)
+        model.load_adapter(
+            adapter_dir(root, name), name, is_trainable=not model.peft_config[name].inference_mode
+        )

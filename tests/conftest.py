@@ -1,114 +1,25 @@
-"""Shared fixtures: tiny real models built from configs (no downloads), and the local Hub server."""
+"""Test session setup: the local Hub server's endpoint is chosen before anything imports huggingface_hub.
+
+Model factories live in tiny_models.py (importable by subprocesses without this file's side effects).
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_fixtures import reserve_hub_endpoint
 
-# huggingface_hub reads HF_ENDPOINT when first imported: point it at the test server before anything does.
+# huggingface_hub reads HF_ENDPOINT and HF_HOME when first imported: point them at the test server and a
+# fresh cache before transformers, peft or hf_lora import it.
 reserve_hub_endpoint()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hub_fixtures import *  # noqa: E402, F403
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from hub_fixtures import *  # noqa: E402, F403  (the fixtures hub_server and hub_repo_id)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 logging.getLogger("hf_lora").setLevel(logging.INFO)
-
-VOCAB = 128
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    cfg = GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg)
-
-
-def tiny_distilbert(num_labels: int = 2) -> DistilBertForSequenceClassification:
-    cfg = DistilBertConfig(
-        n_layers=2, dim=64, hidden_dim=128, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=num_labels, pad_token_id=0,
-    )  # fmt: skip
-    return DistilBertForSequenceClassification(cfg)
-
-
-def tiny_bert(num_labels: int = 2) -> BertForSequenceClassification:
-    cfg = BertConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=num_labels, pad_token_id=0,
-    )  # fmt: skip
-    return BertForSequenceClassification(cfg)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
-class MLP(torch.nn.Module):
-    """A plain PyTorch model, to show LoRA is not tied to transformers."""
-
-    def __init__(self, d_in: int = 16, hidden: int = 32, d_out: int = 4):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(d_in, hidden)
-        self.fc2 = torch.nn.Linear(hidden, hidden)
-        self.head = torch.nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-MODELS = {"gpt2": tiny_gpt2, "distilbert": tiny_distilbert, "bert": tiny_bert, "llama": tiny_llama}
-
-
-def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return MODELS[kind]().eval()
-
-
-def batch_for(kind: str, batch: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
-    if kind in ("gpt2", "llama"):
-        return {"input_ids": ids, "labels": ids.clone()}
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, 2, (batch,), generator=g),
-    }
-
-
-@pytest.fixture
-def twin():
-    """Two identical copies of a tiny model: one for hf_lora, one for the peft reference."""
-
-    def make(kind: str, seed: int = 0):
-        model = make_model(kind, seed)
-        return model, copy.deepcopy(model)
-
-    return make

@@ -18,6 +18,7 @@ After that, `hf_hub_download(repo_id, filename)` with no `endpoint=` reaches the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ import pytest
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["HubServer", "hub_repo_id", "hub_server", "reserve_hub_endpoint"]
+__all__ = ["HubServer", "StallingProxy", "hub_repo_id", "hub_server", "reserve_hub_endpoint"]
 
 SERVER_SCRIPT = Path(__file__).with_name("hub_server.py")
 USERS = {"alice": "hf_alice_secret_token", "bob": "hf_bob_secret_token"}
@@ -136,3 +138,48 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
 def hub_repo_id() -> str:
     """A repo id that no other test uses, in alice's namespace (the repo is not created)."""
     return f"alice/test-{uuid.uuid4().hex[:8]}"
+
+
+class StallingProxy:
+    """A TCP relay to the Hub that passes only the first `stall_after` bytes of a commit request, then holds the
+    rest: a real client can be killed at a known point in the middle of its upload."""
+
+    def __init__(self, upstream_port: int, stall_after: int) -> None:
+        self.upstream_port, self.stall_after = upstream_port, stall_after
+        self.stalled = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._sockets = [self._listener]
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, server]
+            threading.Thread(target=self._relay, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client, server, True), daemon=True).start()
+
+    def _relay(self, source: socket.socket, target: socket.socket, stall: bool) -> None:
+        seen, limit = bytearray(), None
+        with contextlib.suppress(OSError):  # a closed connection ends the relay
+            while data := source.recv(1 << 16):
+                if stall:
+                    seen += data
+                    if limit is None and (start := seen.find(b"/commit/")) >= 0:
+                        limit = start + self.stall_after
+                    if limit is not None and len(seen) >= limit:
+                        target.sendall(data[: len(data) - (len(seen) - limit)])
+                        self.stalled.set()
+                        return
+                target.sendall(data)
+
+    def close(self) -> None:
+        """Close every connection, as the death of the client would."""
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

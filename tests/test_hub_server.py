@@ -7,17 +7,14 @@ each failure raises, that re-uploading unchanged files makes no commit, that an 
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
 import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +41,8 @@ from huggingface_hub.errors import (
 
 if TYPE_CHECKING:
     from hub_fixtures import HubServer
+
+from hub_fixtures import StallingProxy
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -402,51 +401,6 @@ def test_default_endpoint_is_the_local_hub(hub_server: HubServer, alice: HfApi, 
 
     assert hub_server.endpoint == constants.ENDPOINT
     assert Path(hf_hub_download(repo, ".gitattributes")).read_bytes().startswith(b"*.bin")
-
-
-class StallingProxy:
-    """A TCP relay to the Hub that passes only the first `stall_after` bytes of a commit request, then holds the
-    rest: a real client can be killed at a known point in the middle of its upload."""
-
-    def __init__(self, upstream_port: int, stall_after: int) -> None:
-        self.upstream_port, self.stall_after = upstream_port, stall_after
-        self.stalled = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._sockets = [self._listener]
-        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._sockets += [client, server]
-            threading.Thread(target=self._relay, args=(server, client, False), daemon=True).start()
-            threading.Thread(target=self._relay, args=(client, server, True), daemon=True).start()
-
-    def _relay(self, source: socket.socket, target: socket.socket, stall: bool) -> None:
-        seen, limit = bytearray(), None
-        with contextlib.suppress(OSError):  # a closed connection ends the relay
-            while data := source.recv(1 << 16):
-                if stall:
-                    seen += data
-                    if limit is None and (start := seen.find(b"/commit/")) >= 0:
-                        limit = start + self.stall_after
-                    if limit is not None and len(seen) >= limit:
-                        target.sendall(data[: len(data) - (len(seen) - limit)])
-                        self.stalled.set()
-                        return
-                target.sendall(data)
-
-    def close(self) -> None:
-        """Close every connection, as the death of the client would."""
-        for s in self._sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 UPLOAD_SCRIPT = """

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, batch_for, make_model
 from peft import LoraConfig, get_peft_model
 from reference import copy_lora_weights, peft_twin, randomise_B
+from tiny_models import MLP, batch_for, make_model
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, make_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference import copy_lora_weights, randomise_B
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import batch_for, make_model
 
 import hf_lora
 from hf_lora import AdapterFormatError, AdapterNotFoundError, LoRAConfig, LoRAModel, get_lora_model

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import MLP, make_model
 from peft import LoraConfig, get_peft_model
+from tiny_models import MLP, make_model
 from transformers import AutoConfig, AutoModel
 
 import hf_lora

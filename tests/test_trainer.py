@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_models import make_model
 from transformers import Trainer, TrainingArguments
 
 import hf_lora

@@ -1,0 +1,204 @@
+"""Sharing adapters through a real Hub-protocol server (tests/hub_server.py) and the real client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+from hub_fixtures import StallingProxy
+from peft import PeftModel
+from reference import randomise_B
+from safetensors.torch import load_file
+from tiny_models import batch_for, make_model
+
+import hf_lora
+from hf_lora import AdapterNotFoundError, HubAccessError, LoRAConfig, LoRAModel, get_lora_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def adapter_model(seed: int = 0, **fields) -> LoRAModel:
+    model = get_lora_model(
+        make_model("gpt2"), LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], **fields)
+    )
+    model.peft_config["default"].base_model_name_or_path = "openai-community/gpt2"
+    randomise_B(model, seed)
+    return model
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch_for("gpt2")).logits
+
+
+def test_push_then_pull_gives_identical_tensors_and_logits(hub_server, hub_repo_id, tmp_path):
+    model = adapter_model()
+    info = hf_lora.push_adapter_to_hub(
+        model, hub_repo_id, token=hub_server.tokens["alice"], commit_message="first"
+    )
+    api = hub_server.api("alice")
+    commits = api.list_repo_commits(hub_repo_id)
+    assert (
+        commits[0].commit_id == info.oid and commits[0].title == "first" and len(commits) == 2
+    )  # + the initial one
+    assert sorted(api.list_repo_files(hub_repo_id)) == [".gitattributes", "README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]  # fmt: skip
+
+    pulled = LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    assert torch.equal(logits(pulled), logits(model))
+    peft_pulled = PeftModel.from_pretrained(make_model("gpt2"), hub_repo_id)  # an independent client
+    assert (logits(peft_pulled) - logits(model)).abs().max().item() <= 1e-6
+
+    local = hf_lora.download_adapter(hub_repo_id, tmp_path / "dl")
+    assert load_file(local / "adapter_model.safetensors").keys() == hf_lora.adapter_state_dict(model).keys()
+
+
+def test_model_card_front_matter_and_snippets(hub_server, hub_repo_id):
+    model = adapter_model()
+    hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"], card_data={"license": "mit"},
+                                log_history=[{"step": 1, "loss": 2.0}, {"step": 5, "loss": 1.0}])  # fmt: skip
+    card = Path(hub_server.api("alice").hf_hub_download(hub_repo_id, "README.md")).read_text()
+    front = card.split("---")[1]
+    for line in ("base_model: openai-community/gpt2", "library_name: peft", "license: mit",
+                 "- base_model:adapter:openai-community/gpt2", "- hf_lora", "pipeline_tag: text-generation"):  # fmt: skip
+        assert line in front, line
+    assert f'LoRAModel.from_pretrained(base, "{hub_repo_id}")' in card
+    assert f'PeftModel.from_pretrained(base, "{hub_repo_id}")' in card
+    assert "| 5 | 1 |" in card and "![training loss](loss_curve.svg)" in card
+
+
+def test_second_push_is_a_new_commit_and_old_revisions_stay_loadable(hub_server, hub_repo_id):
+    api = hub_server.api("alice")
+    first_model, second_model = adapter_model(seed=1), adapter_model(seed=2)
+    first = hf_lora.push_adapter_to_hub(first_model, hub_repo_id, token=hub_server.tokens["alice"])
+    api.create_tag(hub_repo_id, tag="v1")
+    second = hf_lora.push_adapter_to_hub(second_model, hub_repo_id, token=hub_server.tokens["alice"])
+    assert second.oid != first.oid
+    latest = LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    assert torch.equal(logits(latest), logits(second_model))
+    for revision in (first.oid, "v1"):
+        old = LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, revision=revision)
+        assert torch.equal(logits(old), logits(first_model))
+    again = hf_lora.push_adapter_to_hub(second_model, hub_repo_id, token=hub_server.tokens["alice"])
+    assert again.oid == second.oid, "pushing unchanged files makes no commit"
+    branch = hf_lora.push_adapter_to_hub(
+        first_model, hub_repo_id, token=hub_server.tokens["alice"], revision="exp"
+    )
+    assert api.list_repo_commits(hub_repo_id, revision="exp")[0].commit_id == branch.oid
+    assert api.repo_info(hub_repo_id).sha == second.oid, "main did not move"
+
+
+def test_private_repo(hub_server, hub_repo_id):
+    model = adapter_model()
+    hf_lora.push_adapter_to_hub(model, hub_repo_id, private=True, token=hub_server.tokens["alice"])
+    with pytest.raises(AdapterNotFoundError, match="private"):
+        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    with pytest.raises(AdapterNotFoundError):
+        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, token=hub_server.tokens["bob"])
+    owner = LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, token=hub_server.tokens["alice"])
+    assert torch.equal(logits(owner), logits(model))
+
+
+def test_auth_errors_are_clear_and_never_show_the_token(hub_server, hub_repo_id, caplog):
+    model = adapter_model()
+    bad = "hf_wrong_token_value_123"
+    with pytest.raises(HubAccessError, match="HTTP 401") as err:
+        hf_lora.push_adapter_to_hub(model, hub_repo_id, token=bad)
+    assert bad not in str(err.value) and hub_repo_id in str(err.value)
+    bob_target = hub_repo_id  # alice's namespace
+    with pytest.raises(HubAccessError, match="HTTP 403") as err:
+        hf_lora.push_adapter_to_hub(model, bob_target, token=hub_server.tokens["bob"])
+    assert hub_server.tokens["bob"] not in str(err.value)
+    assert bad not in caplog.text and hub_server.tokens["bob"] not in caplog.text
+
+
+def test_missing_repo_file_and_revision(hub_server, hub_repo_id):
+    with pytest.raises(AdapterNotFoundError, match=rf"{hub_repo_id}.*{hub_server.endpoint}"):
+        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    hub_server.api("alice").create_repo(hub_repo_id)
+    with pytest.raises(AdapterNotFoundError, match=r"no adapter_config\.json"):
+        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    hf_lora.push_adapter_to_hub(adapter_model(), hub_repo_id, token=hub_server.tokens["alice"])
+    with pytest.raises(AdapterNotFoundError, match="revision 'nope' not found"):
+        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, revision="nope")
+
+
+def test_a_readme_the_user_wrote_is_kept(hub_server, hub_repo_id):
+    api = hub_server.api("alice")
+    api.create_repo(hub_repo_id)
+    api.upload_file(
+        path_or_fileobj=b"# Our adapter\nHand-written.\n", path_in_repo="README.md", repo_id=hub_repo_id
+    )
+    hf_lora.push_adapter_to_hub(adapter_model(), hub_repo_id, token=hub_server.tokens["alice"])
+    assert Path(api.hf_hub_download(hub_repo_id, "README.md")).read_text() == "# Our adapter\nHand-written.\n"
+    assert "adapter_model.safetensors" in api.list_repo_files(hub_repo_id)
+
+
+def test_offline_mode_loads_from_the_cache(hub_server, hub_repo_id, tmp_path):
+    model = adapter_model()
+    hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"])
+    LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)  # fills the cache
+    torch.save(logits(model), tmp_path / "expected.pt")
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from tiny_models import make_model, batch_for
+import hf_lora
+model = hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), {hub_repo_id!r})
+with torch.no_grad():
+    assert torch.equal(model(**batch_for("gpt2")).logits, torch.load({str(tmp_path / "expected.pt")!r}))
+try:
+    hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), "alice/never-downloaded")
+except hf_lora.AdapterNotFoundError as e:
+    assert "HF_HUB_OFFLINE=1" in str(e), e
+else:
+    raise SystemExit("expected an error")
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+PUSH_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from tiny_models import make_model
+import hf_lora
+model = hf_lora.get_lora_model(make_model("gpt2"), hf_lora.LoRAConfig(r=64, target_modules=["c_attn", "c_fc"],
+                               modules_to_save=["lm_head"]))
+hf_lora.push_adapter_to_hub(model, sys.argv[1], token=sys.argv[2])
+print("pushed")
+"""
+
+
+def test_push_killed_mid_commit_leaves_the_remote_at_its_previous_commit(hub_server, hub_repo_id, tmp_path):
+    before = hf_lora.push_adapter_to_hub(adapter_model(), hub_repo_id, token=hub_server.tokens["alice"])
+    proxy = StallingProxy(urlsplit(hub_server.endpoint).port or 0, stall_after=20_000)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = os.environ | {"HF_ENDPOINT": proxy.endpoint, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    pusher = subprocess.Popen(
+        [sys.executable, "-c", PUSH_SCRIPT, hub_repo_id, hub_server.tokens["alice"], str(ROOT / "tests")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proxy.stalled.wait(timeout=120), "the push never reached its commit"
+        pusher.send_signal(signal.SIGKILL)
+        pusher.wait(timeout=10)
+    finally:
+        pusher.kill()
+        proxy.close()
+    assert pusher.returncode == -signal.SIGKILL and pusher.stdout.read() == b""
+    api = hub_server.api("alice")
+    assert api.repo_info(hub_repo_id).sha == before.oid, "the remote is at the previous commit"
+    assert list(tmp.glob("hf_lora-push-*")), "the killed push left its temporary folder"
+    env["HF_ENDPOINT"] = hub_server.endpoint
+    subprocess.run([sys.executable, "-c", PUSH_SCRIPT, hub_repo_id, hub_server.tokens["alice"], str(ROOT / "tests")],
+                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert not list(tmp.glob("hf_lora-push-*")), "the next push cleaned it up"
+    assert api.repo_info(hub_repo_id).sha != before.oid

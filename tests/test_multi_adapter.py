@@ -1,0 +1,216 @@
+"""Several named adapters in one model: switching, saving, mixed batches, combining (peft as reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import randomise_B
+from tiny_models import batch_for, make_model
+
+import hf_lora
+from hf_lora import AdapterStateError, LoRAConfig, LoRAModel, get_lora_model
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def three_adapters(seed: int = 0) -> LoRAModel:
+    """GPT-2 with adapters "default" (r=4), "b" (r=4, alpha 16) and "c" (r=2, c_attn only, own lm_head)."""
+    model = get_lora_model(make_model("gpt2", seed), LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model.add_adapter("b", LoRAConfig(r=4, lora_alpha=16, target_modules=TARGETS))
+    model.add_adapter(
+        "c", LoRAConfig(r=2, lora_alpha=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    )
+    randomise_B(model, seed)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["c"].weight.add_(0.05)
+    return model
+
+
+def logits_with(model, adapter: str | None, batch=None):
+    batch = batch or batch_for("gpt2")
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(**batch).logits
+        model.set_adapter(adapter)
+        return model(**batch).logits
+
+
+def test_add_set_delete_and_listing():
+    model = three_adapters()
+    assert model.adapters == ["default", "b", "c"] and model.active_adapter == "default"
+    outs = {name: logits_with(model, name) for name in model.adapters}
+    assert all(
+        (outs[a] - outs[b]).abs().max() > 1e-3 for a, b in [("default", "b"), ("b", "c"), ("default", "c")]
+    )
+    model.set_adapter("c")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".c" in n or n.endswith("modules_to_save.c.weight") for n in trainable)
+    model.delete_adapter("b")
+    assert model.adapters == ["default", "c"]
+    assert torch.equal(logits_with(model, "default"), outs["default"])
+    with pytest.raises(AdapterStateError, match="unknown adapter"):
+        model.set_adapter("b")
+    with pytest.raises(AdapterStateError, match="exists already"):
+        model.add_adapter("c", LoRAConfig(r=2))
+
+
+def test_switching_keeps_base_weights_in_place():
+    model = three_adapters()
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    for name in ("b", "c", "default", "b"):
+        model.set_adapter(name)
+    assert pointers == {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_training_one_adapter_leaves_the_others_bit_identical():
+    model = three_adapters()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.set_adapter("b")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # every parameter handed over
+    for _ in range(3):
+        model(**batch_for("gpt2")).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(".b") for n in changed)
+
+
+def test_saved_in_peft_layout_and_loaded_back_all_at_once(tmp_path):
+    model = three_adapters()
+    expected = {name: logits_with(model, name) for name in model.adapters}
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (
+        tmp_path / "b" / "adapter_model.safetensors"
+    ).is_file()
+    assert (tmp_path / "c" / "adapter_model.safetensors").is_file() and not (tmp_path / "default").exists()
+
+    back = LoRAModel.from_pretrained(make_model("gpt2"), tmp_path, all_adapters=True)
+    assert back.adapters == ["default", "b", "c"] and back.active_adapter == "default"
+    for name, out in expected.items():
+        assert (logits_with(back, name) - out).abs().max().item() <= 1e-6
+
+    ref = PeftModel.from_pretrained(make_model("gpt2"), tmp_path)
+    for name in ("b", "c"):
+        ref.load_adapter(tmp_path / name, adapter_name=name)
+    for name, out in expected.items():
+        ref.set_adapter(name)
+        with torch.no_grad():
+            assert (ref(**batch_for("gpt2")).logits - out).abs().max().item() <= 1e-6
+
+    with pytest.raises(hf_lora.AdapterNotFoundError, match="subfolders: b, c"):
+        only_subdirs = tmp_path / "subdirs"
+        model.save_pretrained(only_subdirs, selected_adapters=["b", "c"])
+        LoRAModel.from_pretrained(make_model("gpt2"), only_subdirs)
+
+
+def test_load_adapter_adds_an_inactive_adapter(tmp_path):
+    model = three_adapters()
+    expected = logits_with(model, "b")
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    other = get_lora_model(make_model("gpt2"), LoRAConfig(r=8, target_modules=["c_attn"]))
+    base_out = logits_with(other, "default")
+    other.load_adapter(tmp_path / "b", adapter_name="task_b")
+    assert other.active_adapter == "default" and torch.equal(logits_with(other, "default"), base_out)
+    assert (logits_with(other, "task_b") - expected).abs().max().item() <= 1e-6
+
+
+def test_mixed_batch_rows_match_single_adapter_runs():
+    model = three_adapters()
+    batch = batch_for("gpt2", batch=5)
+    rows = ["b", "__base__", "default", "c", "b"]
+    alone = {name: logits_with(model, None if name == "__base__" else name, batch) for name in set(rows)}
+    model.set_adapter("default")
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        assert (mixed[i] - alone[name][i]).abs().max().item() <= 1e-5, (i, name)
+    assert model.transformer.h[0].attn.c_attn._row_adapters is None, "the row assignment does not leak"
+    with pytest.raises(AdapterStateError, match="unknown adapters"):
+        model(**batch, adapter_names=["nope"] * 5)
+
+
+def test_mixed_batch_generate_matches_peft():
+    base = make_model("gpt2")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    ref.add_adapter("b", LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS))
+    model = get_lora_model(base, LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model.add_adapter("b", LoRAConfig(r=4, lora_alpha=16, target_modules=TARGETS))
+    randomise_B(model)
+    with torch.no_grad():
+        for path, layer in model.lora_layers():
+            twin = ref.base_model.model.get_submodule(path)
+            for name in ("default", "b"):
+                twin.lora_A[name].weight.copy_(layer.lora_A[name])
+                twin.lora_B[name].weight.copy_(layer.lora_B[name])
+    ref.eval()
+    prompt = torch.tensor([[5, 6, 7], [9, 10, 11], [5, 6, 7]])
+    rows = ["default", "b", "__base__"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ours = model.generate(prompt, adapter_names=rows, **kwargs)
+    theirs = ref.generate(input_ids=prompt, adapter_names=rows, **kwargs)
+    assert torch.equal(ours, theirs)
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(prompt[i : i + 1], **kwargs)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(prompt[i : i + 1], **kwargs)
+        assert torch.equal(ours[i : i + 1], alone)
+
+
+@pytest.mark.parametrize(("how", "rank"), [("cat", None), ("linear", None), ("svd", 3), ("svd", None)])
+def test_weighted_adapters_equal_peft(how, rank):
+    fields = dict(target_modules=TARGETS)
+    base = make_model("gpt2")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, **fields))
+    ref.add_adapter("b", LoraConfig(r=4, lora_alpha=16, **fields))
+    model = get_lora_model(base, LoRAConfig(r=4, lora_alpha=8, **fields))
+    model.add_adapter("b", LoRAConfig(r=4, lora_alpha=16, **fields))
+    randomise_B(model)
+    with torch.no_grad():
+        for path, layer in model.lora_layers():
+            twin = ref.base_model.model.get_submodule(path)
+            for name in ("default", "b"):
+                twin.lora_A[name].weight.copy_(layer.lora_A[name])
+                twin.lora_B[name].weight.copy_(layer.lora_B[name])
+    weights = [0.7, -0.4]
+    model.add_weighted_adapter(["default", "b"], weights, "mix", combination_type=how, svd_rank=rank)
+    ref.add_weighted_adapter(["default", "b"], weights, "mix", combination_type=how, svd_rank=rank)
+    assert model.peft_config["mix"].r == ref.peft_config["mix"].r
+    for path, layer in model.lora_layers():
+        twin = ref.base_model.model.get_submodule(path)
+        ours, theirs = layer.delta_weight("mix"), twin.get_delta_weight("mix")
+        assert (ours - theirs).abs().max().item() <= 1e-5, path
+        if how == "cat":  # exact: the weighted sum of the deltas
+            exact = sum(w * layer.delta_weight(n) for n, w in zip(["default", "b"], weights))
+            assert (ours - exact).abs().max().item() <= 1e-6
+    assert model.active_adapter == "default" and not any(
+        p.requires_grad for n, p in model.named_parameters() if n.endswith(".mix")
+    )
+
+
+def test_svd_combination_is_the_best_low_rank_approximation():
+    model = three_adapters()
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "full", combination_type="svd", svd_rank=8)
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "low", combination_type="svd", svd_rank=2)
+    layer = model.transformer.h[0].attn.c_attn
+    exact = layer.delta_weight("default") + layer.delta_weight("b")
+    assert (layer.delta_weight("full") - exact).abs().max().item() <= 1e-5, "rank 8 holds the whole sum"
+    S = torch.linalg.svdvals(exact.T)
+    err = torch.linalg.matrix_norm(layer.delta_weight("low") - exact)
+    assert abs(err.item() - S[2:].norm().item()) <= 1e-4, (
+        "error equals the dropped singular values (Eckart-Young)"
+    )
+
+
+def test_weighted_adapter_takes_the_saved_head_of_its_owner():
+    model = three_adapters()
+    model.add_weighted_adapter(["default", "c"], [1.0, 1.0], "mix", combination_type="cat")
+    head = model.lm_head.modules_to_save
+    assert torch.equal(head["mix"].weight, head["c"].weight)
