@@ -13,9 +13,11 @@ from .errors import (
     LoRAError,
     TargetModulesError,
 )
+from .extract import extract_lora
 from .hub import download_adapter, push_adapter_to_hub
 from .layers import LoRALayer, ModulesToSave, delta_weight, merged_weight
 from .model import LoRAModel, get_lora_model
+from .optim import create_loraplus_optimizer
 from .serialization import adapter_state_dict, read_adapter
 from .targets import TARGET_MODULES
 
@@ -45,8 +47,10 @@ __all__ = [
     "ModulesToSave",
     "TargetModulesError",
     "adapter_state_dict",
+    "create_loraplus_optimizer",
     "delta_weight",
     "download_adapter",
+    "extract_lora",
     "get_lora_model",
     "merged_weight",
     "push_adapter_to_hub",

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+_TMP_PREFIX = ".hf_lora-"
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically; a small file that already holds exactly `data` is left
@@ -20,11 +22,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     with contextlib.suppress(OSError):
         if len(data) <= 2**20 and path.stat().st_size == len(data) and path.read_bytes() == data:
             return
-    prefix = f".{path.parent.name}.{path.name}."
     for tmp_dir in (path.parent.parent, path.parent):
-        _remove_stale(tmp_dir, prefix)
+        _remove_stale(tmp_dir)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=tmp_dir)
+            prefix = f"{_TMP_PREFIX}{os.getpid()}-{path.parent.name}.{path.name}."
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_dir)
         except OSError:
             continue
         try:
@@ -45,10 +47,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     raise OSError(f"cannot create a temporary file to write {path}")
 
 
-def _remove_stale(directory: Path, prefix: str) -> None:
+def _remove_stale(directory: Path) -> None:
+    """Temporary files of writers that died (their pid is in the name)."""
     with contextlib.suppress(OSError):
-        for tmp in directory.glob(f"{prefix}*.tmp"):
-            pid = tmp.name.removeprefix(prefix).split(".", 1)[0]
+        for tmp in directory.glob(f"{_TMP_PREFIX}*.tmp"):
+            pid = tmp.name.removeprefix(_TMP_PREFIX).split("-", 1)[0]
             if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
 

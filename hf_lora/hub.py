@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .atomic import pid_alive
-from .errors import AdapterNotFoundError, HubAccessError
+from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
 from .model_card import CARD_NAME, MARKER
 
 if TYPE_CHECKING:
@@ -94,8 +94,9 @@ def resolve_adapter_file(
 def list_repo_files(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
+    """The repo's file names, refusing any that would escape a local folder (a hostile repo)."""
     try:
-        return HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
     except RevisionNotFoundError:
@@ -104,6 +105,20 @@ def list_repo_files(
         ) from None
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id) from None
+    for name in files:
+        check_repo_path(name, repo_id)
+    return files
+
+
+def check_repo_path(name: str, repo_id: str) -> None:
+    parts = name.split("/")
+    unsafe = (
+        name.startswith("/") or "\\" in name or ":" in parts[0] or any(p in ("", ".", "..") for p in parts)
+    )
+    if unsafe:
+        raise AdapterFormatError(
+            f"Hub repo {repo_id!r} lists a file {name!r}, which is not a safe relative path."
+        )
 
 
 def push_adapter_to_hub(

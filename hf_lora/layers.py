@@ -33,16 +33,19 @@ BASE_ROWS = "__base__"  # name of "no adapter" in mixed batches, as in peft
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """The dense update `scaling * B @ A` in fp32, laid out like the base weight ((in, out) for Conv1D)."""
-    delta = (B.float() @ A.float()) * scaling  # (out, in)
+    """The dense update `scaling * B @ A` in at least fp32, laid out like the base weight ((in, out) for
+    Conv1D)."""
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    delta = (B.to(dtype) @ A.to(dtype)) * scaling  # (out, in)
     return delta.T if fan_in_fan_out else delta
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """`weight + sign * delta`, added in fp32 and rounded once to the weight's dtype."""
+    """`weight + sign * delta`, added in the wider of the two dtypes and rounded once to the weight's."""
     if weight.dtype == delta.dtype:
         return weight + delta if sign > 0 else weight - delta
-    return (weight.float() + sign * delta).to(weight.dtype)
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)
 
 
 def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
@@ -57,6 +60,38 @@ def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         else:
             nn.init.zeros_(B)
+
+
+def svd_init(
+    weight_oi: torch.Tensor, r: int, scaling: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA: A, B from the top-r singular triplets of W (so that scaling * B @ A is W's best rank-r part)
+    and the residual W - scaling * B @ A that stays in the base. `niter` uses randomised SVD."""
+    W = weight_oi.float()
+    if niter is None:
+        V, S, Uh = torch.linalg.svd(W, full_matrices=False)
+        Vr, Sr, Uhr = V[:, :r], S[:r] / scaling, Uh[:r]
+    else:
+        Vr, Sr, Ur = torch.svd_lowrank(W, r, niter=niter)
+        Sr, Uhr = Sr / scaling, Ur.T
+    A = torch.diag(Sr.sqrt()) @ Uhr  # (r, in)
+    B = Vr @ torch.diag(Sr.sqrt())  # (out, r)
+    return A, B, W - scaling * B @ A
+
+
+def qr_init(
+    weight_oi: torch.Tensor, r: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLoRA: A, B from W's QR decomposition (B orthonormal), and the residual left in the base."""
+    W = weight_oi.float()
+    Q, R = torch.linalg.qr(W)
+    A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+    return A, B, W - scaling * B @ A
+
+
+def weight_norm(weight_oi: torch.Tensor, delta_oi: torch.Tensor) -> torch.Tensor:
+    """DoRA's column norm ||W + delta|| per output feature, (out,)."""
+    return torch.linalg.norm(weight_oi + delta_oi, dim=1)
 
 
 def combine_adapters(
@@ -149,6 +184,8 @@ class LoRALayer(nn.Module):
 
     lora_A: nn.ParameterDict  # adapter -> (r, in)
     lora_B: nn.ParameterDict  # adapter -> (out, r)
+    lora_magnitude: nn.ParameterDict  # DoRA adapter -> (out,)
+    _dora_norms: dict[str, torch.Tensor]  # ||W + delta|| of merged DoRA adapters, to unmerge them
     lora_scaling: dict[str, float]
     lora_dropout: dict[str, float]
     active_adapters: tuple[str, ...]  # what the user selected
@@ -170,9 +207,16 @@ class LoRALayer(nn.Module):
     # -- adapters --
 
     def add_adapter(
-        self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None = True
+        self,
+        name: str,
+        r: int,
+        scaling: float,
+        dropout: float,
+        init: bool | str | None = True,
+        use_dora: bool = False,
     ) -> None:
-        """Create adapter `name`; `init=None` leaves A and B uninitialised (they are loaded next)."""
+        """Create adapter `name`. `init=None` leaves A and B uninitialised (they are loaded next); "pissa",
+        "pissa_niter_<n>" and "olora" move the adapter's share of W out of the base weight."""
         w = self.weight
         # Adapters train in fp32 on a half-precision base (peft's default): tiny tensors, stable updates.
         dtype = (
@@ -182,18 +226,36 @@ class LoRALayer(nn.Module):
         )
         A = torch.empty(r, self.in_features_, dtype=dtype, device=w.device)
         B = torch.empty(self.out_features_, r, dtype=dtype, device=w.device)
-        if init is not None:
+        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+            niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
+            with torch.no_grad():
+                a, b, residual = (
+                    qr_init(self._weight_oi(), r, scaling)
+                    if init == "olora"
+                    else svd_init(self._weight_oi(), r, scaling, niter)
+                )
+                A.copy_(a), B.copy_(b)
+                w.copy_((residual.T if self.fan_in_fan_out else residual).to(w.dtype))
+        elif init is not None:
             init_lora_(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_scaling[name] = scaling
         self.lora_dropout[name] = dropout
+        if use_dora:
+            with torch.no_grad():
+                magnitude = weight_norm(self._weight_oi().float(), (B @ A).float() * scaling)
+            self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype))
         self._refresh()
+
+    def _weight_oi(self) -> torch.Tensor:
+        """The base weight laid out (out, in), a view."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
-        for store in (self.lora_A, self.lora_B):
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude):
             if name in store:
                 del store[name]
         self.lora_scaling.pop(name, None)
@@ -230,7 +292,10 @@ class LoRALayer(nn.Module):
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             with torch.no_grad():
-                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name)))
+                if name in self.lora_magnitude:
+                    self._merge_dora(name)
+                else:
+                    self.weight.copy_(merged_weight(self.weight, self.delta_weight(name)))
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -240,9 +305,30 @@ class LoRALayer(nn.Module):
             if names is not None and name not in names:
                 continue
             with torch.no_grad():
-                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
+                if name in self.lora_magnitude:
+                    self._unmerge_dora(name)
+                else:
+                    self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
             self.merged_adapters.remove(name)
         self._refresh()
+
+    def _merge_dora(self, name: str) -> None:
+        """W <- m / ||W + delta|| * (W + delta), row-wise in (out, in) layout; the norm is kept so that
+        unmerging can divide it out again (it cannot be recomputed from the merged weight)."""
+        W = self._weight_oi()
+        delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
+        wide = torch.promote_types(W.dtype, delta.dtype)
+        norm = weight_norm(W.to(wide), delta.to(wide))
+        self._dora_norms[name] = norm
+        factor = (self.lora_magnitude[name].to(wide) / norm).view(-1, 1)
+        W.copy_((factor * (W.to(wide) + delta.to(wide))).to(W.dtype))
+
+    def _unmerge_dora(self, name: str) -> None:
+        W = self._weight_oi()
+        delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
+        wide = torch.promote_types(W.dtype, delta.dtype)
+        factor = (self.lora_magnitude[name].to(wide) / self._dora_norms.pop(name)).view(-1, 1)
+        W.copy_((W.to(wide) / factor - delta.to(wide)).to(W.dtype))
 
     # -- forward --
 
@@ -277,14 +363,31 @@ class LoRALayer(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.dtype)
         p = self.lora_dropout[name]
-        if p and self.training:
+        dropped = bool(p and self.training)
+        if dropped:
             x = F.dropout(x, p)
+        if name in self.lora_magnitude:
+            return (result + self._dora_update(result, x, name, dropped)).to(result.dtype)
         return (result + F.linear(F.linear(x, A), B) * self.lora_scaling[name]).to(result.dtype)
+
+    def _dora_update(self, result: torch.Tensor, x: torch.Tensor, name: str, dropped: bool) -> torch.Tensor:
+        """DoRA (weight-decomposed LoRA): the output of m * (W + s B A) / ||W + s B A|| minus the base
+        output. The norm is a constant for the backward pass, as the DoRA paper (4.3) prescribes."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
+        W = self._weight_oi().to(x.dtype)
+        norm = weight_norm(W, s * (B @ A).detach().to(x.dtype)).detach()  # (out,)
+        scale = (self.lora_magnitude[name] / norm).view(1, -1)
+        if dropped:  # the base output was computed from the undropped input: redo it
+            base = F.linear(x, W)
+        else:
+            base = result if self.bias is None else result - self.bias
+        return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * s
 
     def _can_fuse(self, x: torch.Tensor, name: str) -> bool:
         A, B, w, b = self.lora_A[name], self.lora_B[name], self.weight, self.bias
         return (
             self._fused
+            and name not in self.lora_magnitude
             and not w.requires_grad
             and (b is None or not b.requires_grad)
             and x.dtype == w.dtype == A.dtype == B.dtype
@@ -396,6 +499,8 @@ def make_lora_layer(module: nn.Module) -> LoRALayer:
     module.__class__ = lora_layer_class(base_cls)
     module.lora_A = nn.ParameterDict()
     module.lora_B = nn.ParameterDict()
+    module.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
+    module._dora_norms = {}
     module.lora_scaling, module.lora_dropout = {}, {}
     module.active_adapters, module.merged_adapters = (), []
     module.adapters_disabled = False
@@ -409,7 +514,7 @@ def make_lora_layer(module: nn.Module) -> LoRALayer:
 
 def unmake_lora_layer(module: LoRALayer) -> nn.Module:
     """Remove every adapter (without merging) and give the module its original class back."""
-    for name in ("lora_A", "lora_B"):
+    for name in ("lora_A", "lora_B", "lora_magnitude"):
         delattr(module, name)
     for name in (
         "lora_scaling",
@@ -421,6 +526,7 @@ def unmake_lora_layer(module: LoRALayer) -> nn.Module:
         "_row_adapters",
         "_fused",
         "_live",
+        "_dora_norms",
     ):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")

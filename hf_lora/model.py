@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import SEQ_CLS_HEADS, LoRAConfig
 from .errors import AdapterStateError
@@ -201,7 +202,8 @@ class LoRAModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside the block: outputs equal the model without adapters."""
         merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
-        self.unmerge_adapter()
+        for _, layer in self.lora_layers():
+            layer.unmerge()
         self._set_disabled(True)
         try:
             yield
@@ -212,7 +214,8 @@ class LoRAModel(nn.Module):
 
     def disable_adapters(self) -> None:
         """Switch adapters off until `enable_adapters()` (transformers' method names)."""
-        self.unmerge_adapter()
+        for _, layer in self.lora_layers():
+            layer.unmerge()
         self._set_disabled(True)
 
     def enable_adapters(self) -> None:
@@ -225,7 +228,7 @@ class LoRAModel(nn.Module):
         for _, wrapper in self.saved_modules():
             wrapper.adapters_disabled = disabled
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, progressbar: bool = False) -> None:
         """Fold the active adapters into the base weights (idempotent; `unmerge_adapter` undoes it)."""
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         if unknown := [n for n in names if n not in self.peft_config]:
@@ -235,23 +238,29 @@ class LoRAModel(nn.Module):
             logger.warning(
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
             )
-        for layer in layers:
+        for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
             layer.merge(names)
 
     def unmerge_adapter(self) -> None:
-        """Subtract every merged adapter from the base weights (a no-op if none is merged)."""
-        for _, layer in self.lora_layers():
+        """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
+        layers = [layer for _, layer in self.lora_layers()]
+        if not any(layer.merged_adapters for layer in layers):
+            logger.warning("no adapter is merged; unmerge_adapter() has nothing to do.")
+        for layer in layers:
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, adapter_names: Sequence[str] | None = None, progressbar: bool = False
+    ) -> nn.Module:
         """Merge the active adapters into the weights and return the plain base model (its original class,
         no LoRA layers, trained `modules_to_save` copies in place): zero inference overhead."""
-        self.merge_adapter(adapter_names)
+        self.merge_adapter(adapter_names, progressbar)
         return self._unload(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
-        self.unmerge_adapter()
+        for _, layer in self.lora_layers():
+            layer.unmerge()
         return self._unload(keep_trained_copies=False)
 
     def _unload(self, keep_trained_copies: bool) -> nn.Module:
@@ -400,7 +409,8 @@ def _inject(
             r=config.rank_for(path),
             scaling=config.scaling_for(path),
             dropout=config.lora_dropout,
-            init=config.init_lora_weights if initialise else None,
+            init=config.init_lora_weights if initialise or _moves_base_weights(config) else None,
+            use_dora=config.use_dora,
         )
         layer.set_active(model._active)
     for path in saved:
@@ -417,6 +427,13 @@ def _inject(
                 p.requires_grad_(True)
     model.peft_config[name] = config
     logger.info("adapter %r: LoRA on %d modules, %d modules saved in full", name, len(targets), len(saved))
+
+
+def _moves_base_weights(config: LoRAConfig) -> bool:
+    """PiSSA and OLoRA take the adapter's share out of the base weight, also when the adapter is loaded:
+    the trained A and B are only right together with that residual."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and init.startswith(("pissa", "olora"))
 
 
 def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:

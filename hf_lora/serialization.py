@@ -64,6 +64,8 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
             lora_paths.add(path)
             keys[f"{PREFIX}{path}.lora_A.weight"] = f"{path}.lora_A.{adapter_name}"
             keys[f"{PREFIX}{path}.lora_B.weight"] = f"{path}.lora_B.{adapter_name}"
+            if adapter_name in layer.lora_magnitude:
+                keys[f"{PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude.{adapter_name}"
     for path, wrapper in model.saved_modules():
         if adapter_name in wrapper.modules_to_save:
             for k in wrapper.modules_to_save[adapter_name].state_dict():
@@ -138,11 +140,17 @@ def save_pretrained(
     log_history: list[dict[str, Any]] | None = None,
     card_data: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> None:
     """Write each adapter in peft's layout: the adapter named "default" at the root, any other in
     `save_directory/<name>/`. Every rank must call this under FSDP2 (gathering is collective); only the
-    main process writes."""
+    main process writes.
+
+    `path_initial_model_for_weight_conversion` (peft's name): for a PiSSA/OLoRA adapter, the folder where
+    it was saved before training; the adapter is then written as a plain LoRA of twice the rank whose
+    update is relative to the original, unmodified base weights, so it loads onto the stock model.
+    """
     if not safe_serialization:
         raise ValueError("hf_lora writes safetensors only (pickle files can run code when loaded).")
     if kwargs:
@@ -154,15 +162,47 @@ def save_pretrained(
     tensors = {name: adapter_state_dict(model, name, state_dict) for name in names}
     if not is_main_process:
         return
+    configs = {name: adapter_config(model, name) for name in names}
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(
+                "converting a PiSSA/OLoRA adapter works on one adapter: pass selected_adapters=[name]."
+            )
+        initial = read_adapter(path_initial_model_for_weight_conversion)
+        tensors[names[0]], configs[names[0]] = as_plain_lora(
+            tensors[names[0]], configs[names[0]], initial.tensors
+        )
     root = Path(save_directory)
     for name in names:
         directory = adapter_dir(root, name)
-        write_adapter(directory, adapter_config(model, name), tensors[name])
+        write_adapter(directory, configs[name], tensors[name])
         if model_card:
             write_model_card(
                 model, directory, name, repo_id=repo_id, log_history=log_history, card_data=card_data
             )
     logger.info("saved adapter(s) %s to %s", names, root)
+
+
+def as_plain_lora(
+    tensors: dict[str, torch.Tensor], config: dict[str, Any], initial: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A PiSSA/OLoRA adapter as a plain LoRA against the original weights: with W = W_res + s B0 A0 at the
+    start, the trained model is W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0], a LoRA of rank 2r."""
+    out = dict(tensors)
+    for key, t in tensors.items():
+        if key.endswith("lora_A.weight"):
+            out[key] = torch.cat([t, initial[key]], dim=0)
+        elif key.endswith("lora_B.weight"):
+            out[key] = torch.cat([t, -initial[key]], dim=1)
+    grow = 2**0.5 if config["use_rslora"] else 2  # keep alpha / r (or alpha / sqrt(r)) unchanged at rank 2r
+    config = config | {
+        "r": 2 * config["r"],
+        "lora_alpha": grow * config["lora_alpha"],
+        "rank_pattern": {k: 2 * v for k, v in config["rank_pattern"].items()},
+        "alpha_pattern": {k: grow * v for k, v in config["alpha_pattern"].items()},
+        "init_lora_weights": True,
+    }
+    return out, config
 
 
 def adapter_dir(root: Path, adapter_name: str) -> Path:
@@ -373,6 +413,7 @@ def from_pretrained(
             "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
         )
     _check_adapter_name(adapter_name)
+    _check_materialised(model)
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
@@ -411,6 +452,7 @@ def load_adapter(
 ) -> None:
     """Load another adapter into a LoRA model (inactive until `set_adapter`), or reload an existing one
     in place (what Trainer does when it resumes or restores the best checkpoint)."""
+    _check_materialised(model)
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
@@ -427,6 +469,14 @@ def load_adapter(
         model.delete_adapter(adapter_name)
         raise
     model.set_adapter(model.active_adapters)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        raise AdapterStateError(
+            "the model has parameters on the meta device (created without weights); load or materialise the "
+            "base weights first (e.g. model.to_empty(device=...) and load_state_dict), then the adapter."
+        )
 
 
 @dataclass
@@ -507,6 +557,8 @@ def _expected_shapes(
         r = config.rank_for(path)
         out[f"{PREFIX}{path}.lora_A.weight"] = ((r, n_in), True)
         out[f"{PREFIX}{path}.lora_B.weight"] = ((n_out, r), True)
+        if config.use_dora:
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
         if config.bias != "none" and getattr(m, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = (tuple(m.bias.shape), False)
     for path in saved:
@@ -524,6 +576,7 @@ def _normalise_key(key: str) -> str:
     """Older peft files carry the adapter name in keys (`lora_A.default.weight`,
     `classifier.modules_to_save.default.weight`); map them to today's names."""
     key = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)
+    key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", key)
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 

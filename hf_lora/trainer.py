@@ -14,17 +14,21 @@ graph walk transformers turns on by default is pure cost).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import LoRAModel
 from .serialization import CONFIG_NAME, adapter_dir
 
 logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 class LoRATrainer(transformers.Trainer):
@@ -35,6 +39,15 @@ class LoRATrainer(transformers.Trainer):
             args = copy.copy(args)  # the caller's arguments stay as they were
             args.ddp_find_unused_parameters = False
         super().__init__(model, args, *rest, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # transformers resumes from the highest-numbered checkpoint folder, even one a crash left half
+        # written; resume from the last complete one instead.
+        if resume_from_checkpoint is True and isinstance(self.model, LoRAModel):
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
@@ -50,6 +63,26 @@ class LoRATrainer(transformers.Trainer):
             load_checkpoint_adapters(target, self.state.best_model_checkpoint)
         else:
             super()._load_best_model()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` whose trainer state (written last, after the adapter, optimizer and RNG
+    state) is readable; newer folders a crash left incomplete are skipped, with a warning."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        (int(m[1]), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name))
+    )
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping %s: it is incomplete (the run stopped while writing it)", path)
+            continue
+        if (path / CONFIG_NAME).is_file() or any(path.glob(f"*/{CONFIG_NAME}")):
+            return str(path)
+    return None
 
 
 def load_checkpoint_adapters(model: LoRAModel, checkpoint: str | os.PathLike) -> None:

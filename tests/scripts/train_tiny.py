@@ -63,6 +63,17 @@ def write_rank_report(out: Path, model, **facts) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
 
 
+class FailOnRank(TrainerCallback):
+    """Raise on one rank at one step: the other rank must not wait for it forever."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+
 class KillAfterSave(TrainerCallback):
     """SIGKILL the process right after checkpoint `step` is on disk: a crash, with no cleanup."""
 
@@ -86,6 +97,8 @@ def run_trainer(args, out: Path) -> None:
     )  # fmt: skip
     trainer_cls = hf_lora.LoRATrainer if args.trainer == "lora" else __import__("transformers").Trainer
     callbacks = [KillAfterSave(args.kill_after_save)] if args.kill_after_save else []
+    if args.fail_rank is not None:
+        callbacks.append(FailOnRank(args.fail_rank, step=2))
     trainer = trainer_cls(
         model=model, args=targs, train_dataset=Dataset.from_list(samples()), callbacks=callbacks
     )
@@ -187,6 +200,7 @@ def main() -> None:
     p.add_argument("--modules-to-save", nargs="*", default=None)
     p.add_argument("--kill-after-save", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fail-rank", type=int, default=None, help="raise on this rank at step 2")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gc", action="store_true")
     args = p.parse_args()

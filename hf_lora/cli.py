@@ -1,0 +1,260 @@
+"""`hf-lora`: everyday adapter tasks from the shell.
+
+    hf-lora inspect MODEL [--r 8] [--targets q_proj v_proj]   what LoRA would adapt, and its size
+    hf-lora info ADAPTER                                      what an adapter holds; peft-compatible?
+    hf-lora merge BASE ADAPTER OUT                            a full model with the adapter folded in
+    hf-lora extract BASE FINETUNED OUT --r 16                 an adapter from a full fine-tune (SVD)
+    hf-lora push ADAPTER_DIR REPO_ID                          upload a saved adapter in one commit
+    hf-lora pull REPO_ID DIR                                  download an adapter
+
+MODEL / BASE / FINETUNED are Hub ids or local folders of transformers models; ADAPTER is a folder or a
+Hub repo. Bad input exits with status 2 and one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import LoRAError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.run(args)
+    except (LoRAError, OSError, ValueError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"hf-lora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "inspect", help="architecture, default targets, Linear/Conv1D layers, trainable parameters"
+    )
+    c.add_argument("model", help="Hub id or folder of a transformers model (only its config is read)")
+    c.add_argument("--r", type=int, default=8)
+    c.add_argument("--targets", nargs="+", help="target_modules (default: the architecture's)")
+    c.add_argument("--all-layers", action="store_true", help="list every layer, not one per name")
+    c.set_defaults(run=_inspect)
+
+    c = sub.add_parser("info", help="config, size, tensors, base model and peft-compatibility of an adapter")
+    c.add_argument("adapter", help="adapter folder or Hub repo")
+    c.add_argument("--revision")
+    c.set_defaults(run=_info)
+
+    c = sub.add_parser("merge", help="fold an adapter into its base model and save the full model")
+    c.add_argument("base")
+    c.add_argument("adapter")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save in this dtype")
+    c.set_defaults(run=_merge)
+
+    c = sub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune by truncated SVD")
+    c.add_argument("base")
+    c.add_argument("finetuned")
+    c.add_argument("out")
+    c.add_argument("--r", type=int, required=True)
+    c.add_argument("--targets", nargs="+", help="modules to extract (default: every changed Linear/Conv1D)")
+    c.set_defaults(run=_extract)
+
+    c = sub.add_parser("push", help="upload a saved adapter folder to the Hub in one commit")
+    c.add_argument("adapter_dir")
+    c.add_argument("repo_id")
+    c.add_argument("--private", action="store_true")
+    c.add_argument("--revision")
+    c.add_argument("--message", help="commit message")
+    c.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
+    c.set_defaults(run=_push)
+
+    c = sub.add_parser("pull", help="download an adapter from the Hub")
+    c.add_argument("repo_id")
+    c.add_argument("dir")
+    c.add_argument("--revision")
+    c.add_argument("--token")
+    c.set_defaults(run=_pull)
+    return p
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from . import LoRAConfig, get_lora_model
+    from .targets import default_target_modules, linear_modules, model_type
+
+    config = AutoConfig.from_pretrained(args.model)
+    cls = _model_class(config)
+    with torch.device("meta"):  # the structure without the weights: instant, no memory
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    try:
+        defaults = default_target_modules(model)
+    except LoRAError:
+        defaults = None
+    print(f"model:        {args.model}")
+    print(f"architecture: {type(model).__name__} (model_type {model_type(model)!r})")
+    print(f"parameters:   {sum(p.numel() for p in model.parameters()):,}")
+    print(f"default targets: {defaults if defaults else 'none (pass --targets, or all-linear)'}")
+    rows: dict[str, list] = {}
+    for path, module in linear_modules(model):
+        key = path if args.all_layers else path.rsplit(".", 1)[-1]
+        shape = tuple(module.weight.shape)
+        rows.setdefault(key, [type(module).__name__, shape, 0])[2] += 1
+    print(f"\n{'layer':<40} {'type':<8} {'weight shape':<16} count")
+    for key, (kind, shape, n) in rows.items():
+        print(f"{key:<40} {kind:<8} {shape!s:<16} {n}")
+    targets = args.targets or defaults
+    if targets:
+        lora = get_lora_model(
+            model, LoRAConfig(r=args.r, target_modules=targets if targets != ["all-linear"] else "all-linear")
+        )
+        trainable, total = lora.get_nb_trainable_parameters()
+        print(f"\nLoRA r={args.r} on {targets}: {len(list(lora.lora_layers()))} layers, "
+              f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")  # fmt: skip
+
+
+def _info(args: argparse.Namespace) -> None:
+    from .serialization import PREFIX, read_adapter
+
+    files = read_adapter(args.adapter, revision=args.revision)
+    cfg = files.config
+    tensors = files.tensors
+    n_params = sum(t.numel() for t in tensors.values())
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    kinds = {"lora_A": 0, "lora_B": 0, "lora_magnitude_vector": 0, "other": 0}
+    for key in tensors:
+        kinds[next((k for k in kinds if f".{k}" in key), "other")] += 1
+    layers = sorted({k.removeprefix(PREFIX).rsplit(".lora_A", 1)[0] for k in tensors if ".lora_A" in k})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    peft_ok = all(k.startswith(PREFIX) for k in tensors) and files.raw_config.get("peft_type") == "LORA"
+    print(f"adapter:      {files.source}")
+    print(f"base model:   {cfg.base_model_name_or_path or 'not recorded'}")
+    print(f"task type:    {cfg.task_type or 'not set'}")
+    print(
+        f"r / alpha:    {cfg.r} / {cfg.lora_alpha}{' (rsLoRA)' if cfg.use_rslora else ''}{' DoRA' if cfg.use_dora else ''}"
+    )
+    print(f"targets:      {cfg.target_modules} -> {len(layers)} layers")
+    print(f"saved whole:  {cfg.modules_to_save or 'none'}")
+    print(f"tensors:      {len(tensors)} ({kinds['lora_A']} A, {kinds['lora_B']} B, "
+          f"{kinds['lora_magnitude_vector']} DoRA magnitudes, {kinds['other']} other), {', '.join(dtypes)}")  # fmt: skip
+    print(f"size:         {n_params:,} parameters, {n_bytes / 2**20:.2f} MiB")
+    print(f"peft format:  {'yes: PeftModel.from_pretrained reads it' if peft_ok else 'no'}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import LoRAModel
+    from .serialization import read_adapter
+
+    read_adapter(args.adapter)  # fail before the (slow) base model load if the adapter is unusable
+    base = _load_model(args.base)
+    model = LoRAModel.from_pretrained(base, args.adapter)
+    merged = model.merge_and_unload(progressbar=True)
+    if args.dtype:
+        merged = merged.to(getattr(torch, args.dtype))
+    merged.save_pretrained(args.out, safe_serialization=True)
+    _copy_tokenizer(args.base, args.out)
+    print(f"merged model saved to {args.out}")
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from .extract import extract_lora
+
+    base, finetuned = _load_model(args.base), _load_model(args.finetuned)
+    model, report = extract_lora(base, finetuned, args.r, target_modules=args.targets, return_report=True)
+    model.peft_config["default"].base_model_name_or_path = str(args.base)
+    model.save_pretrained(args.out)
+    worst = min(report, key=lambda row: row.energy_kept)
+    mean = sum(row.energy_kept for row in report) / len(report)
+    print(f"extracted r={args.r} adapter from {len(report)} layers to {args.out}: "
+          f"mean energy kept {100 * mean:.2f}%, lowest {100 * worst.energy_kept:.2f}% ({worst.path})")  # fmt: skip
+    (Path(args.out) / "extraction_report.json").write_text(
+        json.dumps([vars(row) for row in report], indent=1)
+    )
+
+
+def _push(args: argparse.Namespace) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import ADAPTER_FILES, _http_error
+    from .serialization import read_adapter
+
+    folder = Path(args.adapter_dir)
+    read_adapter(folder)  # refuse to upload something that does not load
+    api = HfApi(token=args.token)
+    try:
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        if args.revision:
+            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=args.repo_id,
+            folder_path=folder,
+            revision=args.revision,
+            allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
+            commit_message=args.message or "Upload LoRA adapter (hf_lora)",
+        )
+    except HfHubHTTPError as e:
+        raise _http_error(e, args.repo_id) from None
+    print(f"pushed {folder} to {args.repo_id}: {info.commit_url}")
+
+
+def _pull(args: argparse.Namespace) -> None:
+    from .hub import download_adapter
+
+    path = download_adapter(args.repo_id, args.dir, revision=args.revision, token=args.token)
+    print(f"downloaded {args.repo_id} to {path}")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _model_class(config):
+    """The concrete class named in the config (e.g. GPT2LMHeadModel), else AutoModel's choice."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        if cls := getattr(transformers, name, None):
+            return cls
+    return transformers.AutoModel
+
+
+def _load_model(name_or_path: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    return _model_class(config).from_pretrained(name_or_path)
+
+
+def _copy_tokenizer(source: str, out: str) -> None:
+    """Save the base model's tokenizer next to the merged model, when it has one."""
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    except (OSError, ValueError, TypeError):
+        logging.getLogger(__name__).info("no tokenizer found in %s; saved the model only", source)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

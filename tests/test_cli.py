@@ -1,0 +1,129 @@
+"""The `hf-lora` command line, run as a user would: subprocesses on tiny models saved to disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference import randomise_B
+from tiny_models import batch_for, make_model
+from transformers import GPT2LMHeadModel
+
+import hf_lora
+from hf_lora import LoRAConfig, LoRAModel, get_lora_model
+
+HF_LORA = str(Path(sys.executable).with_name("hf-lora"))
+
+
+def hf_lora_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [HF_LORA, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy()
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory):
+    """A saved tiny GPT-2 base, a fully fine-tuned copy, and an adapter for the base."""
+    root = tmp_path_factory.mktemp("cli")
+    make_model("gpt2").save_pretrained(root / "base")
+    tuned = make_model("gpt2")
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith(("c_attn.weight", "c_fc.weight")):
+                p.add_(torch.randn_like(p) * 0.01)
+    tuned.save_pretrained(root / "tuned")
+    model = get_lora_model(
+        make_model("gpt2"), LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
+    )
+    randomise_B(model)
+    model.save_pretrained(root / "adapter")
+    return root
+
+
+def test_help_for_every_command():
+    out = hf_lora_cli("--help").stdout
+    for command in ("inspect", "info", "merge", "extract", "push", "pull"):
+        assert command in out
+
+
+def test_inspect(on_disk):
+    out = hf_lora_cli("inspect", str(on_disk / "base"), "--r", "4").stdout
+    assert "GPT2LMHeadModel" in out and "['c_attn', 'c_proj', 'c_fc']" in out
+    assert "c_attn" in out and "(64, 192)" in out
+    expected = get_lora_model(make_model("gpt2"), LoRAConfig(r=4)).get_nb_trainable_parameters()[0]
+    assert f"trainable params: {expected:,}" in out
+
+
+def test_info(on_disk):
+    out = hf_lora_cli("info", str(on_disk / "adapter")).stdout
+    assert "r / alpha:    4 / 8" in out and "-> 4 layers" in out and "peft format:  yes" in out
+
+
+def test_merge_gives_a_plain_model_with_the_adapter_folded_in(on_disk, tmp_path):
+    hf_lora_cli("merge", str(on_disk / "base"), str(on_disk / "adapter"), str(tmp_path / "merged"))
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    adapted = LoRAModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(on_disk / "base"), on_disk / "adapter"
+    )
+    batch = batch_for("gpt2")
+    with torch.no_grad():
+        assert (merged(**batch).logits - adapted(**batch).logits).abs().max().item() <= 1e-5
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_extract(on_disk, tmp_path):
+    out = hf_lora_cli(
+        "extract", str(on_disk / "base"), str(on_disk / "tuned"), str(tmp_path / "x"), "--r", "64"
+    ).stdout
+    assert "from 4 layers" in out and "mean energy kept 100.00%" in out
+    model = LoRAModel.from_pretrained(GPT2LMHeadModel.from_pretrained(on_disk / "base"), tmp_path / "x")
+    tuned = GPT2LMHeadModel.from_pretrained(on_disk / "tuned")
+    with torch.no_grad():
+        assert (
+            model(**batch_for("gpt2")).logits - tuned(**batch_for("gpt2")).logits
+        ).abs().max().item() <= 1e-4
+
+
+def test_push_and_pull(on_disk, tmp_path, hub_server, hub_repo_id):
+    out = hf_lora_cli(
+        "push", str(on_disk / "adapter"), hub_repo_id, "--token", hub_server.tokens["alice"]
+    ).stdout
+    assert hub_repo_id in out and hub_server.tokens["alice"] not in out
+    hf_lora_cli("pull", hub_repo_id, str(tmp_path / "pulled"))
+    assert (
+        hf_lora.read_adapter(tmp_path / "pulled").tensors.keys()
+        == hf_lora.read_adapter(on_disk / "adapter").tensors.keys()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["info", "/no/such/adapter"], "not a local directory"),
+        (["merge", "BASE", "/no/such/adapter", "OUT"], "not a local directory"),
+        (["push", "BASE", "alice/x"], "no adapter_config.json"),
+        (["push", "ADAPTER", "alice/x", "--token", "hf_bad"], "HTTP 401"),
+        (["inspect", "/no/such/model"], "/no/such/model"),
+    ],
+    ids=["info-missing", "merge-missing-adapter", "push-not-an-adapter", "push-bad-token", "inspect-missing"],
+)
+def test_bad_input_exits_2_with_one_line(on_disk, tmp_path, hub_server, args, reason):
+    args = [
+        {"BASE": str(on_disk / "base"), "ADAPTER": str(on_disk / "adapter"), "OUT": str(tmp_path / "o")}.get(
+            a, a
+        )
+        for a in args
+    ]
+    proc = hf_lora_cli(*args, ok=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"hf-lora {args[0]}: error:") and reason in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0], "the reason is the last thing printed"
+    assert "hf_bad" not in proc.stderr

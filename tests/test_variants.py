@@ -1,0 +1,198 @@
+"""LoRA variants against peft's implementations: DoRA, PiSSA, OLoRA, gaussian init, LoRA+."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from reference import copy_lora_weights, randomise_B
+from safetensors.torch import load_file
+from tiny_models import batch_for, make_model
+
+import hf_lora
+from hf_lora import LoRAConfig, LoRAModel, get_lora_model
+
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
+
+
+def dora_pair(kind: str, **fields):
+    base = make_model(kind)
+    ref = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True, **fields),
+    )
+    ours = get_lora_model(
+        base, LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True, **fields)
+    )
+    randomise_B(ours)
+    copy_lora_weights(ours, ref)
+    with torch.no_grad():
+        for path, layer in ours.lora_layers():
+            twin = ref.base_model.model.get_submodule(path)
+            assert torch.allclose(
+                layer.lora_magnitude["default"], twin.lora_magnitude_vector["default"].weight, atol=1e-6
+            )
+            layer.lora_magnitude["default"].mul_(1.1)
+            twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude["default"])
+    return ours, ref
+
+
+def logits(model, kind):
+    with torch.no_grad():
+        return model(**batch_for(kind)).logits
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dora_forward_training_and_counts_equal_peft(kind):
+    ours, ref = dora_pair(kind)
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    assert (logits(ours, kind) - logits(ref, kind)).abs().max().item() <= 1e-5
+    curves = []
+    for model in (ours, ref):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        torch.manual_seed(0)
+        losses = []
+        for step in range(10):
+            loss = model(**batch_for(kind, seed=step % 3)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert (curves[0] - curves[1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dora_merge_unmerge_including_conv1d(kind):
+    """peft#3531 is a DoRA unmerge bug on fan_in_fan_out (Conv1D) layers: merge and unmerge round-trip here."""
+    ours, ref = dora_pair(kind)
+    before_w = {k: v.clone() for k, v in ours.state_dict().items()}
+    expected = logits(ours, kind)
+    ours.merge_adapter()
+    assert (logits(ours, kind) - expected).abs().max().item() <= 1e-5
+    ours.unmerge_adapter()
+    after = ours.state_dict()
+    assert max((after[k] - before_w[k]).abs().max().item() for k in before_w) <= 1e-5
+    merged, ref_merged = ours.merge_and_unload(), ref.merge_and_unload()
+    ours_sd, ref_sd = merged.state_dict(), ref_merged.state_dict()
+    assert max((ours_sd[k] - ref_sd[k]).abs().max().item() for k in ours_sd) <= 1e-5
+
+
+def test_dora_files_travel_both_ways(tmp_path):
+    ours, ref = dora_pair("llama")
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == sorted(
+        load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    )
+    expected = logits(ours, "llama")
+    for model in (PeftModel.from_pretrained(make_model("llama"), tmp_path / "ours"),
+                  LoRAModel.from_pretrained(make_model("llama"), tmp_path / "peft")):  # fmt: skip
+        assert (logits(model, "llama") - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
+def test_pissa_olora_gaussian_inits_equal_peft(init):
+    base = make_model("llama")
+    torch.manual_seed(5)
+    ref = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=init),
+    )
+    torch.manual_seed(5)
+    ours = get_lora_model(
+        base, LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=init)
+    )
+    for path, layer in ours.lora_layers():
+        twin = ref.base_model.model.get_submodule(path)
+        if init == "gaussian":  # random A: compare the law, not the draw
+            assert (
+                torch.all(layer.lora_B["default"] == 0)
+                and abs(layer.lora_A["default"].std().item() - 1 / 4) < 0.05
+            )
+            continue
+        assert torch.allclose(layer.lora_A["default"], twin.lora_A["default"].weight, atol=1e-5), path
+        assert torch.allclose(layer.lora_B["default"], twin.lora_B["default"].weight, atol=1e-5), path
+        assert torch.allclose(layer.weight, twin.base_layer.weight, atol=1e-5), "the same residual base"
+    if init != "gaussian":
+        plain = make_model("llama")
+        assert (logits(ours, "llama") - logits(plain, "llama")).abs().max().item() <= 1e-4, (
+            "starts at the base model"
+        )
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_pissa_residual_plus_adapter_is_the_original_weight(kind):
+    base = make_model(kind)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_lora_model(
+        base, LoRAConfig(r=3, lora_alpha=6, target_modules=TARGETS[kind], init_lora_weights="pissa_niter_4")
+    )
+    model.merge_adapter()
+    merged = model.state_dict()
+    assert max((merged[k] - original[k]).abs().max().item() for k in original) <= 1e-5
+
+
+def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model(tmp_path):
+    fields = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="pissa")
+    base = make_model("llama")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    ours.save_pretrained(tmp_path / "ours-init")
+    ref.save_pretrained(tmp_path / "peft-init")
+    for model in (ours, ref):  # "train": the same change to both
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for _name, p in sorted(
+                model.named_parameters()
+            ):  # same order in both: A before B, layer by layer
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+    trained = logits(ours, "llama")
+    ours.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=tmp_path / "ours-init")
+    ref.save_pretrained(
+        tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft-init")
+    )
+    a, b = (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    stock = LoRAModel.from_pretrained(make_model("llama"), tmp_path / "ours")
+    assert stock.peft_config["default"].r == 8 and stock.peft_config["default"].init_lora_weights is True
+    assert (logits(stock, "llama") - trained).abs().max().item() <= 1e-4
+    reloaded = LoRAModel.from_pretrained(
+        make_model("llama"), tmp_path / "ours-init"
+    )  # unconverted: redoes the SVD
+    assert (logits(reloaded, "llama") - logits(make_model("llama"), "llama")).abs().max().item() <= 1e-4
+
+
+def test_loraplus_param_groups_equal_peft():
+    fields = dict(
+        r=4, target_modules=TARGETS["gpt2"], use_dora=True, bias="lora_only", modules_to_save=["ln_f"]
+    )
+    base = make_model("gpt2")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    opt = hf_lora.create_loraplus_optimizer(
+        ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1
+    )
+    theirs = peft_loraplus(ref, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
+
+    def summary(optimizer):
+        return sorted(
+            (g["lr"], g["weight_decay"], sum(p.numel() for p in g["params"]))
+            for g in optimizer.param_groups
+            if g["params"]
+        )
+
+    assert summary(opt) == summary(theirs)
+    names = {id(p): n for n, p in ours.named_parameters()}
+    fast = [names[id(p)] for g in opt.param_groups if g["lr"] == 16e-3 for p in g["params"]]
+    assert fast and all("lora_B" in n or "magnitude" in n or "bias" in n or "ln_f" in n for n in fast)
+    with pytest.raises(ValueError, match="ratio"):
+        hf_lora.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=0.5)
