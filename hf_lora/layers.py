@@ -127,7 +127,11 @@ def combine_adapters(
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """Base projection + one LoRA adapter, forward and backward, for a frozen base weight."""
+    """Base projection + one LoRA adapter, forward and backward, for a frozen base weight.
+
+    Saved for backward: the input (usually held anyway by the layer before), the small (N, r) tensor h,
+    and with dropout a one-byte keep-mask (peft's Dropout + Linear keep the dropped input and a float
+    mask: 8 bytes per input element, against 1 here)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, dropout_p: float, fan_in_fan_out: bool):
@@ -135,36 +139,41 @@ class _LoRAFunction(torch.autograd.Function):
         x2d = x.reshape(-1, in_features)  # (N, in)
         w_io = weight if fan_in_fan_out else weight.T  # (in, out), a view
         y = torch.addmm(bias, x2d, w_io) if bias is not None else x2d @ w_io  # (N, out)
-        mask = None
+        keep = None
         if dropout_p > 0:
-            # Same draw as F.dropout on CPU (bernoulli_(1-p) on a tensor like x, then / (1-p)), so a
+            # The same draw as F.dropout on CPU (bernoulli_(1-p) on a tensor like x, then / (1-p)), so a
             # seeded run drops the same elements as peft does.
-            mask = torch.empty_like(x2d).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
-            h = (x2d * mask) @ A.T  # (N, r)
+            noise = torch.empty_like(x2d).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+            h = (x2d * noise) @ A.T  # (N, r)
+            keep = noise != 0  # (N, in), one byte per element
         else:
             h = x2d @ A.T  # (N, r)
         y.addmm_(h, B.T, alpha=scaling)  # y += scaling * h @ B.T, in place
-        ctx.save_for_backward(x, weight, A, B, h, mask)
-        ctx.scaling, ctx.fan_in_fan_out = scaling, fan_in_fan_out
+        ctx.save_for_backward(x, weight, A, B, h, keep)
+        ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, A, B, h, mask = ctx.saved_tensors
+        x, weight, A, B, h, keep = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         gh = (g @ B).mul_(s)  # (N, r): gradient w.r.t. h
-        grad_x = grad_A = grad_B = grad_bias = None
         x2d = x.reshape(-1, A.shape[1])
+        noise = None
+        if keep is not None:  # rebuild the dropout multiplier exactly as forward computed it
+            scale = torch.ones((), dtype=x.dtype).div_(1 - ctx.dropout_p)
+            noise = keep.to(x.dtype).mul_(scale)
+        grad_x = grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-            if mask is None:
+            if noise is None:
                 grad_x.addmm_(gh, A)
             else:
-                grad_x.addcmul_(gh @ A, mask)
+                grad_x.addcmul_(gh @ A, noise)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
-            grad_A = gh.T @ (x2d if mask is None else x2d * mask)  # (r, in)
+            grad_A = gh.T @ (x2d if noise is None else x2d * noise)  # (r, in)
         if ctx.needs_input_grad[4]:
             grad_B = (g.T @ h).mul_(s)  # (out, r)
         if ctx.needs_input_grad[2]:
@@ -242,9 +251,13 @@ class LoRALayer(nn.Module):
         self.lora_B[name] = nn.Parameter(B)
         self.lora_scaling[name] = scaling
         self.lora_dropout[name] = dropout
-        if use_dora:
+        if use_dora:  # the magnitude starts as ||W + s B A|| per output: the adapter starts as the identity
             with torch.no_grad():
-                magnitude = weight_norm(self._weight_oi().float(), (B @ A).float() * scaling)
+                magnitude = (
+                    torch.empty(self.out_features_, dtype=dtype, device=w.device)
+                    if init is None
+                    else weight_norm(self._weight_oi().float(), (B @ A).float() * scaling)
+                )
             self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype))
         self._refresh()
 

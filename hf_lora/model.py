@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import SEQ_CLS_HEADS, LoRAConfig
 from .errors import AdapterStateError
 from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
+from .loss import chunked_cross_entropy
 from .targets import resolve_modules_to_save, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,10 @@ class LoRAModel(nn.Module):
             raise AdapterStateError(f"an adapter named {adapter_name!r} exists already.")
         if unknown := [n for n in adapters if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
+        if combination_type not in ("cat", "svd", "linear"):
+            raise ValueError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}.")
+        if dora := [a for a in adapters if self.peft_config[a].use_dora]:
+            raise ValueError(f"DoRA adapters {dora} cannot be combined: their magnitudes do not add up.")
         if len(weights) != len(adapters) or not adapters:
             raise ValueError(
                 f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights."
@@ -169,8 +175,9 @@ class LoRAModel(nn.Module):
             layer.set_active(names)
             for name in layer.lora_A:
                 trainable = name in names and not self.peft_config[name].inference_mode
-                layer.lora_A[name].requires_grad_(trainable)
-                layer.lora_B[name].requires_grad_(trainable)
+                for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+                    if name in store:
+                        store[name].requires_grad_(trainable)
         for _, wrapper in self.saved_modules():
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
             for name, clone in wrapper.modules_to_save.items():
@@ -293,6 +300,33 @@ class LoRAModel(nn.Module):
         finally:
             for m in modules:
                 m._row_adapters = None
+
+    # ---- memory ---------------------------------------------------------------------------------
+
+    _loss_chunk_size: int | None = None
+
+    def enable_chunked_loss(self, chunk_size: int = 1024) -> None:
+        """Compute a causal LM's training loss `chunk_size` tokens at a time, without the full
+        (tokens x vocabulary) logits (see `hf_lora.loss`). While on, a forward with `labels` returns the
+        loss and the logits of the last position only."""
+        head = self.get_output_embeddings() if hasattr(self, "get_output_embeddings") else None
+        problems = []
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            problems.append("it has no output embeddings (get_output_embeddings())")
+        elif isinstance(head, LoRALayer):
+            problems.append("its output head carries a LoRA adapter")
+        if "logits_to_keep" not in inspect.signature(self._lora_base_class.forward).parameters:
+            problems.append("its forward has no logits_to_keep argument")
+        if getattr(getattr(self, "config", None), "final_logit_softcapping", None):
+            problems.append("it soft-caps its logits")
+        if problems:
+            raise AdapterStateError(f"chunked loss needs a plain causal LM head, but {'; '.join(problems)}.")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+        self._loss_chunk_size = chunk_size
+
+    def disable_chunked_loss(self) -> None:
+        self._loss_chunk_size = None
 
     # ---- parameters -----------------------------------------------------------------------------
 
@@ -490,6 +524,27 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 _MODEL_CLASSES: dict[type, type] = {}
 
 
+def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwargs: Any) -> Any:
+    """The model's forward for the hidden states and last-position logits only, then the loss by chunks."""
+    labels = kwargs.pop("labels")
+    num_items = kwargs.pop("num_items_in_batch", None)
+    want_hidden = kwargs.pop("output_hidden_states", False)
+    kwargs.pop("logits_to_keep", None)
+    out = base_forward(self, *args, output_hidden_states=True, logits_to_keep=1, **kwargs)
+    hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
+    head = self.get_output_embeddings()
+    loss = chunked_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        labels[:, 1:].reshape(-1).to(hidden.device),
+        bias=getattr(head, "bias", None),
+        chunk_size=self._loss_chunk_size,
+        num_items_in_batch=num_items,
+    )
+    fields = {k: v for k, v in out.items() if k != "loss" and (want_hidden or k != "hidden_states")}
+    return type(out)(loss=loss, **fields)
+
+
 def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
     """`LoRA<Base>`: LoRAModel's methods first, then the model's own. Its forward is the model's, with
     one extra keyword, `adapter_names` (mixed batches); the visible signature stays the model's."""
@@ -498,10 +553,13 @@ def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
 
         @functools.wraps(base_forward)
         def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+            run = base_forward
+            if self._loss_chunk_size and kwargs.get("labels") is not None and kwargs.get("return_dict", True):
+                run = functools.partial(_forward_with_chunked_loss, base_forward)
             if adapter_names is None:
-                return base_forward(self, *args, **kwargs)
+                return run(self, *args, **kwargs)
             with self.adapter_rows(adapter_names):
-                return base_forward(self, *args, **kwargs)
+                return run(self, *args, **kwargs)
 
         attrs: dict[str, Any] = {"forward": forward, "__module__": base_cls.__module__}
         if callable(getattr(base_cls, "generate", None)):

@@ -84,6 +84,10 @@ def test_dora_merge_unmerge_including_conv1d(kind):
 
 def test_dora_files_travel_both_ways(tmp_path):
     ours, ref = dora_pair("llama")
+    ours.add_adapter("other", LoRAConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude.default" in n for n in trainable) and not any(".other" in n for n in trainable)
+    ours.delete_adapter("other")
     ours.save_pretrained(tmp_path / "ours")
     ref.save_pretrained(tmp_path / "peft")
     assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == sorted(
@@ -93,6 +97,8 @@ def test_dora_files_travel_both_ways(tmp_path):
     for model in (PeftModel.from_pretrained(make_model("llama"), tmp_path / "ours"),
                   LoRAModel.from_pretrained(make_model("llama"), tmp_path / "peft")):  # fmt: skip
         assert (logits(model, "llama") - expected).abs().max().item() <= 1e-5
+    frozen = LoRAModel.from_pretrained(make_model("llama"), tmp_path / "ours")
+    assert frozen.get_nb_trainable_parameters()[0] == 0, "a loaded adapter is frozen, magnitudes included"
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
