@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (  # noqa: E402
+from common import (
     clean_text,
     dataset_file,
     disk_size,
@@ -39,7 +39,7 @@ from common import (  # noqa: E402
     setup_logging,
 )
 
-import hf_lora  # noqa: E402
+import hf_lora
 
 TASKS = {"news": "guardian", "reviews": "rotten_tomatoes"}
 PROMPTS = {"news": "Government announces", "reviews": "The film is"}
