@@ -131,24 +131,18 @@ class _LoRAFunction(torch.autograd.Function):
 
     Saved for backward: the input (usually held anyway by the layer before), the small (N, r) tensor h,
     and with dropout a one-byte keep-mask (peft's Dropout + Linear keep the dropped input and a float
-    mask: 8 bytes per input element, against 1 here)."""
+    mask: 8 bytes per input element, against 1 here). The dropout scale 1/(1-p) is applied to the small
+    (N, r) tensors instead of the full-size input."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, dropout_p: float, fan_in_fan_out: bool):
-        in_features = A.shape[1]
-        x2d = x.reshape(-1, in_features)  # (N, in)
-        w_io = weight if fan_in_fan_out else weight.T  # (in, out), a view
-        y = torch.addmm(bias, x2d, w_io) if bias is not None else x2d @ w_io  # (N, out)
+        x2d = x.reshape(-1, A.shape[1])  # (N, in)
         keep = None
         if dropout_p > 0:
-            # The same draw as F.dropout on CPU (bernoulli_(1-p) on a tensor like x, then / (1-p)), so a
-            # seeded run drops the same elements as peft does.
-            noise = torch.empty_like(x2d).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
-            h = (x2d * noise) @ A.T  # (N, r)
-            keep = noise != 0  # (N, in), one byte per element
-        else:
-            h = x2d @ A.T  # (N, r)
-        y.addmm_(h, B.T, alpha=scaling)  # y += scaling * h @ B.T, in place
+            # bernoulli_ on a bool tensor draws the same elements as F.dropout's on a float one (CPU), so
+            # a seeded run drops what peft would drop.
+            keep = torch.empty(x2d.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout_p)
+        y, h = _lora_forward(x2d, weight, bias, A, B, scaling, fan_in_fan_out, keep, dropout_p)
         ctx.save_for_backward(x, weight, A, B, h, keep)
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -159,26 +153,42 @@ class _LoRAFunction(torch.autograd.Function):
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         gh = (g @ B).mul_(s)  # (N, r): gradient w.r.t. h
+        if keep is not None:
+            gh.mul_(1 / (1 - ctx.dropout_p))  # the gradient w.r.t. the kept inputs' product with A
         x2d = x.reshape(-1, A.shape[1])
-        noise = None
-        if keep is not None:  # rebuild the dropout multiplier exactly as forward computed it
-            scale = torch.ones((), dtype=x.dtype).div_(1 - ctx.dropout_p)
-            noise = keep.to(x.dtype).mul_(scale)
         grad_x = grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-            if noise is None:
+            if keep is None:
                 grad_x.addmm_(gh, A)
             else:
-                grad_x.addcmul_(gh @ A, noise)
+                grad_x.add_((gh @ A).mul_(keep))
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
-            grad_A = gh.T @ (x2d if noise is None else x2d * noise)  # (r, in)
+            grad_A = gh.T @ (x2d if keep is None else x2d * keep)  # (r, in)
         if ctx.needs_input_grad[4]:
             grad_B = (g.T @ h).mul_(s)  # (out, r)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def _lora_forward(x2d, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, keep=None, dropout_p=0.0):
+    """(y, h) with h = dropout(x) @ A.T and y = base(x) + scaling * h @ B.T, the update added in place."""
+    w_io = weight if fan_in_fan_out else weight.T  # (in, out), a view
+    y = torch.addmm(bias, x2d, w_io) if bias is not None else x2d @ w_io  # (N, out)
+    if keep is None:
+        h = x2d @ A.T  # (N, r)
+    else:
+        h = ((x2d * keep) @ A.T).mul_(1 / (1 - dropout_p))
+    y.addmm_(h, B.T, alpha=scaling)  # y += scaling * h @ B.T
+    return y, h
+
+
+def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """`_LoRAFunction`'s forward without dropout or autograd bookkeeping, for inference."""
+    y, _ = _lora_forward(x.reshape(-1, A.shape[1]), weight, bias, A, B, scaling, fan_in_fan_out)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _plain_tensor(t: torch.Tensor | None) -> bool:
@@ -356,16 +366,11 @@ class LoRALayer(nn.Module):
             return self._base_forward(x, *args, **kwargs)
         if len(live) == 1 and self._can_fuse(x, live[0]):
             name = live[0]
-            return _LoRAFunction.apply(
-                x,
-                self.weight,
-                self.bias,
-                self.lora_A[name],
-                self.lora_B[name],
-                self.lora_scaling[name],
-                self.lora_dropout[name] if self.training else 0.0,
-                self.fan_in_fan_out,
-            )
+            A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
+            if not torch.is_grad_enabled():  # inference: the same two GEMMs, without autograd's bookkeeping
+                return _lora_linear(x, self.weight, self.bias, A, B, s, self.fan_in_fan_out)
+            p = self.lora_dropout[name] if self.training else 0.0
+            return _LoRAFunction.apply(x, self.weight, self.bias, A, B, s, p, self.fan_in_fan_out)
         result = self._base_forward(x, *args, **kwargs)
         for name in live:
             result = self._add_lora(result, x, name)
