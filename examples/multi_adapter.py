@@ -96,7 +96,9 @@ def lm_loss(model, tokenizer, texts: list[str], max_length: int, adapter_names=N
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], args) -> float:
-    losses = [lm_loss(model, tokenizer, texts[i : i + 16], args.max_length).item() for i in range(0, len(texts), 16)]
+    losses = [
+        lm_loss(model, tokenizer, texts[i : i + 16], args.max_length).item() for i in range(0, len(texts), 16)
+    ]
     return math.exp(sum(losses) / len(losses))
 
 
@@ -105,7 +107,9 @@ def generate(model, tokenizer, prompts: list[str], adapter_names: list[str] | No
     tokenizer.padding_side = "left"  # generation continues on the right
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     kwargs = {"adapter_names": adapter_names} if adapter_names else {}
-    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    out = model.generate(
+        **enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs
+    )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -117,7 +121,9 @@ def main(argv=None) -> None:
     data = {task: load_texts(name) for task, name in TASKS.items()}
 
     # One adapter per task on the same base. The first call makes the model a LoRAModel.
-    cfg = hf_lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", task_type="CAUSAL_LM")
+    cfg = hf_lora.LoRAConfig(
+        r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     model = hf_lora.get_lora_model(model, cfg, adapter_name="news")
     model.add_adapter("reviews", cfg)
     model.print_trainable_parameters()
@@ -136,7 +142,9 @@ def main(argv=None) -> None:
                 ppl.append(perplexity(model, tokenizer, data[task][1], args))
         train_time = f"{times[adapter]:.1f} s" if adapter else "-"
         rows.append([adapter or "base model", *(f"{p:.1f}" for p in ppl), train_time])
-    print_table("Held-out perplexity (lower is better)", ["adapter", *(f"on {t}" for t in TASKS), "train time"], rows)
+    print_table(
+        "Held-out perplexity (lower is better)", ["adapter", *(f"on {t}" for t in TASKS), "train time"], rows
+    )
 
     # 2. Requests, each with the adapter it asks for: switch between them.
     requests = [("news", PROMPTS["news"]), ("reviews", PROMPTS["reviews"]), ("__base__", PROMPTS["reviews"])]
@@ -159,7 +167,9 @@ def main(argv=None) -> None:
     # 4. What it costs on disk: two adapters vs two full models.
     model.save_pretrained(args.output_dir)
     adapters = disk_size(args.output_dir)
-    full = sum(p.numel() * p.element_size() for p in model.get_base_model().parameters() if not p.requires_grad)
+    full = sum(
+        p.numel() * p.element_size() for p in model.get_base_model().parameters() if not p.requires_grad
+    )
     print_table(
         "Storage for two tasks",
         ["what", "size"],
@@ -167,7 +177,9 @@ def main(argv=None) -> None:
          ["two full fine-tuned models", human_bytes(2 * full)],
          ["ratio", f"{2 * full / adapters:.0f}x smaller"]],
     )  # fmt: skip
-    print(f"\nadapters saved to {args.output_dir}/ (load both: LoRAModel.from_pretrained(base, dir, all_adapters=True))")
+    print(
+        f"\nadapters saved to {args.output_dir}/ (load both: LoRAModel.from_pretrained(base, dir, all_adapters=True))"
+    )
     if one_by_one != mixed:
         raise SystemExit("mixed-batch generations differ from per-request ones")
 
