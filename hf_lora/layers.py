@@ -7,9 +7,10 @@ under the same names, nothing is copied, and `unload()` swaps the class back. Ad
 
 Training and inference go through `_LoRAFunction`, a fused autograd function: the scaled LoRA update is
 accumulated into the base output in place (no full-size `* scaling` / `+` passes), the input is saved
-once, and dropout keeps only its mask. Anything it does not cover (several active adapters, mixed
-dtypes, autocast, trainable base weights, unknown Linear subclasses, tensor subclasses) takes the plain
-path, which computes exactly what peft computes.
+once, and dropout keeps only its mask; under autocast it casts once for the base and the adapter. Anything
+it does not cover (several active adapters, mixed dtypes without autocast, DoRA, trainable base weights,
+unknown Linear subclasses, tensor subclasses) takes the plain path, which computes exactly what peft
+computes.
 """
 
 from __future__ import annotations
@@ -365,16 +366,31 @@ class LoRALayer(nn.Module):
         if not live:
             return self._base_forward(x, *args, **kwargs)
         if len(live) == 1 and self._can_fuse(x, live[0]):
-            name = live[0]
-            A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
-            if not torch.is_grad_enabled():  # inference: the same two GEMMs, without autograd's bookkeeping
-                return _lora_linear(x, self.weight, self.bias, A, B, s, self.fan_in_fan_out)
-            p = self.lora_dropout[name] if self.training else 0.0
-            return _LoRAFunction.apply(x, self.weight, self.bias, A, B, s, p, self.fan_in_fan_out)
+            return self._fused_forward(x, live[0])
         result = self._base_forward(x, *args, **kwargs)
         for name in live:
             result = self._add_lora(result, x, name)
         return result
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        w, b, A, B, s = self.weight, self.bias, self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What autocast does for F.linear, once for the base and the adapter together: cast the inputs
+            # to the compute dtype (A and B through autograd, so their gradients come back in fp32), then
+            # run with autocast off. peft instead upcasts x for dropout and lets autocast cast it back.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, w, A, B = x.to(dtype), w.to(dtype), A.to(dtype), B.to(dtype)
+            b = b.to(dtype) if b is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return self._fused_apply(x, w, b, A, B, s, name)
+        return self._fused_apply(x, w, b, A, B, s, name)
+
+    def _fused_apply(self, x, w, b, A, B, s: float, name: str) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the same two GEMMs, without autograd's bookkeeping
+            return _lora_linear(x, w, b, A, B, s, self.fan_in_fan_out)
+        p = self.lora_dropout[name] if self.training else 0.0
+        return _LoRAFunction.apply(x, w, b, A, B, s, p, self.fan_in_fan_out)
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """The reference computation, op for op as peft does it."""
@@ -408,11 +424,17 @@ class LoRALayer(nn.Module):
             and name not in self.lora_magnitude
             and not w.requires_grad
             and (b is None or not b.requires_grad)
-            and x.dtype == w.dtype == A.dtype == B.dtype
-            and (b is None or b.dtype == w.dtype)
-            and not torch.is_autocast_enabled(x.device.type)
+            and self._fusable_dtypes(x, w, b, A, B)
             and all(_plain_tensor(t) for t in (x, w, b, A, B))
         )
+
+    @staticmethod
+    def _fusable_dtypes(x, w, b, A, B) -> bool:
+        """One dtype for all, or under autocast any of the dtypes autocast casts (it casts them all)."""
+        if torch.is_autocast_enabled(x.device.type):
+            castable = (torch.float32, torch.float16, torch.bfloat16)
+            return all(t is None or t.dtype in castable for t in (x, w, b, A, B))
+        return x.dtype == w.dtype == A.dtype == B.dtype and (b is None or b.dtype == w.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""

@@ -85,6 +85,27 @@ def test_fused_function_passes_gradcheck():
     )
 
 
+@pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("conv1d", True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_path_under_autocast_matches_the_plain_path(kind, bias, dropout):
+    """Trainer(bf16=True) runs the model under autocast: the fused path casts once and must agree with
+    the plain (peft) path to bf16 rounding, draw the same dropout mask, and give fp32 adapter grads."""
+    layer = lora_layer(kind, bias=bias, dropout=dropout).train()
+    x = torch.randn(4, 6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_out, fused_grads = run(layer, x, fused=True)
+        plain_out, plain_grads = run(layer, x, fused=False)
+        layer._fused = True
+        assert type(layer(x.requires_grad_()).grad_fn).__name__ == "_LoRAFunctionBackward"
+    assert fused_out.dtype == plain_out.dtype == torch.bfloat16
+    scale = plain_out.float().abs().max().item()
+    assert (fused_out.float() - plain_out.float()).abs().max().item() <= 2e-2 * scale
+    for f, p in zip(fused_grads, plain_grads):
+        assert f.dtype == p.dtype
+        assert (f.float() - p.float()).abs().max().item() <= 2e-2 * p.float().abs().max().item()
+    assert fused_grads[1].dtype == fused_grads[2].dtype == torch.float32, "A and B grads stay fp32"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_dtypes_take_the_plain_path(dtype):
     layer = lora_layer("linear", dtype=dtype)
