@@ -1,0 +1,306 @@
+"""Sentiment classification three ways: LoRA, the last layers only, and full fine-tuning.
+
+The DistilBERT/IMDb tutorial, with hf_lora. The same pretrained encoder, the same data and the same
+classification head initialisation are fine-tuned with
+
+* LoRA on the attention's query and value projections (+ the new classification head, which
+  `task_type="SEQ_CLS"` trains in full),
+* only the last 2 transformer layers (+ the head), everything else frozen,
+* every weight (full fine-tuning),
+
+and the script prints a table of trainable parameters, training time and test accuracy.
+
+    python examples/sentiment_classification.py                     # offline: MiniLM on Rotten Tomatoes
+    python examples/sentiment_classification.py --model distilbert-base-uncased --dataset imdb
+    python examples/sentiment_classification.py --methods lora --target-modules query key value dense
+
+`--model` takes a Hub id, a local directory, `minilm` or `tiny`; `--dataset` a Hub dataset id with
+train/test splits and text/label columns (imdb), a CSV file with text and label columns (split here,
+seeded), or `rotten_tomatoes` (fresh vs rotten review snippets; the plot summaries are dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (
+    Timer,
+    count_params,
+    dataset_file,
+    disk_size,
+    human_bytes,
+    human_seconds,
+    is_main_process,
+    load_sequence_classifier,
+    no_accelerator,
+    params_cell,
+    pick_column,
+    print_table,
+    read_csv_rows,
+    seed_everything,
+    setup_logging,
+    target_modules,
+    world_size,
+)
+
+log = logging.getLogger("sentiment_classification")
+
+METHODS = ("lora", "last-layers", "full")
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(model="tiny", train_size=48, test_size=32, epochs=1, batch_size=8, max_length=32,
+                 lora_lr=1e-2, last_layers_lr=1e-3, full_lr=1e-3),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", default="minilm", help="Hub id, local directory, or minilm / tiny (default: minilm)"
+    )
+    p.add_argument("--dataset", default="rotten_tomatoes", help="Hub id (imdb), CSV file, or rotten_tomatoes")
+    p.add_argument("--text-column", help="CSV column with the text (default: text, review or sentence)")
+    p.add_argument("--label-column", help="CSV column with the label (default: label, category or sentiment)")
+    p.add_argument("--labels", nargs="+",
+                   help="CSV label values to keep, in class-id order (default: all, sorted; "
+                        "rotten_tomatoes: rotten fresh)")  # fmt: skip
+    p.add_argument("--encoding", default="utf-8", help="CSV encoding; falls back to latin-1 if it fails")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--output-dir", type=Path, default=Path("runs/sentiment_classification"))
+    g = p.add_argument_group("data")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="for a CSV: share held out for testing")
+    g.add_argument("--train-size", type=int, help="train on a seeded sample of N examples (default: all)")
+    g.add_argument("--test-size", type=int, help="test on a seeded sample of N examples (default: all)")
+    g.add_argument("--max-length", type=int, default=256, help="truncate texts to N tokens")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=2)
+    g.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
+    g.add_argument("--lora-lr", type=float, default=1e-3)
+    g.add_argument("--last-layers-lr", type=float, default=5e-4)
+    g.add_argument("--full-lr", type=float, default=5e-5)
+    g.add_argument("--last-layers", type=int, default=2, help="how many layers the last-layers method trains")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("-r", "--rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--target-modules", nargs="+", help="default: the architecture's (BERT: query value)")
+    p.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.tiny:  # the preset changes the defaults; flags given explicitly still win
+        p.set_defaults(**PRESETS["tiny"])
+        args = p.parse_args(argv)
+    if args.labels is None and args.dataset == "rotten_tomatoes":
+        args.labels = ["rotten", "fresh"]  # negative = 0, positive = 1, as in IMDb
+    if args.batch_size % world_size():
+        p.error(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
+    return args
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def load_data(args: argparse.Namespace):
+    """``(train, test, label_names)``: datasets with a ``text`` and an integer ``label`` column."""
+    from datasets import Dataset, load_dataset
+
+    path = dataset_file(args.dataset)
+    if path is None:  # a Hub dataset with train and test splits, like imdb
+        splits = load_dataset(args.dataset)
+        train, test = splits["train"], splits["test"]
+        names = train.features["label"].names
+    else:
+        rows = read_csv_rows(path, args.encoding)
+        columns = list(rows[0]) if rows else []
+        text_col = pick_column(columns, args.text_column, ["text", "review", "sentence"], "text")
+        label_col = pick_column(columns, args.label_column, ["label", "category", "sentiment"], "label")
+        names = args.labels or sorted({r[label_col] for r in rows})
+        ids = {name: i for i, name in enumerate(names)}
+        examples = [{"text": r[text_col], "label": ids[r[label_col]]} for r in rows if r[label_col] in ids]
+        log.info("%s: %d rows, %d with labels %s", path.name, len(rows), len(examples), names)
+        random.Random(args.seed).shuffle(examples)  # a fixed split: the same test set every run
+        n_test = round(len(examples) * args.test_fraction)
+        test, train = Dataset.from_list(examples[:n_test]), Dataset.from_list(examples[n_test:])
+    train = sample(train, args.train_size, args.seed)
+    test = sample(test, args.test_size, args.seed)
+    log.info("train: %d examples, test: %d examples, labels %s", len(train), len(test), names)
+    return train, test, list(names)
+
+
+def sample(dataset, n: int | None, seed: int):
+    return dataset.shuffle(seed=seed).select(range(n)) if n and n < len(dataset) else dataset
+
+
+def tokenize(dataset, tokenizer, max_length: int):
+    # No padding here: the collator pads each batch to its longest text, far less work than max_length
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+# ---- the three methods ----------------------------------------------------------------------------
+
+
+def with_lora(model, args: argparse.Namespace):
+    """LoRA on the architecture's default targets (query/value); SEQ_CLS also trains the new head."""
+    import hf_lora
+
+    config = hf_lora.LoRAConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules(args.target_modules),  # None: the architecture's defaults
+        task_type="SEQ_CLS",  # adds the classifier to modules_to_save: it starts random, it must learn
+    )
+    return hf_lora.get_lora_model(model, config)
+
+
+def with_last_layers(model, n: int):
+    """Freeze everything, then unfreeze the last `n` transformer layers and the classification head."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = transformer_layers(model)
+    trainable = [*layers[-n:], *head_modules(model)]
+    for module in trainable:
+        module.requires_grad_(True)
+    return model
+
+
+def transformer_layers(model):
+    """The list of transformer blocks: `encoder.layer` in BERT, `transformer.layer` in DistilBERT, ..."""
+    for path in ("encoder.layer", "transformer.layer", "layers", "h", "layer"):
+        try:
+            return model.base_model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise SystemExit(f"error: cannot find the transformer layers of {type(model).__name__}")
+
+
+def head_modules(model):
+    """What sits on top of the encoder: the classifier (and DistilBERT's pre_classifier, BERT's pooler)."""
+    heads = [module for module in model.children() if module is not model.base_model]
+    pooler = getattr(model.base_model, "pooler", None)
+    return heads + ([pooler] if pooler is not None else [])
+
+
+def prepare(method: str, base_model, args: argparse.Namespace):
+    model = copy.deepcopy(base_model)  # every method starts from the same weights, head included
+    if method == "lora":
+        return with_lora(model, args)
+    if method == "last-layers":
+        return with_last_layers(model, args.last_layers)
+    return model
+
+
+def accuracy(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def train_and_test(method: str, base_model, tokenizer, train, test, args: argparse.Namespace) -> dict:
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    import hf_lora
+
+    seed_everything(args.seed)
+    model = prepare(method, base_model, args)
+    trainable, total = count_params(model)
+    log.info("==== %s: %s trainable parameters ====", method, params_cell(trainable, total))
+    lr = {"lora": args.lora_lr, "last-layers": args.last_layers_lr, "full": args.full_lr}[method]
+    per_device = args.batch_size // world_size()
+    targs = TrainingArguments(
+        output_dir=str(args.output_dir / "trainer" / method),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=2 * per_device,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,  # a fraction of the steps
+        weight_decay=0.01,
+        logging_steps=max(1, len(train) // args.batch_size // 10),  # ~10 lines per epoch
+        eval_strategy="no",  # one test at the end; the test set is not for choosing anything
+        save_strategy="no",
+        use_cpu=no_accelerator(),  # on CPU: DDP over gloo under torchrun
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+    )
+    trainer = hf_lora.LoRATrainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+    )
+    with Timer() as timer:
+        trainer.train()
+    metrics = trainer.evaluate()
+    result = {
+        "method": method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": timer.seconds,
+        "test_accuracy": metrics["eval_accuracy"],
+        "test_loss": metrics["eval_loss"],
+    }
+    if method == "lora":  # the adapter is the one thing worth keeping: a few hundred KB
+        model.save_pretrained(
+            args.output_dir, log_history=trainer.state.log_history, is_main_process=is_main_process()
+        )
+        result["adapter_bytes"] = (
+            disk_size(args.output_dir / "adapter_model.safetensors") if is_main_process() else 0
+        )
+    return result
+
+
+def summarize(results: list[dict], args: argparse.Namespace, n_train: int, n_test: int) -> None:
+    names = {"lora": "LoRA (q, v) + head", "last-layers": f"last {args.last_layers} layers + head",
+             "full": "full fine-tuning"}  # fmt: skip
+    if args.target_modules:
+        names["lora"] = f"LoRA ({', '.join(args.target_modules)}) + head"
+    rows = [
+        [names[r["method"]], params_cell(r["trainable_params"], r["total_params"]),
+         human_seconds(r["train_seconds"]), f"{100 * r['test_accuracy']:.2f}%"]
+        for r in results
+    ]  # fmt: skip
+    print_table(
+        f"{args.model} on {args.dataset}: {n_train} train / {n_test} test examples, {args.epochs:g} epochs",
+        ["method", "trainable params", "train time", "test accuracy"],
+        rows,
+    )
+    lora = next((r for r in results if r["method"] == "lora"), None)
+    if lora:
+        print(f"LoRA adapter: {human_bytes(lora['adapter_bytes'])} in {args.output_dir}/")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    seed_everything(args.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    train, test, label_names = load_data(args)
+    base_model, tokenizer = load_sequence_classifier(args.model, num_labels=len(label_names))
+    base_model.config.id2label = dict(enumerate(label_names))
+    base_model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    train, test = tokenize(train, tokenizer, args.max_length), tokenize(test, tokenizer, args.max_length)
+
+    results = [train_and_test(m, base_model, tokenizer, train, test, args) for m in args.methods]
+    if is_main_process():
+        summarize(results, args, len(train), len(test))
+        report = {"model": args.model, "dataset": args.dataset, "labels": label_names, "results": results}
+        (args.output_dir / "results.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

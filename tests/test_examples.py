@@ -1,0 +1,243 @@
+"""Smoke tests of the examples: each runs as a user would run it (a subprocess), at tiny size.
+
+The default suite uses random tiny models, small CSV files written here and the 568 KB GPT-2 tokenizer
+asset; the runs on the real pretrained assets (SmolLM2, MiniLM: ~90 MB downloads) are marked slow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_lora
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the tests import helpers from the examples
+
+
+def run_example(
+    script: str, *flags: str, launcher: list[str] | None = None, env: dict | None = None, timeout: int = 240
+):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
+    cmd = [*(launcher or [sys.executable]), str(EXAMPLES / script), *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def news_csv(tmp_path_factory) -> Path:
+    """A Kaggle-like news CSV: an `Article` column, ISO-8859-1 encoded (so the latin-1 fallback runs),
+    messy whitespace, an empty row and a duplicate (so the cleaning runs)."""
+    rng = random.Random(0)
+    subjects = ["The café owner", "Zürich's council", "A minister", "Investors", "The São Paulo court"]
+    verbs = ["warns of", "welcomes", "rejects", "plans", "delays"]
+    objects = ["new rules on energy prices", "a rise in exports", "the budget", "talks on trade", "a vote"]
+    rows = [
+        f"  {rng.choice(subjects)} {rng.choice(verbs)}\n {rng.choice(objects)} in {2000 + i}.  "
+        for i in range(60)
+    ]
+    rows += ["", rows[0]]
+    path = tmp_path_factory.mktemp("data") / "Articles.csv"
+    with path.open("w", encoding="latin-1", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Article", "Date", "NewsType"])
+        writer.writerows([text, "1/1/2015", "business"] for text in rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reviews_csv(tmp_path_factory) -> Path:
+    rng = random.Random(1)
+    good = ["a wonderful, moving film", "brilliant acting and a sharp script", "funny and warm", "a joy"]
+    bad = ["a dull, tedious mess", "badly acted and far too long", "boring from start to end", "a waste"]
+    rows = [(f"{rng.choice(good)}. {rng.choice(good)}.", "pos") for _ in range(50)]
+    rows += [(f"{rng.choice(bad)}. {rng.choice(bad)}.", "neg") for _ in range(50)]
+    rng.shuffle(rows)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+# ---- gpt2_news -------------------------------------------------------------------------------------
+
+
+def test_every_example_has_help():
+    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py"):
+        proc = run_example(script, "--help", timeout=60)
+        assert "--output-dir" in proc.stdout and "usage:" in proc.stdout
+
+
+def test_gpt2_news_compare_trains_saves_and_plots(tmp_path, news_csv):
+    from common import tiny_causal_lm
+
+    out = tmp_path / "news"
+    proc = run_example(
+        "gpt2_news.py", "--tiny", "--compare", "--dataset", str(news_csv), "--output-dir", str(out)
+    )
+    assert "reading it as latin-1" in proc.stderr, "the ISO-8859-1 file fell back to latin-1"
+    assert "60 non-empty distinct documents" in proc.stderr, "empty and duplicate rows were dropped"
+    for line in (
+        "| trainable params",
+        "| perplexity before -> after",
+        "| saved to disk",
+        "greedy generations",
+    ):
+        assert line in proc.stdout
+    report = results(out)
+    assert report["world_size"] == 1 and set(report["runs"]) == {"lora", "full"}
+    lora, full = report["runs"]["lora"], report["runs"]["full"]
+    assert lora["eval_loss_before"] == pytest.approx(full["eval_loss_before"]), "same data, same start"
+    for run in (lora, full):
+        assert run["eval_loss_after"] < run["eval_loss_before"]
+    assert lora["trainable_params"] < full["trainable_params"] / 20
+    assert lora["saved_bytes"] < full["saved_bytes"] / 20
+
+    png = out / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (out / "full_model" / "model.safetensors").is_file()
+
+    model = hf_lora.LoRAModel.from_pretrained(tiny_causal_lm()[0], out)
+    saved = hf_lora.adapter_state_dict(model)
+    assert saved and all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k), "B was trained"
+    ids = torch.tensor([[464, 3139, 4870, 286]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base), "the adapter changes the model"
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, news_csv) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    run_example("gpt2_news.py", *TWO_PROCESS_FLAGS, "--dataset", str(news_csv), "--output-dir", str(out))
+    return out
+
+
+# Dropout off: each process draws its own dropout masks, which is noise, not a difference.
+TWO_PROCESS_FLAGS = ("--tiny", "--lora-dropout", "0", "--samples", "0")
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_gpt2_news_two_processes_match_one(tmp_path, news_csv, one_process_run, launcher):
+    """Global batch 4: one process with 4 per step, or two with 2 each (DDP over gloo), train the same
+    adapter, and only the main process reports."""
+    port = str(free_port())
+    if launcher == "accelerate":
+        # ACCELERATE_USE_CPU + --multi_gpu: two CPU processes (`--cpu --num_processes 2` starts only ONE)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", port]  # fmt: skip
+        env = {"ACCELERATE_USE_CPU": "true"}
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", port]  # fmt: skip
+        env = {}
+    out = tmp_path / "two"
+    flags = (*TWO_PROCESS_FLAGS, "--dataset", str(news_csv), "--output-dir", str(out))
+    proc = run_example("gpt2_news.py", *flags, launcher=cmd, env=env)
+    one, two = results(one_process_run), results(out)
+    assert (one["world_size"], two["world_size"]) == (1, 2), "the Trainer ran DDP over two processes"
+    assert proc.stdout.count("| trainable params") == 1, "only the main process prints the summary"
+    a, b = one["runs"]["lora"], two["runs"]["lora"]
+    assert abs(a["eval_loss_after"] - b["eval_loss_after"]) <= 1e-4
+    assert a["eval_loss_after"] < a["eval_loss_before"]
+    wa = hf_lora.read_adapter(one_process_run).tensors
+    wb = hf_lora.read_adapter(out).tensors
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+
+
+# ---- sentiment_classification ---------------------------------------------------------------------
+
+
+def test_sentiment_classification_three_methods(tmp_path, reviews_csv):
+    from common import tiny_sequence_classifier
+
+    out = tmp_path / "cls"
+    proc = run_example("sentiment_classification.py", "--tiny", "--dataset", str(reviews_csv), "--output-dir", str(out),
+                       "--train-size", "80", "--epochs", "2")  # fmt: skip
+    assert "| method" in proc.stdout and "test accuracy" in proc.stdout
+    report = results(out)
+    assert report["labels"] == ["neg", "pos"]
+    by_method = {r["method"]: r for r in report["results"]}
+    assert set(by_method) == {"lora", "last-layers", "full"}
+    params = [by_method[m]["trainable_params"] for m in ("lora", "last-layers", "full")]
+    assert params == sorted(params) and params[0] < params[2] / 50
+    assert all(0 <= r["test_accuracy"] <= 1 for r in report["results"])
+
+    model = hf_lora.LoRAModel.from_pretrained(tiny_sequence_classifier(2)[0], out)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
+    assert any(name.endswith("classifier") for name, _ in model.saved_modules()), "the head is in the adapter"
+
+
+# ---- mlp_digits -----------------------------------------------------------------------------------
+
+
+def test_mlp_digits_fixes_the_worst_digit_and_disabling_restores_the_base(tmp_path):
+    from mlp_digits import MLP, load_digits_split, per_digit_accuracy
+
+    out = tmp_path / "mlp"
+    proc = run_example("mlp_digits.py", "--tiny", "--output-dir", str(out), timeout=120)
+    assert "identical to the base model" in proc.stdout
+    report = results(out)
+    digit = report["digit"]
+    assert report["before"][digit] == min(report["before"]), "the worst digit was chosen"
+    assert report["after"][digit] > report["before"][digit] + 0.05, "its accuracy rose"
+    assert report["disabled"] == report["before"], "adapter disabled == the original model, every digit"
+    assert [acc for _, acc, _ in report["curve"]][-1] == report["after"][digit]
+
+    base = MLP()
+    base.load_state_dict(torch.load(out / "base_model.pt"))
+    model = hf_lora.LoRAModel.from_pretrained(base, out)
+    _, _, x_test, y_test = load_digits_split(seed=0)
+    assert per_digit_accuracy(model, x_test, y_test).tolist() == report["after"], "the saved adapter reloads"
+
+
+# ---- the real pretrained assets (90 MB downloads) ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpt2_news_on_smollm2(tmp_path):
+    out = tmp_path / "smollm2"
+    proc = run_example("gpt2_news.py", "--model", "smollm2", "--dataset", "guardian", "--output-dir", str(out),
+                       "--max-steps", "2", "--block-size", "32", "--batch-size", "2", "--eval-blocks", "4",
+                       "--samples", "1", "--max-new-tokens", "4", timeout=600)  # fmt: skip
+    assert "| perplexity before -> after" in proc.stdout
+    run = results(out)["runs"]["lora"]
+    # all-linear, r=8, 30 layers: 8 x (in + out) summed over q, k, v, o (576x576, 576x192 twice, 576x576)
+    # and gate, up, down (576x1536 three times) = 81,408 per layer
+    assert run["trainable_params"] == 30 * 81_408
+    assert 1 < run["eval_loss_before"] < 8, "a real pretrained model, not a random one"
+
+
+@pytest.mark.slow
+def test_sentiment_classification_on_minilm(tmp_path):
+    out = tmp_path / "minilm"
+    proc = run_example("sentiment_classification.py", "--output-dir", str(out), "--train-size", "64",
+                       "--test-size", "32", "--epochs", "1", "--methods", "lora", timeout=600)  # fmt: skip
+    assert "LoRA (q, v) + head" in proc.stdout
+    report = results(out)
+    assert report["labels"] == ["rotten", "fresh"] and report["results"][0]["trainable_params"] > 0
