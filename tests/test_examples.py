@@ -91,13 +91,16 @@ def test_every_example_has_help():
         assert "--output-dir" in proc.stdout and "usage:" in proc.stdout
 
 
-def test_gpt2_news_compare_trains_saves_and_plots(tmp_path, news_csv):
+def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub_server, hub_repo_id):
     from common import tiny_causal_lm
 
     out = tmp_path / "news"
+    token = hub_server.tokens["alice"]
     proc = run_example(
-        "gpt2_news.py", "--tiny", "--compare", "--dataset", str(news_csv), "--output-dir", str(out)
-    )
+        "gpt2_news.py", "--tiny", "--compare", "--dataset", str(news_csv), "--output-dir", str(out),
+        "--push-to-hub", hub_repo_id, env={"HF_TOKEN": token},
+    )  # fmt: skip
+    assert token not in proc.stdout + proc.stderr
     assert "reading it as latin-1" in proc.stderr, "the ISO-8859-1 file fell back to latin-1"
     assert "60 non-empty distinct documents" in proc.stderr, "empty and duplicate rows were dropped"
     for line in (
@@ -129,6 +132,16 @@ def test_gpt2_news_compare_trains_saves_and_plots(tmp_path, news_csv):
         with model.disable_adapter():
             base = model(ids).logits
     assert not torch.allclose(tuned, base), "the adapter changes the model"
+
+    # --push-to-hub: the adapter went to the (local) Hub in one commit, with its model card
+    api = hub_server.api("alice")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(
+        api.list_repo_files(hub_repo_id)
+    )
+    assert len(api.list_repo_commits(hub_repo_id)) == 2, "the repo's initial commit + one upload"
+    pulled = hf_lora.LoRAModel.from_pretrained(tiny_causal_lm()[0], hub_repo_id, token=token)
+    with torch.no_grad():
+        assert torch.equal(pulled(ids).logits, tuned)
 
 
 @pytest.fixture(scope="module")
