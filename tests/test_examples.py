@@ -98,7 +98,7 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     token = hub_server.tokens["alice"]
     proc = run_example(
         "gpt2_news.py", "--tiny", "--compare", "--dataset", str(news_csv), "--output-dir", str(out),
-        "--push-to-hub", hub_repo_id, env={"HF_TOKEN": token},
+        "--push-to-hub", hub_repo_id, env={"HF_TOKEN": token, "HF_HUB_OFFLINE": "0"},  # the local Hub
     )  # fmt: skip
     assert token not in proc.stdout + proc.stderr
     assert "reading it as latin-1" in proc.stderr, "the ISO-8859-1 file fell back to latin-1"
