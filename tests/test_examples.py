@@ -155,27 +155,32 @@ def one_process_run(tmp_path_factory, news_csv) -> Path:
 TWO_PROCESS_FLAGS = ("--tiny", "--lora-dropout", "0", "--samples", "0")
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_gpt2_news_two_processes_match_one(tmp_path, news_csv, one_process_run, launcher):
-    """Global batch 4: one process with 4 per step, or two with 2 each (DDP over gloo), train the same
-    adapter, and only the main process reports."""
+@pytest.mark.parametrize(
+    ("launcher", "processes"), [("accelerate", 2), ("torchrun", 2), ("accelerate", 1)], ids=str
+)
+def test_gpt2_news_under_a_launcher_matches_plain_python(
+    tmp_path, news_csv, one_process_run, launcher, processes
+):
+    """Global batch 4: `python` with 4 per step, or two processes with 2 each (DDP over gloo), or one
+    process under `accelerate launch`, train the same adapter, and only the main process reports."""
     port = str(free_port())
     if launcher == "accelerate":
         # ACCELERATE_USE_CPU + --multi_gpu: two CPU processes (`--cpu --num_processes 2` starts only ONE)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        multi = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
                "--main_process_port", port]  # fmt: skip
         env = {"ACCELERATE_USE_CPU": "true"}
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", port]  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
         env = {}
-    out = tmp_path / "two"
+    out = tmp_path / "launched"
     flags = (*TWO_PROCESS_FLAGS, "--dataset", str(news_csv), "--output-dir", str(out))
     proc = run_example("gpt2_news.py", *flags, launcher=cmd, env=env)
-    one, two = results(one_process_run), results(out)
-    assert (one["world_size"], two["world_size"]) == (1, 2), "the Trainer ran DDP over two processes"
+    one, launched = results(one_process_run), results(out)
+    assert (one["world_size"], launched["world_size"]) == (1, processes), "the Trainer saw every process"
     assert proc.stdout.count("| trainable params") == 1, "only the main process prints the summary"
-    a, b = one["runs"]["lora"], two["runs"]["lora"]
+    a, b = one["runs"]["lora"], launched["runs"]["lora"]
     assert abs(a["eval_loss_after"] - b["eval_loss_after"]) <= 1e-4
     assert a["eval_loss_after"] < a["eval_loss_before"]
     wa = hf_lora.read_adapter(one_process_run).tensors
