@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 import traceback
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +76,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="results path (default: benchmarks/results.json, or …/quick/…)")
     ap.add_argument("--fresh", action="store_true", help="do not keep results of earlier runs")
     ap.add_argument("--list", action="store_true", help="list measurements and workloads, then exit")
-    ap.add_argument("--worker", choices=["memory"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--in-process", action="store_true", help="run the measurements in this process (for debugging)"
+    )
+    ap.add_argument("--worker", choices=["memory", "measure"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Subprocess entry point (peak_memory): one configuration, result as one JSON line on stdout."""
+    """Subprocess entry point: one peak_memory configuration ("memory") or one measurement of one
+    workload ("measure"); the result as one JSON line on stdout."""
     spec = json.loads(args.worker_args)
     s = Settings(**spec["settings"])
     torch.set_num_threads(s.threads)
     torch.manual_seed(SEED)
-    print(json.dumps(memory_worker(spec["workload"], spec["variant"], s)), flush=True)
+    if args.worker == "memory":
+        result = memory_worker(spec["workload"], spec["variant"], s)
+    else:
+        result = MEASUREMENTS[spec["measurement"]](s.workload(spec["workload"]), s)
+    print(json.dumps(result, default=str), flush=True)
+
+
+def measure_in_subprocess(measurement: str, workload: str, s: Settings) -> dict[str, Any]:
+    """One measurement in a fresh process: nothing one measurement allocates, compiles or caches can
+    slow down the next or add up (a single process holding every measurement was once OOM-killed)."""
+    spec = {"measurement": measurement, "workload": workload, "settings": asdict(s)}
+    cmd = [sys.executable, str(HERE / "run.py"), "--worker", "measure", "--worker-args", json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (tracebacks) goes to the console
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{measurement} / {workload}: the worker process exited with {proc.returncode}")
+    return json.loads(lines[-1])
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:7.1f}s] {m} / {wl} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            entry = MEASUREMENTS[m](s.workload(wl), s)
+            entry = MEASUREMENTS[m](s.workload(wl), s) if args.in_process else measure_in_subprocess(m, wl, s)
         except Exception:
             traceback.print_exc()
             entry = {"error": traceback.format_exc()}
