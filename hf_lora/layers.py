@@ -192,6 +192,15 @@ def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool) ->
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _fusable_dtypes(autocast: bool, x, w, b, A, B) -> bool:
+    """One dtype for all, or under autocast any of the dtypes autocast casts (it casts them all)."""
+    if autocast:
+        return all(
+            t is None or t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (x, w, b, A, B)
+        )
+    return x.dtype == w.dtype == A.dtype == B.dtype and (b is None or b.dtype == w.dtype)
+
+
 def _plain_tensor(t: torch.Tensor | None) -> bool:
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
@@ -365,17 +374,19 @@ class LoRALayer(nn.Module):
         live = self._live
         if not live:
             return self._base_forward(x, *args, **kwargs)
-        if len(live) == 1 and self._can_fuse(x, live[0]):
-            return self._fused_forward(x, live[0])
+        if len(live) == 1:
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if self._can_fuse(x, live[0], autocast):
+                return self._fused_forward(x, live[0], autocast)
         result = self._base_forward(x, *args, **kwargs)
         for name in live:
             result = self._add_lora(result, x, name)
         return result
 
-    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, name: str, autocast: bool) -> torch.Tensor:
         w, b, A, B, s = self.weight, self.bias, self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if autocast:
+            device_type = x.device.type
             # What autocast does for F.linear, once for the base and the adapter together: cast the inputs
             # to the compute dtype (A and B through autograd, so their gradients come back in fp32), then
             # run with autocast off. peft instead upcasts x for dropout and lets autocast cast it back.
@@ -417,24 +428,16 @@ class LoRALayer(nn.Module):
             base = result if self.bias is None else result - self.bias
         return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * s
 
-    def _can_fuse(self, x: torch.Tensor, name: str) -> bool:
+    def _can_fuse(self, x: torch.Tensor, name: str, autocast: bool) -> bool:
         A, B, w, b = self.lora_A[name], self.lora_B[name], self.weight, self.bias
         return (
             self._fused
             and name not in self.lora_magnitude
             and not w.requires_grad
             and (b is None or not b.requires_grad)
-            and self._fusable_dtypes(x, w, b, A, B)
+            and _fusable_dtypes(autocast, x, w, b, A, B)
             and all(_plain_tensor(t) for t in (x, w, b, A, B))
         )
-
-    @staticmethod
-    def _fusable_dtypes(x, w, b, A, B) -> bool:
-        """One dtype for all, or under autocast any of the dtypes autocast casts (it casts them all)."""
-        if torch.is_autocast_enabled(x.device.type):
-            castable = (torch.float32, torch.float16, torch.bfloat16)
-            return all(t is None or t.dtype in castable for t in (x, w, b, A, B))
-        return x.dtype == w.dtype == A.dtype == B.dtype and (b is None or b.dtype == w.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
