@@ -9,6 +9,7 @@ alike. Peak memory is the exception: each configuration runs in its own subproce
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import os
@@ -294,21 +295,26 @@ def proc_status_mb(field: str) -> float | None:
     return None
 
 
-def run_memory_worker(workload: str, variant: str, s: Settings, seq: int, steps: int) -> dict[str, Any]:
-    settings = {**asdict(s), "seq": seq, "mem_steps": steps}
+def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`run.py --worker KIND` in a fresh Python process; its result is the last JSON line it prints."""
     cmd = [
         sys.executable,
         str(HERE / "run.py"),
         "--worker",
-        "memory",
+        kind,
         "--worker-args",
-        json.dumps({"workload": workload, "variant": variant, "settings": settings}),
+        json.dumps(spec, default=str),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory worker {workload} {variant} seq {seq} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{kind} worker {spec} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def run_memory_worker(workload: str, variant: str, s: Settings, seq: int, steps: int) -> dict[str, Any]:
+    settings = {**asdict(s), "seq": seq, "mem_steps": steps}
+    return run_worker("memory", {"workload": workload, "variant": variant, "settings": settings})
 
 
 def peak_memory(w: W.Workload, s: Settings) -> dict[str, Any]:
@@ -616,17 +622,12 @@ def variants(w: W.Workload, s: Settings) -> dict[str, Any]:
 
     def ours(**extra: Any) -> torch.nn.Module:
         torch.manual_seed(W.SEED + 1)
-        cfg = hf_lora.LoRAConfig(r=W.LORA_R, lora_alpha=W.LORA_ALPHA, target_modules=list(w.target_modules),
-                                 modules_to_save=list(w.modules_to_save) if w.modules_to_save else None, **extra)  # fmt: skip
-        return hf_lora.get_lora_model(copy.deepcopy(base), cfg)
+        return hf_lora.get_lora_model(copy.deepcopy(base), W.lora_config(w, 0.0, **extra))
 
     def theirs(**extra: Any) -> torch.nn.Module:
-        cfg = W.peft_config(w, 0.0)
-        for k, v in extra.items():
-            setattr(cfg, k, v)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return peft.get_peft_model(copy.deepcopy(base), cfg)
+            return peft.get_peft_model(copy.deepcopy(base), W.peft_config(w, 0.0, **extra))
 
     models = {"hf_lora": ours(), "hf_lora DoRA": ours(use_dora=True), "peft": theirs(),
               "peft DoRA": theirs(use_dora=True)}  # fmt: skip
@@ -635,22 +636,14 @@ def variants(w: W.Workload, s: Settings) -> dict[str, Any]:
     del models, steps
     cleanup()
 
-    inits: dict[str, list[float]] = {}
-    for r in range(s.inject_reps + 1):  # round 0 warms up
-        for name, make in (
-            ("hf_lora default", lambda: ours()),
-            ("hf_lora pissa_niter_4", lambda: ours(init_lora_weights="pissa_niter_4")),
-            ("hf_lora olora", lambda: ours(init_lora_weights="olora")),
-            ("peft default", lambda: theirs()),
-            ("peft pissa_niter_4", lambda: theirs(init_lora_weights="pissa_niter_4")),
-            ("peft olora", lambda: theirs(init_lora_weights="olora")),
-        ):
-            gc.collect()
-            dt, model = timed(make, s.device)  # includes one deep copy of the base, the same for all
-            if r > 0:
-                inits.setdefault(name, []).append(dt)
-            del model
-    init_times = {n: summary(t) for n, t in inits.items()}
+    # Each call deep-copies the base (the same work for all) and adds an adapter; the model is dropped.
+    inits = {"default": True, "pissa_niter_4": "pissa_niter_4", "olora": "olora"}
+    makers = {
+        f"{lib} {name}": functools.partial(make, init_lora_weights=value)
+        for lib, make in (("hf_lora", ours), ("peft", theirs))
+        for name, value in inits.items()
+    }
+    init_times = interleaved(makers, 1, s.inject_reps, s.device)
     return {
         "variants": timings,
         "init": init_times,

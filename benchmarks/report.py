@@ -111,6 +111,13 @@ def goal(value: float, op: str, target: float, tol: float = 0.0) -> str:
     return f"{shown} {bound} {'✓' if ok else '✗'}"
 
 
+def check(goals: list[list[str]], what: str, value: float, op: str, target: float, tol: float = 0.0) -> str:
+    """`goal()`'s mark for `value`, also recorded as a row of the report's Goals table."""
+    mark = goal(value, op, target, tol)
+    goals.append([what, f"{value:.3f}", mark])
+    return mark
+
+
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -156,8 +163,8 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
         v = e["variants"]
         for key, r in e["ratios"].items():
             p, peft_v, ours_v, label = _pair(key)
-            g = goal(r["hf_lora/peft"], "<=", 0.95 if p == 0 else 0.85)
-            goals.append([f"train_step {wl}, dropout {label}: hf_lora/peft", f"{r['hf_lora/peft']:.3f}", g])
+            what = f"train_step {wl}, dropout {label}: hf_lora/peft"
+            g = check(goals, what, r["hf_lora/peft"], "<=", 0.95 if p == 0 else 0.85)
             rows.append(
                 [
                     wl,
@@ -177,8 +184,7 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
             if "mfu" in v["full"]:
                 hf, pf = v[ours_v], v[peft_v]
                 speedup = hf["tokens_per_s"] / pf["tokens_per_s"]
-                g = goal(speedup, ">=", 1.3)
-                goals.append([f"GPU tokens/s {wl}, dropout {label}: hf_lora/peft", f"{speedup:.3f}", g])
+                g = check(goals, f"GPU tokens/s {wl}, dropout {label}: hf_lora/peft", speedup, ">=", 1.3)
                 gpu_rows.append(
                     [
                         wl,
@@ -257,10 +263,8 @@ def section_peak_memory(entries: dict[str, Any], goals: list[list[str]]) -> list
             v = entry["variants"]
             for key, r in entry["ratios"].items():
                 p, peft_v, ours_v, label = _pair(key)
-                g = goal(r["hf_lora/peft"], "<=", 1.0 if p == 0 else 0.85)
-                goals.append(
-                    [f"peak RSS {wl} seq {seq}, dropout {label}: hf_lora/peft", f"{r['hf_lora/peft']:.3f}", g]
-                )
+                what = f"peak RSS {wl} seq {seq}, dropout {label}: hf_lora/peft"
+                g = check(goals, what, r["hf_lora/peft"], "<=", 1.0 if p == 0 else 0.85)
                 setup = f"{v[peft_v]['rss_after_setup_mb']:,.0f} / {v[ours_v]['rss_after_setup_mb']:,.0f}"
                 rows.append(
                     [
@@ -278,8 +282,9 @@ def section_peak_memory(entries: dict[str, Any], goals: list[list[str]]) -> list
                 )
                 if "cuda" in v["full"]:
                     c = r["cuda hf_lora/peft"]
-                    g = goal(c, "<=", 1.0)
-                    goals.append([f"GPU memory {wl} seq {seq}, dropout {label}: hf_lora/peft", f"{c:.3f}", g])
+                    g = check(
+                        goals, f"GPU memory {wl} seq {seq}, dropout {label}: hf_lora/peft", c, "<=", 1.0
+                    )
                     cuda_rows.append(
                         [
                             wl,
@@ -333,11 +338,9 @@ def section_inference(entries: dict[str, Any], goals: list[list[str]]) -> list[s
             r = e["ratios"][name]
             g = ""
             if name == "hf_lora":
-                g = goal(r, "<=", 1.05)
-                goals.append([f"inference {wl}: hf_lora unmerged / base", f"{r:.3f}", g])
+                g = check(goals, f"inference {wl}: hf_lora unmerged / base", r, "<=", 1.05)
             elif name == "hf_lora merged":
-                g = goal(r, "==", 1.0, NOISE)
-                goals.append([f"inference {wl}: hf_lora merged / base", f"{r:.3f}", g])
+                g = check(goals, f"inference {wl}: hf_lora merged / base", r, "==", 1.0, NOISE)
             diff = e["max_abs_logit_diff_vs_peft"][name]
             rows.append(
                 [wl, name, fmt_time(stat), f"**{r:.3f}**", g, "—" if name == "base" else f"{diff:.1e}"]
@@ -367,9 +370,11 @@ def section_inject_load(entries: dict[str, Any], goals: list[list[str]]) -> list
                 None,
             ),
         ):
-            g = goal(r[key], "<=", target) if target else "(information)"
-            if target:
-                goals.append([f"{label} {wl}: hf_lora/peft", f"{r[key]:.3f}", g])
+            g = (
+                check(goals, f"{label} {wl}: hf_lora/peft", r[key], "<=", target)
+                if target
+                else "(information)"
+            )
             rows.append([wl, label, fmt_time(v[ours]), fmt_time(v[theirs]), f"**{r[key]:.3f}**", g])
         out += [f"Loaded adapters agree: max |ΔB| = {e['loaded_B_max_abs_diff']:.1e}.", ""]
     out += table(["workload", "operation", "hf_lora", "peft", "hf_lora/peft", "goal"], rows)

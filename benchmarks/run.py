@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ from measurements import (  # noqa: E402
     QUICK_NOTE,
     Settings,
     memory_worker,
+    run_worker,
     settings_for,
 )
 from report import ROOT, environment, existing_commentary, render  # noqa: E402
@@ -101,13 +101,7 @@ def worker(args: argparse.Namespace) -> None:
 def measure_in_subprocess(measurement: str, workload: str, s: Settings) -> dict[str, Any]:
     """One measurement in a fresh process: nothing one measurement allocates, compiles or caches can
     slow down the next or add up (a single process holding every measurement was once OOM-killed)."""
-    spec = {"measurement": measurement, "workload": workload, "settings": asdict(s)}
-    cmd = [sys.executable, str(HERE / "run.py"), "--worker", "measure", "--worker-args", json.dumps(spec)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (tracebacks) goes to the console
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{measurement} / {workload}: the worker process exited with {proc.returncode}")
-    return json.loads(lines[-1])
+    return run_worker("measure", {"measurement": measurement, "workload": workload, "settings": asdict(s)})
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:

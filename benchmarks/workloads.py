@@ -136,7 +136,8 @@ def build_base(w: Workload, device: str = "cpu") -> nn.Module:
     return model.to(device).train()
 
 
-def lora_config(w: Workload, dropout: float):
+def lora_config(w: Workload, dropout: float, **extra: Any):
+    """hf_lora's config for a workload; `extra` for variants (use_dora=True, init_lora_weights=...)."""
     import hf_lora
 
     return hf_lora.LoRAConfig(
@@ -145,10 +146,11 @@ def lora_config(w: Workload, dropout: float):
         lora_dropout=dropout,
         target_modules=list(w.target_modules),
         modules_to_save=list(w.modules_to_save) if w.modules_to_save else None,
+        **extra,
     )
 
 
-def peft_config(w: Workload, dropout: float):
+def peft_config(w: Workload, dropout: float, **extra: Any):
     import peft
 
     # No task_type: peft would add its own heads to modules_to_save for SEQ_CLS.
@@ -159,6 +161,7 @@ def peft_config(w: Workload, dropout: float):
         target_modules=list(w.target_modules),
         modules_to_save=list(w.modules_to_save) if w.modules_to_save else None,
         fan_in_fan_out=w.peft_fan_in_fan_out,
+        **extra,
     )
 
 
