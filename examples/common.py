@@ -16,6 +16,7 @@ real text fetched from PyPI), so the same code runs with or without access to th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -44,6 +45,21 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Only the main process prints the summary and writes files; the others just train."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def parse_with_presets(parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict]):
+    """Parse the command line. A preset flag (`--tiny`, `--quick`) changes the defaults, so flags given
+    explicitly still win (`--quick --max-steps 50` keeps the 50); the first preset given wins. The
+    global `--batch-size` must split evenly over the processes."""
+    args = parser.parse_args(argv)
+    for name, defaults in presets.items():
+        if getattr(args, name):
+            parser.set_defaults(**defaults)
+            args = parser.parse_args(argv)
+            break
+    if args.batch_size % world_size():
+        parser.error(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
+    return args
 
 
 def no_accelerator() -> bool:

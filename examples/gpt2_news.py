@@ -40,6 +40,7 @@ from common import (
     load_causal_lm,
     no_accelerator,
     params_cell,
+    parse_with_presets,
     peak_memory_bytes,
     perplexity,
     pick_column,
@@ -57,11 +58,11 @@ log = logging.getLogger("gpt2_news")
 
 # Presets fill in whatever you do not set yourself: `--quick --max-steps 50` keeps the 50.
 PRESETS: dict[str, dict[str, Any]] = {
-    # the README's main job: LoRA and full fine-tuning of SmolLM2 on 2 CPU cores in well under 15 minutes
-    "quick": dict(block_size=64, batch_size=8, max_steps=60, eval_blocks=64, evals=4, logging_steps=5, bf16=True),
     # smoke tests: a random 2-layer GPT-2 and a handful of rows, seconds end to end
     "tiny": dict(model="tiny", max_rows=48, block_size=32, batch_size=4, max_steps=6, eval_blocks=8, evals=2,
                  logging_steps=1, lora_lr=1e-2, full_lr=1e-3, max_new_tokens=8),
+    # the README's main job: LoRA and full fine-tuning of SmolLM2 on 2 CPU cores in well under 15 minutes
+    "quick": dict(block_size=64, batch_size=8, max_steps=60, eval_blocks=64, evals=4, logging_steps=5, bf16=True),
 }  # fmt: skip
 
 
@@ -107,14 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
     g.add_argument("-v", "--verbose", action="store_true")
 
-    args = p.parse_args(argv)
-    for name in ("tiny", "quick"):  # a preset changes the defaults, then flags given explicitly win
-        if getattr(args, name):
-            p.set_defaults(**PRESETS[name])
-            args = p.parse_args(argv)
-            break
-    if args.batch_size % world_size():
-        p.error(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
+    args = parse_with_presets(p, argv, PRESETS)
     if args.push_to_hub and not (args.compare or args.mode == "lora"):
         p.error("--push-to-hub uploads the LoRA adapter: use it with --mode lora or --compare")
     return args

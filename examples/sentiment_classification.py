@@ -41,6 +41,7 @@ from common import (
     load_sequence_classifier,
     no_accelerator,
     params_cell,
+    parse_with_presets,
     pick_column,
     print_table,
     read_csv_rows,
@@ -93,14 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--target-modules", nargs="+", help="default: the architecture's (BERT: query value)")
     p.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
     p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    if args.tiny:  # the preset changes the defaults; flags given explicitly still win
-        p.set_defaults(**PRESETS["tiny"])
-        args = p.parse_args(argv)
+    args = parse_with_presets(p, argv, PRESETS)
     if args.labels is None and args.dataset == "rotten_tomatoes":
         args.labels = ["rotten", "fresh"]  # negative = 0, positive = 1, as in IMDb
-    if args.batch_size % world_size():
-        p.error(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
     return args
 
 
