@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/reference.py: the peft twin
 
 SEED = 0
 BATCH_SEED = 1234
@@ -202,17 +206,12 @@ def make_full(base: nn.Module) -> nn.Module:
     return base.requires_grad_(True)
 
 
-def copy_lora_weights(ours: nn.Module, ref: nn.Module, adapter: str = "default") -> None:
-    """Copy hf_lora's A/B and fully trained heads into the peft model (as tests/reference.py does)."""
-    inner = ref.base_model.model
-    with torch.no_grad():
-        for path, layer in ours.lora_layers():
-            twin = inner.get_submodule(path)
-            twin.lora_A[adapter].weight.copy_(layer.lora_A[adapter])
-            twin.lora_B[adapter].weight.copy_(layer.lora_B[adapter])
-        for path, wrapper in ours.saved_modules():
-            twin = inner.get_submodule(path).modules_to_save[adapter]
-            twin.load_state_dict(wrapper.modules_to_save[adapter].state_dict())
+def copy_lora_weights(ours: nn.Module, ref: nn.Module) -> None:
+    """Copy hf_lora's A/B and fully trained heads into the peft model: the test suite's helper, imported
+    here and not at the top because it imports peft, which hf_lora-only worker processes must not load."""
+    from reference import copy_lora_weights as copy_into_peft
+
+    copy_into_peft(ours, ref)
 
 
 def randomise_B(model: nn.Module, seed: int = SEED + 2) -> None:
