@@ -15,7 +15,7 @@ from .errors import (
 )
 from .extract import extract_lora
 from .hub import download_adapter, push_adapter_to_hub
-from .layers import LoRALayer, ModulesToSave, delta_weight, merged_weight
+from .layers import LoRALayer, ModulesToSave, delta_weight, merged_weight, peft_dropout_masks
 from .model import LoRAModel, get_lora_model
 from .optim import create_loraplus_optimizer
 from .serialization import adapter_state_dict, read_adapter
@@ -53,6 +53,7 @@ __all__ = [
     "extract_lora",
     "get_lora_model",
     "merged_weight",
+    "peft_dropout_masks",
     "push_adapter_to_hub",
     "read_adapter",
 ]

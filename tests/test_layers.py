@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -15,8 +16,10 @@ from hf_lora.layers import (
     _LoRAFunction,
     delta_weight,
     init_lora_,
+    keep_mask,
     make_lora_layer,
     merged_weight,
+    peft_dropout_masks,
     unmake_lora_layer,
 )
 
@@ -52,16 +55,78 @@ def run(layer, x, fused: bool, seed: int = 7):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24)])
 def test_fused_path_equals_plain_path(kind, bias, dropout, shape):
+    """With peft's masks the fused path computes what the plain (peft) path does, dropout included."""
     layer = lora_layer(kind, bias=bias, dropout=dropout).train()
     x = torch.randn(shape)
-    fused_out, fused_grads = run(layer, x, fused=True)
-    plain_out, plain_grads = run(layer, x, fused=False)
+    with peft_dropout_masks():
+        fused_out, fused_grads = run(layer, x, fused=True)
+        plain_out, plain_grads = run(layer, x, fused=False)
     assert (fused_out - plain_out).abs().max().item() <= 1e-5
     for f, p in zip(fused_grads, plain_grads):
         assert (f - p).abs().max().item() <= 1e-5
     if dropout:  # and dropout really drops something: a different seed changes the output
         other, _ = run(layer, x, fused=True, seed=8)
         assert (other - fused_out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("linear", False), ("conv1d", True)])
+def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias):
+    """The default CPU masks: output and gradients are those of `base(x) + B A (x * keep) / (1-p) * s`
+    for the mask `keep_mask` draws from the same seed."""
+    p = 0.3
+    layer = lora_layer(kind, bias=bias, dropout=p).train()
+    x = torch.randn(2, 3, 24)
+    out, grads = run(layer, x, fused=True, seed=7)
+    torch.manual_seed(7)
+    keep = keep_mask((6, 24), p, x.device).view(2, 3, 24)
+    assert 0 < keep.sum() < keep.numel()
+    xr = x.clone().requires_grad_(True)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    ref = layer._base_forward(xr) + ((xr * keep / (1 - p)) @ A.T @ B.T) * 2.0
+    ref.backward(torch.linspace(-1, 1, ref.numel()).view_as(ref))
+    assert (out - ref.detach()).abs().max().item() <= 1e-5
+    for got, want in zip(grads, [xr.grad, A.grad, B.grad]):
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_mask_statistics(p):
+    """Keep rate 1 - p, and the two 32-bit lanes of one 64-bit draw (and neighbouring draws) independent:
+    both of a pair dropped with probability p**2. Binomial tolerance of 5 standard deviations."""
+    n = 1_000_001  # odd: the last 64-bit draw is half used
+    torch.manual_seed(0)
+    keep = keep_mask((n,), p, torch.device("cpu"))
+    assert keep.shape == (n,) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
+    drop = ~keep[: n - 1]
+    for pairs in (drop[0::2] & drop[1::2], drop[1:-1:2] & drop[2::2]):  # same draw, neighbouring draws
+        q = p * p
+        assert abs(pairs.float().mean().item() - q) <= 5 * math.sqrt(q * (1 - q) / pairs.numel())
+
+
+def test_keep_mask_is_seeded_and_fresh_each_call():
+    cpu = torch.device("cpu")
+    torch.manual_seed(3)
+    first, second = keep_mask((64, 33), 0.5, cpu), keep_mask((64, 33), 0.5, cpu)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((64, 33), 0.5, cpu), first)
+    assert not torch.equal(first, second)
+
+
+def test_peft_dropout_masks_draws_f_dropouts_elements():
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    expected = F.dropout(torch.ones(40, 50), 0.2) != 0
+    with peft_dropout_masks():
+        torch.manual_seed(5)
+        assert torch.equal(keep_mask((40, 50), 0.2, cpu), expected)
+        with peft_dropout_masks(False):
+            torch.manual_seed(5)
+            assert not torch.equal(keep_mask((40, 50), 0.2, cpu), expected)
+        torch.manual_seed(5)
+        assert torch.equal(keep_mask((40, 50), 0.2, cpu), expected), "the outer setting is restored"
+    torch.manual_seed(5)
+    assert not torch.equal(keep_mask((40, 50), 0.2, cpu), expected)
 
 
 def test_fused_path_is_the_one_that_runs():
@@ -92,7 +157,7 @@ def test_fused_path_under_autocast_matches_the_plain_path(kind, bias, dropout):
     the plain (peft) path to bf16 rounding, draw the same dropout mask, and give fp32 adapter grads."""
     layer = lora_layer(kind, bias=bias, dropout=dropout).train()
     x = torch.randn(4, 6, 24)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), peft_dropout_masks():
         fused_out, fused_grads = run(layer, x, fused=True)
         plain_out, plain_grads = run(layer, x, fused=False)
         layer._fused = True

@@ -67,8 +67,8 @@ def test_parameter_counts_and_logits_match_peft(kind, settings):
     ids=["gpt2", "gpt2-head", "distilbert", "llama", "llama-patterns"],
 )
 def test_training_curve_matches_peft(kind, settings, dropout):
-    """20 AdamW steps from the same weights and batches; with dropout the masks match too, because the
-    fused path draws them exactly as F.dropout does."""
+    """20 AdamW steps from the same weights and batches; with dropout the masks match too, because
+    `peft_dropout_masks()` makes the fused path draw them exactly as F.dropout does."""
     settings = dict(settings, lora_dropout=dropout)
     ours, ref = both(kind, settings)
     batches = [batch_for(kind, seed=s) for s in range(4)]
@@ -78,12 +78,13 @@ def test_training_curve_matches_peft(kind, settings, dropout):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
         torch.manual_seed(123)
         losses = []
-        for step in range(20):
-            loss = model(**batches[step % 4]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        with hf_lora.peft_dropout_masks():
+            for step in range(20):
+                loss = model(**batches[step % 4]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
         curves.append(torch.tensor(losses))
     assert curves[0][-4:].mean() < curves[0][:4].mean(), "loss goes down"
     assert (curves[0] - curves[1]).abs().max().item() <= 1e-5
