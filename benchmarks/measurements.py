@@ -31,13 +31,25 @@ import workloads as W
 HERE = Path(__file__).resolve().parent
 DROPOUTS = (0.0, 0.05)
 TRAIN_VARIANTS = ["full"] + [f"{lib}@{p}" for p in DROPOUTS for lib in ("peft", "hf_lora")]
-# hf_lora's opt-in chunked causal-LM loss (no tokens x vocab logits kept), at the dropout whose goals
-# are hardest; shown as extra rows, causal LMs only.
+# Extra hf_lora rows at the dropout whose goals are hardest, each compared with peft@0.05:
+# its opt-in chunked causal-LM loss (no tokens x vocab logits kept; causal LMs only), and, in train_step
+# only, its default run with peft's exact dropout masks (peft_dropout_masks(): what the fast CPU masks
+# save). Ratio key -> variant.
 CHUNKED = "hf_lora+chunked@0.05"
+PEFT_MASKS = "hf_lora+peft_masks@0.05"
+EXTRAS = {"0.05 chunked": CHUNKED, "0.05 peft_masks": PEFT_MASKS}
 
 
 def train_variants(w: W.Workload, s: Settings) -> list[str]:
     return TRAIN_VARIANTS + ([CHUNKED] if s.chunked_loss and w.task == "causal_lm" else [])
+
+
+def compared(variants) -> dict[str, tuple[str, str]]:
+    """Ratio key ("0.0", "0.05", "0.05 chunked", ...) -> (hf_lora variant, peft variant), for the
+    variants measured."""
+    out = {str(p): (f"hf_lora@{p}", f"peft@{p}") for p in DROPOUTS}
+    out.update({key: (v, "peft@0.05") for key, v in EXTRAS.items() if v in variants})
+    return out
 
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -190,15 +202,18 @@ class SavedTensors:
 def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
     """One training step (forward, backward, AdamW step, zero_grad) of full fine-tuning and of both
     libraries at dropout 0 and 0.05, interleaved in one process."""
+    import hf_lora
+
     base = W.build_base(w, s.device)
     flops = {lora: W.flops_per_token(base, s.seq, lora) for lora in (False, True)}
-    models = W.build_variants(w, train_variants(w, s), s.device, base=base)
+    models = W.build_variants(w, [*train_variants(w, s), PEFT_MASKS], s.device, base=base)
     del base
     batch = W.make_batch(w, s.batch, s.seq, s.device)
 
     # Sanity: same seed, same batch, train mode -> hf_lora and peft give the same loss (dropout draws
-    # included), before any step changes the weights. With grad enabled, as in the timed steps (the
-    # graph is dropped unused), so that it checks the path being timed.
+    # included: peft_dropout_masks() makes hf_lora draw F.dropout's masks for this forward only), before
+    # any step changes the weights. With grad enabled, as in the timed steps (the graph is dropped
+    # unused), so that it checks the path being timed.
     # The same forward also counts the bytes autograd saves for backward (a deterministic view of
     # activation memory, next to peak RSS).
     first_loss, saved_mb = {}, {}
@@ -207,12 +222,13 @@ def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
         torch.manual_seed(W.SEED + 3)
         with (
             torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.amp == "bf16"),
+            hf_lora.peft_dropout_masks(),
             SavedTensors(model) as saved,
         ):
             first_loss[name] = model(**batch).loss.item()
         saved_mb[name] = saved.mb
 
-    steps = {name: W.make_step(m, batch, s.amp) for name, m in models.items()}
+    steps = {name: W.make_step(m, batch, s.amp, peft_masks=name == PEFT_MASKS) for name, m in models.items()}
     timings = interleaved(steps, s.warmup, s.reps, s.device)
     tokens = s.batch * s.seq
     out: dict[str, Any] = {
@@ -229,23 +245,14 @@ def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
             fpt = flops[name != "full"]
             t["mfu"] = t["tokens_per_s"] * fpt / (s.peak_tflops * 1e12)
     out["ratios"] = {}
-    for p in DROPOUTS:
-        hf, pf, full = timings[f"hf_lora@{p}"], timings[f"peft@{p}"], timings["full"]
-        out["ratios"][str(p)] = {
+    for key, (ours, theirs) in compared(timings).items():
+        hf, pf, full = timings[ours], timings[theirs], timings["full"]
+        out["ratios"][key] = {
             "hf_lora/peft": ratio(hf, pf),
             "hf_lora/peft paired": paired_ratio(hf, pf),
             "hf_lora/full": ratio(hf, full),
             "peft/full": ratio(pf, full),
-            "loss_diff_hf_lora_vs_peft": abs(first_loss[f"hf_lora@{p}"] - first_loss[f"peft@{p}"]),
-        }
-    if CHUNKED in timings:
-        ch, pf, full = timings[CHUNKED], timings["peft@0.05"], timings["full"]
-        out["ratios"]["0.05 chunked"] = {
-            "hf_lora/peft": ratio(ch, pf),
-            "hf_lora/peft paired": paired_ratio(ch, pf),
-            "hf_lora/full": ratio(ch, full),
-            "peft/full": ratio(pf, full),
-            "loss_diff_hf_lora_vs_peft": abs(first_loss[CHUNKED] - first_loss["peft@0.05"]),
+            "loss_diff_hf_lora_vs_peft": abs(first_loss[ours] - first_loss[theirs]),
         }
     del models, steps
     cleanup()
@@ -344,24 +351,15 @@ def peak_memory(w: W.Workload, s: Settings) -> dict[str, Any]:
             if "cuda_max_allocated_mb" in runs[0]:
                 entry["variants"][v]["cuda"] = summary([x["cuda_max_allocated_mb"] for x in runs])
         vs = entry["variants"]
-        for p in DROPOUTS:
-            hf, pf, full = vs[f"hf_lora@{p}"], vs[f"peft@{p}"], vs["full"]
-            entry["ratios"][str(p)] = {
+        for key, (ours, theirs) in compared(vs).items():
+            hf, pf, full = vs[ours], vs[theirs], vs["full"]
+            entry["ratios"][key] = {
                 "hf_lora/peft": ratio(hf, pf),
                 "hf_lora/full": ratio(hf, full),
                 "peft/full": ratio(pf, full),
             }
             if "cuda" in hf:
-                entry["ratios"][str(p)]["cuda hf_lora/peft"] = ratio(hf["cuda"], pf["cuda"])
-        if CHUNKED in vs:
-            ch, pf, full = vs[CHUNKED], vs["peft@0.05"], vs["full"]
-            entry["ratios"]["0.05 chunked"] = {
-                "hf_lora/peft": ratio(ch, pf),
-                "hf_lora/full": ratio(ch, full),
-                "peft/full": ratio(pf, full),
-            }
-            if "cuda" in ch:
-                entry["ratios"]["0.05 chunked"]["cuda hf_lora/peft"] = ratio(ch["cuda"], pf["cuda"])
+                entry["ratios"][key]["cuda hf_lora/peft"] = ratio(hf["cuda"], pf["cuda"])
         out[str(seq)] = entry
     return out
 

@@ -139,11 +139,17 @@ def _errors(entries: dict[str, Any]) -> list[str]:
     ]
 
 
+_EXTRA_LABELS = {
+    "chunked": "hf_lora with chunked loss (opt-in)",
+    "peft_masks": "hf_lora with peft's dropout masks (`peft_dropout_masks()`)",
+}
+
+
 def _pair(key: str) -> tuple[float, str, str, str]:
     """A ratios key ("0.0", "0.05", "0.05 chunked") -> (dropout, peft variant, hf_lora variant, label)."""
     p, _, extra = key.partition(" ")
-    if extra == "chunked":
-        return float(p), f"peft@{p}", f"hf_lora+chunked@{p}", f"{p}, hf_lora with chunked loss (opt-in)"
+    if extra:
+        return float(p), f"peft@{p}", f"hf_lora+{extra}@{p}", f"{p}, {_EXTRA_LABELS[extra]}"
     return float(p), f"peft@{p}", f"hf_lora@{p}", p
 
 
@@ -152,8 +158,8 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
         "One training step (forward + backward + AdamW step + zero_grad), median [min–max] over the "
         "interleaved rounds; ratios are ratios of medians, and in parentheses the median of the "
         "per-round ratios (each round runs the two back to back). Loss Δ: |loss of hf_lora − loss "
-        "of peft| for the same seeded forward before training (dropout draws included); it should "
-        "be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a LoRA step to a full fine-tuning step "
+        "of peft| for the same seeded forward before training, dropout included (hf_lora drawing "
+        "peft's masks for this check); it should be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a LoRA step to a full fine-tuning step "
         "(4·N vs 6·N plus attention, see README), about the lowest LoRA/full time ratio that better "
         "LoRA layers alone can reach: the frozen model's forward and input gradients remain.",
         "",

@@ -8,6 +8,7 @@ so hf_lora, peft and full fine-tuning start from identical weights and see ident
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -179,7 +180,8 @@ def make_hf_lora(w: Workload, base: nn.Module, dropout: float) -> nn.Module:
 
 def make_variant(w: Workload, variant: str, base: nn.Module) -> nn.Module:
     """The model for one variant name, built on `base` in place (no weight copying between variants).
-    `hf_lora+chunked@p` is hf_lora with its opt-in chunked causal-LM loss (`enable_chunked_loss()`)."""
+    `hf_lora+chunked@p` is hf_lora with its opt-in chunked causal-LM loss (`enable_chunked_loss()`);
+    `hf_lora+peft_masks@p` is plain hf_lora (`make_step(peft_masks=True)` sets how it draws masks)."""
     lib, p = parse_variant(variant)
     if lib == FULL:
         return make_full(base)
@@ -284,15 +286,22 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], amp: str = "none"
+    model: nn.Module, batch: dict[str, torch.Tensor], amp: str = "none", peft_masks: bool = False
 ) -> Callable[[], torch.Tensor]:
-    """A closure doing one training step: forward, backward, AdamW step, zero_grad. Returns the loss."""
+    """A closure doing one training step: forward, backward, AdamW step, zero_grad. Returns the loss.
+    `peft_masks`: an hf_lora model draws F.dropout's exact masks (`hf_lora.peft_dropout_masks()`)."""
     opt = make_optimizer(model)
     device_type = batch["input_ids"].device.type
     model.train()
+    if peft_masks:
+        import hf_lora
+
+        masks = hf_lora.peft_dropout_masks
+    else:
+        masks = contextlib.nullcontext
 
     def step() -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16"), masks():
             loss = model(**batch).loss
         loss.backward()
         opt.step()
