@@ -39,7 +39,7 @@ from measurements import (  # noqa: E402
     run_worker,
     settings_for,
 )
-from report import ROOT, environment, existing_commentary, render  # noqa: E402
+from report import ROOT, environment, existing_commentary, existing_title, render  # noqa: E402
 from workloads import SEED, TRAIN_WORKLOADS, WORKLOADS  # noqa: E402
 
 
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     used = {e.get("run") for entries in results["measurements"].values() for e in entries.values()}
     results["runs"] = {k: v for k, v in results["runs"].items() if k in used}
     write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
-    write_atomic(md_path, render(results, existing_commentary(md_path)))
+    shown_json = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    report = render(results, existing_commentary(md_path), existing_title(md_path), str(shown_json))
+    write_atomic(md_path, report)
     partial.unlink(missing_ok=True)
     print(f"took {run['seconds'] / 60:.1f} min; wrote {md_path} and {json_path}")
     if failed:
