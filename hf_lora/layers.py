@@ -154,6 +154,7 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device) -> torch.Ten
     `F.dropout` draws; `peft_dropout_masks()` switches to those. Other devices (CUDA's Philox Bernoulli is
     already fast) and torch.compile use the Bernoulli."""
     if _exact_masks or device.type != "cpu" or torch.compiler.is_compiling():
+        # bernoulli_ on a bool tensor draws the same elements as F.dropout's on a float one.
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
     n = math.prod(shape)
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(_INT64_MIN, None)
