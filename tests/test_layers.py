@@ -113,6 +113,21 @@ def test_keep_mask_is_seeded_and_fresh_each_call():
     assert not torch.equal(first, second)
 
 
+def test_keep_mask_does_not_depend_on_the_scratch_buffer_size(monkeypatch):
+    """Masks larger than the reused buffer of random words are drawn in batches: the same mask, and the
+    buffer stays at its cap."""
+    import hf_lora.layers as layers
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(11)
+    whole = keep_mask((37, 29), 0.4, cpu)
+    monkeypatch.setattr(layers, "_SCRATCH_WORDS", 50)
+    monkeypatch.setattr(layers, "_scratch", layers.threading.local())
+    torch.manual_seed(11)
+    assert torch.equal(keep_mask((37, 29), 0.4, cpu), whole)  # 1073 elements: 11 batches, the last odd
+    assert layers._scratch.words.numel() == 50
+
+
 def test_peft_dropout_masks_draws_f_dropouts_elements():
     cpu = torch.device("cpu")
     torch.manual_seed(5)
