@@ -159,7 +159,8 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
         "interleaved rounds; ratios are ratios of medians, and in parentheses the median of the "
         "per-round ratios (each round runs the two back to back). Loss Δ: |loss of hf_lora − loss "
         "of peft| for the same seeded forward before training, dropout included (hf_lora drawing "
-        "peft's masks for this check); it should be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a LoRA step to a full fine-tuning step "
+        "peft's masks for this check); it should be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a "
+        "LoRA step to a full fine-tuning step "
         "(4·N vs 6·N plus attention, see README), about the lowest LoRA/full time ratio that better "
         "LoRA layers alone can reach: the frozen model's forward and input gradients remain.",
         "",
