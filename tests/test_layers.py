@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_lora.layers import (
     LoRAConv1D,
     LoRALinear,
+    _lanes,
     _LoRAFunction,
     delta_weight,
     init_lora_,
@@ -89,19 +90,42 @@ def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias):
         assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize(
+    "p, lane_dtype, threshold",
+    [
+        (0.5, torch.int8, 0),  # exact in 8 bits
+        (0.25, torch.int8, -64),
+        (0.05, torch.int16, 3277 - 2**15),  # 3277 / 2**16 = 0.0500030...
+        (0.1, torch.int16, 6554 - 2**15),
+        (0.9, torch.int16, 58982 - 2**15),
+        (0.01, torch.int32, 42949673 - 2**31),  # 16 bits would give 0.009995 (5e-4 off)
+        (1e-7, None, None),  # 32 bits: 429 / 2**32 is 1e-3 off
+    ],
+)
+def test_lanes_are_the_narrowest_that_resolve_p(p, lane_dtype, threshold):
+    lanes = _lanes(p)
+    assert (lanes is None) == (lane_dtype is None)
+    if lanes is not None:
+        assert lanes == (lane_dtype, threshold)
+        bits = 8 * lane_dtype.itemsize
+        assert abs((threshold + 2 ** (bits - 1)) / 2**bits - p) <= 1e-4 * min(p, 1 - p)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.01, 1e-7])  # 16, 16, 8, 16, 32 bits, Bernoulli
 def test_keep_mask_statistics(p):
-    """Keep rate 1 - p, and the two 32-bit lanes of one 64-bit draw (and neighbouring draws) independent:
-    both of a pair dropped with probability p**2. Binomial tolerance of 5 standard deviations."""
-    n = 1_000_001  # odd: the last 64-bit draw is half used
+    """Keep rate 1 - p, and neighbouring elements independent at every position in a 64-bit random
+    word (lanes of one draw, and across draws): both dropped with probability p**2. Binomial tolerance
+    of 5 standard deviations."""
+    n = 1_000_003  # not a multiple of the lanes per word: the last draw is partly used
     torch.manual_seed(0)
     keep = keep_mask((n,), p, torch.device("cpu"))
     assert keep.shape == (n,) and keep.dtype == torch.bool
     assert abs(keep.float().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
-    drop = ~keep[: n - 1]
-    for pairs in (drop[0::2] & drop[1::2], drop[1:-1:2] & drop[2::2]):  # same draw, neighbouring draws
-        q = p * p
-        assert abs(pairs.float().mean().item() - q) <= 5 * math.sqrt(q * (1 - q) / pairs.numel())
+    drop = ~keep
+    for phase in range(8):  # pairs (i, i + 1) with i = phase mod 8: every lane boundary of a word
+        i = torch.arange(phase, n - 1, 8)
+        pairs, q = drop[i] & drop[i + 1], p * p
+        assert abs(pairs.float().mean().item() - q) <= 5 * math.sqrt(q * (1 - q) / i.numel()) + 1e-12
 
 
 def test_keep_mask_is_seeded_and_fresh_each_call():
@@ -124,7 +148,8 @@ def test_keep_mask_does_not_depend_on_the_scratch_buffer_size(monkeypatch):
     monkeypatch.setattr(layers, "_SCRATCH_WORDS", 50)
     monkeypatch.setattr(layers, "_scratch", layers.threading.local())
     torch.manual_seed(11)
-    assert torch.equal(keep_mask((37, 29), 0.4, cpu), whole)  # 1073 elements: 11 batches, the last odd
+    # 1073 elements, 16-bit lanes (4 per word): 6 batches of 200, the last of 73 ends inside a word
+    assert torch.equal(keep_mask((37, 29), 0.4, cpu), whole)
     assert layers._scratch.words.numel() == 50
 
 
