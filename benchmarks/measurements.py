@@ -248,6 +248,8 @@ def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
     for key, (ours, theirs) in compared(timings).items():
         hf, pf, full = timings[ours], timings[theirs], timings["full"]
         out["ratios"][key] = {
+            "hf_lora_variant": ours,
+            "peft_variant": theirs,
             "hf_lora/peft": ratio(hf, pf),
             "hf_lora/peft paired": paired_ratio(hf, pf),
             "hf_lora/full": ratio(hf, full),
@@ -354,6 +356,8 @@ def peak_memory(w: W.Workload, s: Settings) -> dict[str, Any]:
         for key, (ours, theirs) in compared(vs).items():
             hf, pf, full = vs[ours], vs[theirs], vs["full"]
             entry["ratios"][key] = {
+                "hf_lora_variant": ours,
+                "peft_variant": theirs,
                 "hf_lora/peft": ratio(hf, pf),
                 "hf_lora/full": ratio(hf, full),
                 "peft/full": ratio(pf, full),

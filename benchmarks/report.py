@@ -145,12 +145,12 @@ _EXTRA_LABELS = {
 }
 
 
-def _pair(key: str) -> tuple[float, str, str, str]:
-    """A ratios key ("0.0", "0.05", "0.05 chunked") -> (dropout, peft variant, hf_lora variant, label)."""
+def _pair(key: str, r: dict[str, Any]) -> tuple[float, str, str, str]:
+    """A ratios key ("0.0", "0.05", "0.05 chunked") and its entry -> (dropout, peft variant, hf_lora
+    variant, label); the variants are named by the measurement."""
     p, _, extra = key.partition(" ")
-    if extra:
-        return float(p), f"peft@{p}", f"hf_lora+{extra}@{p}", f"{p}, {_EXTRA_LABELS[extra]}"
-    return float(p), f"peft@{p}", f"hf_lora@{p}", p
+    label = f"{p}, {_EXTRA_LABELS[extra]}" if extra else p
+    return float(p), r["peft_variant"], r["hf_lora_variant"], label
 
 
 def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[str]:
@@ -169,7 +169,7 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
     for wl, e in _ok(entries):
         v = e["variants"]
         for key, r in e["ratios"].items():
-            p, peft_v, ours_v, label = _pair(key)
+            p, peft_v, ours_v, label = _pair(key, r)
             what = f"train_step {wl}, dropout {label}: hf_lora/peft"
             g = check(goals, what, r["hf_lora/peft"], "<=", 0.95 if p == 0 else 0.85)
             rows.append(
@@ -207,8 +207,8 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
     for wl, e in _ok(entries):
         mb = e.get("saved_for_backward_mb")
         if mb:
-            for key in e["ratios"]:
-                _, peft_v, ours_v, label = _pair(key)
+            for key, r in e["ratios"].items():
+                _, peft_v, ours_v, label = _pair(key, r)
                 sizes = [f"{mb[k]:,.0f}" for k in ("full", peft_v, ours_v)]
                 saved_rows.append([wl, label, *sizes, f"**{mb[ours_v] / mb[peft_v]:.3f}**"])
     out += table(
@@ -269,7 +269,7 @@ def section_peak_memory(entries: dict[str, Any], goals: list[list[str]]) -> list
         for wl, entry in items:
             v = entry["variants"]
             for key, r in entry["ratios"].items():
-                p, peft_v, ours_v, label = _pair(key)
+                p, peft_v, ours_v, label = _pair(key, r)
                 what = f"peak RSS {wl} seq {seq}, dropout {label}: hf_lora/peft"
                 g = check(goals, what, r["hf_lora/peft"], "<=", 1.0 if p == 0 else 0.85)
                 setup = f"{v[peft_v]['rss_after_setup_mb']:,.0f} / {v[ours_v]['rss_after_setup_mb']:,.0f}"
