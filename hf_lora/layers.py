@@ -267,17 +267,24 @@ def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool) ->
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _fusable_dtypes(autocast: bool, x, w, b, A, B) -> bool:
-    """One dtype for all, or under autocast any of the dtypes autocast casts (it casts them all)."""
+_PLAIN = (torch.Tensor, nn.Parameter)  # not tensor subclasses (DTensor, quantized, ...)
+_AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fusable(autocast: bool, x, w, b, A, B) -> bool:
+    """Whether `_LoRAFunction` covers these tensors: a frozen base, plain tensors, and one dtype for all
+    (under autocast, any dtypes autocast casts: it casts them all). Written out, not with all(...): it
+    runs on every call of every adapted layer."""
+    if w.requires_grad or type(x) not in _PLAIN or type(w) not in _PLAIN:
+        return False
+    if type(A) not in _PLAIN or type(B) not in _PLAIN:
+        return False
+    if b is not None and (b.requires_grad or type(b) not in _PLAIN):
+        return False
     if autocast:
-        return all(
-            t is None or t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (x, w, b, A, B)
-        )
+        dtypes = (x.dtype, w.dtype, A.dtype, B.dtype) + (() if b is None else (b.dtype,))
+        return all(d in _AUTOCASTABLE for d in dtypes)
     return x.dtype == w.dtype == A.dtype == B.dtype and (b is None or b.dtype == w.dtype)
-
-
-def _plain_tensor(t: torch.Tensor | None) -> bool:
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
 # ---- the layer --------------------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class LoRALayer(nn.Module):
     adapters_disabled: bool
     fan_in_fan_out: bool  # base weight stored (in, out), as GPT-2's Conv1D does
     _live: tuple[str, ...]  # active, not merged, not disabled: what forward adds
+    _fusable_adapter: str | None  # the only live adapter, if not DoRA: the one the fused path may run
     _row_adapters: Sequence[str] | None  # one adapter name per batch row (mixed batches), or None
     _fused: bool  # the base class is plain nn.Linear / Conv1D, so _LoRAFunction may replace its forward
 
@@ -386,6 +394,8 @@ class LoRALayer(nn.Module):
             self._live = tuple(
                 a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters
             )
+        live = self._live
+        self._fusable_adapter = live[0] if len(live) == 1 and live[0] not in self.lora_magnitude else None
 
     # -- merging --
 
@@ -449,17 +459,20 @@ class LoRALayer(nn.Module):
         live = self._live
         if not live:
             return self._base_forward(x, *args, **kwargs)
-        if len(live) == 1:
+        name = self._fusable_adapter
+        if name is not None and self._fused:
+            # getattr, as ParameterDict's [] does (FSDP may put plain tensors there), minus a call layer.
+            w, b, A, B = self.weight, self.bias, getattr(self.lora_A, name), getattr(self.lora_B, name)
             autocast = torch.is_autocast_enabled(x.device.type)
-            if self._can_fuse(x, live[0], autocast):
-                return self._fused_forward(x, live[0], autocast)
+            if _fusable(autocast, x, w, b, A, B):
+                return self._fused_forward(x, w, b, A, B, name, autocast)
         result = self._base_forward(x, *args, **kwargs)
         for name in live:
             result = self._add_lora(result, x, name)
         return result
 
-    def _fused_forward(self, x: torch.Tensor, name: str, autocast: bool) -> torch.Tensor:
-        w, b, A, B, s = self.weight, self.bias, self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
+    def _fused_forward(self, x, w, b, A, B, name: str, autocast: bool) -> torch.Tensor:
+        s = self.lora_scaling[name]
         if autocast:
             device_type = x.device.type
             # What autocast does for F.linear, once for the base and the adapter together: cast the inputs
@@ -502,17 +515,6 @@ class LoRALayer(nn.Module):
         else:
             base = result if self.bias is None else result - self.bias
         return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * s
-
-    def _can_fuse(self, x: torch.Tensor, name: str, autocast: bool) -> bool:
-        A, B, w, b = self.lora_A[name], self.lora_B[name], self.weight, self.bias
-        return (
-            self._fused
-            and name not in self.lora_magnitude
-            and not w.requires_grad
-            and (b is None or not b.requires_grad)
-            and _fusable_dtypes(autocast, x, w, b, A, B)
-            and all(_plain_tensor(t) for t in (x, w, b, A, B))
-        )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
@@ -644,6 +646,7 @@ def unmake_lora_layer(module: LoRALayer) -> nn.Module:
         "_row_adapters",
         "_fused",
         "_live",
+        "_fusable_adapter",
         "_dora_norms",
     ):
         module.__dict__.pop(name, None)
