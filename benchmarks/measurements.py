@@ -374,7 +374,9 @@ def peak_memory(w: W.Workload, s: Settings) -> dict[str, Any]:
 INFER_VARIANTS = ["base", "hf_lora", "hf_lora merged", "peft", "peft merged"]
 
 
-def inference(w: W.Workload, s: Settings) -> dict[str, Any]:
+def inference(
+    w: W.Workload, s: Settings, batch_size: int | None = None, seq: int | None = None
+) -> dict[str, Any]:
     """Forward latency (eval, no_grad) of the base model and of both libraries' adapters, unmerged and
     merged (merge_and_unload), interleaved. B is random so the adapter changes the output; the outputs
     of all four adapter variants are checked to agree."""
@@ -390,7 +392,7 @@ def inference(w: W.Workload, s: Settings) -> dict[str, Any]:
         "peft": ref,
         "peft merged": copy.deepcopy(ref).merge_and_unload(),
     }
-    batch = W.make_batch(w, s.batch, s.seq, s.device)
+    batch = W.make_batch(w, batch_size or s.batch, seq or s.seq, s.device)
     del batch["labels"]
     for m in models.values():
         m.eval()
@@ -405,7 +407,8 @@ def inference(w: W.Workload, s: Settings) -> dict[str, Any]:
     fns = {n: forward(m) for n, m in models.items()}
     logits = {n: f().float() for n, f in fns.items()}
     diffs = {n: (logits[n] - logits["peft"]).abs().max().item() for n in models}
-    timings = interleaved(fns, s.warmup, s.reps, s.device)
+    reps = s.reps if seq is None else 5 * s.reps  # a short forward is noisier: more rounds, still seconds
+    timings = interleaved(fns, s.warmup, reps, s.device)
     out = {
         "variants": timings,
         "max_abs_logit_diff_vs_peft": diffs,
@@ -414,6 +417,12 @@ def inference(w: W.Workload, s: Settings) -> dict[str, Any]:
     del models, fns, logits
     cleanup()
     return out
+
+
+def one_token(w: W.Workload, s: Settings) -> dict[str, Any]:
+    """`inference` of a single token (batch 1, no KV cache), as each step of generation runs: the
+    weights' reading and every adapted layer's fixed per-call cost dominate, not the GEMMs' FLOPs."""
+    return inference(w, s, batch_size=1, seq=1)
 
 
 # ---- 4. inject_load ----------------------------------------------------------------------------------
@@ -694,6 +703,7 @@ MEASUREMENTS: dict[str, Callable[[W.Workload, Settings], dict[str, Any]]] = {
     "train_step": train_step,
     "peak_memory": peak_memory,
     "inference": inference,
+    "one_token": one_token,
     "inject_load": inject_load,
     "adapter_switch": adapter_switch,
     "profile": profile,
