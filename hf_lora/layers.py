@@ -268,13 +268,13 @@ def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool) ->
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # not tensor subclasses (DTensor, quantized, ...)
-_AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCASTABLE = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _fusable(autocast: bool, x, w, b, A, B) -> bool:
     """Whether `_LoRAFunction` covers these tensors: a frozen base, plain tensors, and one dtype for all
-    (under autocast, any dtypes autocast casts: it casts them all). Written out, not with all(...): it
-    runs on every call of every adapted layer."""
+    (under autocast, any dtypes autocast casts: it casts them all). Plain comparisons, no generators:
+    it runs on every call of every adapted layer."""
     if w.requires_grad or type(x) not in _PLAIN or type(w) not in _PLAIN:
         return False
     if type(A) not in _PLAIN or type(B) not in _PLAIN:
@@ -282,8 +282,7 @@ def _fusable(autocast: bool, x, w, b, A, B) -> bool:
     if b is not None and (b.requires_grad or type(b) not in _PLAIN):
         return False
     if autocast:
-        dtypes = (x.dtype, w.dtype, A.dtype, B.dtype) + (() if b is None else (b.dtype,))
-        return all(d in _AUTOCASTABLE for d in dtypes)
+        return {x.dtype, w.dtype, A.dtype, B.dtype, w.dtype if b is None else b.dtype} <= _AUTOCASTABLE
     return x.dtype == w.dtype == A.dtype == B.dtype and (b is None or b.dtype == w.dtype)
 
 
