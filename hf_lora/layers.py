@@ -201,6 +201,46 @@ def _random_words(n: int) -> torch.Tensor:
     return buf[:n].random_(_INT64_MIN, None)
 
 
+# ---- full-size temporaries of the dropout path ------------------------------------------------------
+
+# With dropout, the fused path needs full-size temporaries: the dropped input (forward, and again for
+# A's gradient) and the mask-weighted part of the input gradient. On CPU, fresh ones cost more in page
+# faults than in arithmetic (glibc hands large blocks back to the kernel on free: a 6 MB temporary took
+# 1.5 ms to fill against 0.06 ms reused), so they are rows of reused per-thread buffers of at most
+# _SCRATCH_BYTES each. Elsewhere (CUDA's caching allocator already reuses memory) and under
+# torch.compile they are ordinary tensors, in one chunk.
+_SCRATCH_BYTES = 4 << 20
+
+
+def _reuse_buffers(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _row_chunks(x2d: torch.Tensor) -> list[slice]:
+    """Row ranges of x2d whose temporaries fit a scratch buffer (all rows where buffers are not reused)."""
+    n = x2d.shape[0]
+    step = max(1, _SCRATCH_BYTES // (x2d.shape[1] * x2d.element_size())) if _reuse_buffers(x2d) else n
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _buffer(slot: int, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised (rows, like.shape[1]) tensor of like's dtype; on CPU, per-thread buffer `slot`."""
+    shape = (rows, like.shape[1])
+    if not _reuse_buffers(like):
+        return like.new_empty(shape)
+    buffers = _scratch.__dict__.setdefault("floats", {})
+    buf = buffers.get((slot, like.dtype))
+    if buf is None or buf.numel() < rows * like.shape[1]:
+        buf = buffers[slot, like.dtype] = like.new_empty(rows * like.shape[1])
+    return buf[: rows * like.shape[1]].view(shape)
+
+
+def _dropped(x2d: torch.Tensor, keep: torch.Tensor, rows: slice) -> torch.Tensor:
+    """x2d[rows] * keep[rows] (unscaled dropout), in buffer 0."""
+    xk = _buffer(0, x2d, rows.stop - rows.start)
+    return xk.copy_(keep[rows]).mul_(x2d[rows])  # the 0/1 mask as floats, times x
+
+
 # ---- the fused path ---------------------------------------------------------------------------------
 
 
@@ -217,7 +257,8 @@ class _LoRAFunction(torch.autograd.Function):
         x2d = x.reshape(-1, A.shape[1])  # (N, in)
         keep = None
         if dropout_p > 0:
-            keep = keep_mask(x2d.shape, dropout_p, x.device)
+            # As 0/1 bytes: uint8 -> float is vectorised on CPU, bool -> float is not (8x slower).
+            keep = keep_mask(x2d.shape, dropout_p, x.device).view(torch.uint8)
         y, h = _lora_forward(x2d, weight, bias, A, B, scaling, fan_in_fan_out, keep, dropout_p)
         ctx.save_for_backward(x, weight, A, B, h, keep)
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
@@ -238,12 +279,21 @@ class _LoRAFunction(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(gh, A)
             else:
-                grad_x.add_((gh @ A).mul_(keep))
+                for rows in _row_chunks(grad_x):  # grad_x += (gh @ A) * keep
+                    n = rows.stop - rows.start
+                    lora_part = torch.mm(gh[rows], A, out=_buffer(0, grad_x, n))  # (n, in)
+                    grad_x[rows].addcmul_(lora_part, _buffer(1, grad_x, n).copy_(keep[rows]))
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
-            grad_A = gh.T @ (x2d if keep is None else x2d * keep)  # (r, in)
+            if keep is None:
+                grad_A = gh.T @ x2d  # (r, in)
+            else:
+                grad_A = gh.new_zeros(A.shape)
+                for rows in _row_chunks(x2d):
+                    grad_A.addmm_(gh[rows].T, _dropped(x2d, keep, rows))
         if ctx.needs_input_grad[4]:
-            grad_B = (g.T @ h).mul_(s)  # (out, r)
+            # (out, r) as the transpose of h.T @ g: MKL/oneDNN run g.T @ h 3-5x slower on CPU.
+            grad_B = (h.T @ g).T.mul_(s)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
@@ -256,7 +306,10 @@ def _lora_forward(x2d, weight, bias, A, B, scaling: float, fan_in_fan_out: bool,
     if keep is None:
         h = x2d @ A.T  # (N, r)
     else:
-        h = ((x2d * keep) @ A.T).mul_(1 / (1 - dropout_p))
+        h = x2d.new_empty(x2d.shape[0], A.shape[0])
+        for rows in _row_chunks(x2d):
+            torch.mm(_dropped(x2d, keep, rows), A.T, out=h[rows])
+        h.mul_(1 / (1 - dropout_p))
     y.addmm_(h, B.T, alpha=scaling)  # y += scaling * h @ B.T
     return y, h
 
