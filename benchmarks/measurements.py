@@ -375,7 +375,7 @@ INFER_VARIANTS = ["base", "hf_lora", "hf_lora merged", "peft", "peft merged"]
 
 
 def inference(
-    w: W.Workload, s: Settings, batch_size: int | None = None, seq: int | None = None
+    w: W.Workload, s: Settings, batch_size: int | None = None, seq: int | None = None, reps: int | None = None
 ) -> dict[str, Any]:
     """Forward latency (eval, no_grad) of the base model and of both libraries' adapters, unmerged and
     merged (merge_and_unload), interleaved. B is random so the adapter changes the output; the outputs
@@ -407,8 +407,7 @@ def inference(
     fns = {n: forward(m) for n, m in models.items()}
     logits = {n: f().float() for n, f in fns.items()}
     diffs = {n: (logits[n] - logits["peft"]).abs().max().item() for n in models}
-    reps = s.reps if seq is None else 5 * s.reps  # a short forward is noisier: more rounds, still seconds
-    timings = interleaved(fns, s.warmup, reps, s.device)
+    timings = interleaved(fns, s.warmup, reps or s.reps, s.device)
     out = {
         "variants": timings,
         "max_abs_logit_diff_vs_peft": diffs,
@@ -422,7 +421,7 @@ def inference(
 def one_token(w: W.Workload, s: Settings) -> dict[str, Any]:
     """`inference` of a single token (batch 1, no KV cache), as each step of generation runs: the
     weights' reading and every adapted layer's fixed per-call cost dominate, not the GEMMs' FLOPs."""
-    return inference(w, s, batch_size=1, seq=1)
+    return inference(w, s, batch_size=1, seq=1, reps=5 * s.reps)  # a short forward is noisier
 
 
 # ---- 4. inject_load ----------------------------------------------------------------------------------
