@@ -20,14 +20,18 @@ from hf_lora.layers import (
     keep_mask,
     make_lora_layer,
     merged_weight,
+    pack_mask,
     peft_dropout_masks,
     unmake_lora_layer,
+    unpack_mask,
 )
 
 
-def lora_layer(kind: str, bias: bool = True, dropout: float = 0.0, dtype=torch.float32, seed: int = 0):
+def lora_layer(
+    kind: str, bias: bool = True, dropout: float = 0.0, dtype=torch.float32, seed: int = 0, width: int = 24
+):
     torch.manual_seed(seed)
-    base = nn.Linear(24, 40, bias=bias) if kind == "linear" else Conv1D(40, 24)
+    base = nn.Linear(width, 40, bias=bias) if kind == "linear" else Conv1D(40, width)
     if kind == "conv1d":  # GPT-2's Conv1D always has a bias
         nn.init.normal_(base.weight, std=0.2)
     base = base.to(dtype)
@@ -72,7 +76,8 @@ def test_fused_path_equals_plain_path(kind, bias, dropout, shape):
 
 @pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("linear", False), ("conv1d", True)])
 @pytest.mark.parametrize("scratch_bytes", [4 << 20, 200])  # 200 bytes: chunks of 2 rows, the last of 1
-def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratch_bytes, monkeypatch):
+@pytest.mark.parametrize("width", [24, 21])  # 21: row chunks start inside a byte of the packed mask
+def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratch_bytes, width, monkeypatch):
     """The default CPU masks: output and gradients are those of `base(x) + B A (x * keep) / (1-p) * s`
     for the mask `keep_mask` draws from the same seed, whether the dropout temporaries fit one reused
     buffer or go through it in row chunks (which stay at the buffer's cap)."""
@@ -81,13 +86,13 @@ def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratc
     monkeypatch.setattr(layers, "_SCRATCH_BYTES", scratch_bytes)
     monkeypatch.setattr(layers, "_scratch", layers.threading.local())
     p = 0.3
-    layer = lora_layer(kind, bias=bias, dropout=p).train()
-    x = torch.randn(5, 3, 24)
+    layer = lora_layer(kind, bias=bias, dropout=p, width=width).train()
+    x = torch.randn(5, 3, width)
     out, grads = run(layer, x, fused=True, seed=7)
     for buf in layers._scratch.floats.values():
-        assert buf.numel() * buf.element_size() <= max(scratch_bytes, 24 * 4)
+        assert buf.numel() * buf.element_size() <= max(scratch_bytes, width * 4)
     torch.manual_seed(7)
-    keep = keep_mask((15, 24), p, x.device).view(5, 3, 24)
+    keep = keep_mask((15, width), p, x.device).view(5, 3, width)
     assert 0 < keep.sum() < keep.numel()
     xr = x.clone().requires_grad_(True)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
@@ -96,6 +101,46 @@ def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratc
     assert (out - ref.detach()).abs().max().item() <= 1e-5
     for got, want in zip(grads, [xr.grad, A.grad, B.grad]):  # fp32 sums over 15 rows: relative 1e-6
         assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item())
+
+
+def test_pack_mask_golden_value():
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.uint8)  # element i -> bit i % 8
+    assert pack_mask(keep).tolist() == [0b10001101, 0b00000001]
+
+
+@pytest.mark.parametrize(
+    "n, start, stop",
+    [
+        (1, 0, 1),
+        (8, 0, 8),
+        (9, 0, 9),
+        (64, 0, 64),
+        (1000, 0, 1000),
+        (1000, 3, 997),
+        (1000, 8, 16),
+        (45, 42, 45),
+    ],
+)
+def test_unpack_mask_returns_the_packed_elements(n, start, stop):
+    torch.manual_seed(n + start)
+    keep = (torch.rand(n) < 0.5).to(torch.uint8)
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+    assert torch.equal(unpack_mask(packed, start, stop), keep[start:stop])
+
+
+def test_dropout_saves_a_bit_packed_mask():
+    """With dropout the fused layer saves its input, h and one bit per input element, nothing full-size
+    besides the input (peft's Dropout + Linear save the dropped copy and a float mask)."""
+    layer = lora_layer("linear", dropout=0.3).train()
+    x = torch.randn(5, 3, 24, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    small = [t for t in saved if t.data_ptr() not in (x.data_ptr(), layer.weight.data_ptr())]
+    masks = [t for t in small if t.dtype == torch.uint8]
+    assert [m.numel() for m in masks] == [15 * 24 // 8]
+    assert sum(t.numel() * t.element_size() for t in small) < x.numel() * x.element_size()
 
 
 @pytest.mark.parametrize(
