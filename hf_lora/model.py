@@ -27,7 +27,7 @@ from .config import SEQ_CLS_HEADS, LoRAConfig
 from .errors import AdapterStateError
 from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
 from .loss import chunked_cross_entropy
-from .targets import resolve_modules_to_save, resolve_targets
+from .targets import default_target_modules, resolve_modules_to_save, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -471,8 +471,14 @@ def _moves_base_weights(config: LoRAConfig) -> bool:
 
 
 def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
-    """Fill what the model tells us: its name, the classification heads to save, Conv1D's layout."""
+    """Fill what the model tells us: its name, the default targets, the classification heads to save.
+
+    The default targets are written into the config, as peft does: the saved file then names what it
+    adapts, so peft (whose defaults differ: GPT-2's is only c_attn) loads it right, and a later change of
+    our defaults cannot change what an old adapter means."""
     changes: dict[str, Any] = {}
+    if config.target_modules is None:
+        changes["target_modules"] = default_target_modules(model)
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
             model, "name_or_path", None

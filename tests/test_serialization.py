@@ -110,6 +110,27 @@ def test_adapters_travel_both_ways_with_identical_logits(tmp_path, kind, fields)
         assert (logits(model, kind) - expected).abs().max().item() <= 1e-6
 
 
+def _base_model(kind: str) -> torch.nn.Module:
+    return make_model(kind).distilbert if kind == "distilbert" else make_model(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "targets"), [("gpt2", ["c_attn", "c_fc", "c_proj"]), ("distilbert", ["q_lin", "v_lin"])]
+)
+def test_default_targets_are_written_so_peft_loads_them(tmp_path, kind, targets):
+    """peft's default targets differ from ours (GPT-2: only c_attn; DistilBERT: none), so the saved
+    config must name what the adapter adapts, or peft adapts less (or refuses the file)."""
+    ours = get_lora_model(_base_model(kind), LoRAConfig(r=4, lora_alpha=8))
+    randomise_B(ours, 1)
+    ours.save_pretrained(tmp_path / "ours")
+    assert sorted(json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["target_modules"]) == targets
+    into_peft = PeftModel.from_pretrained(_base_model(kind), tmp_path / "ours")
+    ids = batch_for("gpt2")["input_ids"]
+    with torch.no_grad():
+        got, want = into_peft(input_ids=ids)[0], ours(input_ids=ids)[0]
+    assert (got - want).abs().max().item() <= 1e-6
+
+
 def test_peft_seq_cls_adapter_with_pre_classifier_loads_faithfully(tmp_path):
     """peft's suffix match trains DistilBERT's pre_classifier too; its file says so, and we load it."""
     base = make_model("distilbert")
