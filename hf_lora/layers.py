@@ -352,9 +352,11 @@ def _lora_forward(x2d, weight, bias, A, B, scaling: float, fan_in_fan_out: bool,
     return y, h
 
 
-def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """`_LoRAFunction`'s forward without dropout or autograd bookkeeping, for inference."""
-    y, _ = _lora_forward(x.reshape(-1, A.shape[1]), weight, bias, A, B, scaling, fan_in_fan_out)
+def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, dropout_p: float = 0.0):
+    """`_LoRAFunction`'s forward without autograd bookkeeping."""
+    x2d = x.reshape(-1, A.shape[1])  # (N, in)
+    keep = keep_mask(x2d.shape, dropout_p, x.device).view(torch.uint8) if dropout_p > 0 else None
+    y, _ = _lora_forward(x2d, weight, bias, A, B, scaling, fan_in_fan_out, keep, dropout_p)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -576,10 +578,12 @@ class LoRALayer(nn.Module):
         return self._fused_apply(x, w, b, A, B, s, name)
 
     def _fused_apply(self, x, w, b, A, B, s: float, name: str) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # inference: the same two GEMMs, without autograd's bookkeeping
-            return _lora_linear(x, w, b, A, B, s, self.fan_in_fan_out)
         p = self.lora_dropout[name] if self.training else 0.0
-        return _LoRAFunction.apply(x, w, b, A, B, s, p, self.fan_in_fan_out)
+        if torch.is_grad_enabled():
+            return _LoRAFunction.apply(x, w, b, A, B, s, p, self.fan_in_fan_out)
+        # Without autograd: inference, or a training forward under no_grad (the first pass of reentrant
+        # gradient checkpointing, which must drop what its recomputation drops): the same GEMMs and mask.
+        return _lora_linear(x, w, b, A, B, s, self.fan_in_fan_out, p)
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """The reference computation, op for op as peft does it."""

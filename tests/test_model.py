@@ -251,17 +251,25 @@ def test_forward_signature_generate_and_attributes_are_the_models():
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    grads = []
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reentrant, dropout):
+    """Also with dropout: reentrant checkpointing runs the first forward under no_grad, which must drop
+    what the recomputation drops (the loss is from that first forward, the gradients from the second)."""
+    grads, losses = [], []
     for checkpointing in (False, True):
-        model = get_lora_model(make_model("llama"), LoRAConfig(r=4, target_modules=ALL_LLAMA))
+        config = LoRAConfig(r=4, target_modules=ALL_LLAMA, lora_dropout=dropout)
+        model = get_lora_model(make_model("llama"), config)
         randomise_B(model)
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        model(**batch_for("llama")).loss.backward()
+        torch.manual_seed(3)
+        loss = model(**batch_for("llama")).loss
+        loss.backward()
+        losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert abs(losses[0] - losses[1]) <= 1e-6
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
     assert all(g.abs().sum() > 0 for g in grads[1].values()), "every LoRA weight gets a gradient"
     assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) <= 1e-6
