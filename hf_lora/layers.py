@@ -612,6 +612,11 @@ class LoRALayer(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
+        if self.merged_adapters:  # a merged adapter would be in every row, "__base__" ones included
+            raise AdapterStateError(
+                f"adapter(s) {self.merged_adapters} are merged into the weights; unmerge_adapter() before a "
+                "mixed-batch forward (adapter_names=...)."
+            )
         rows = _rows_for_batch(self._row_adapters, x.shape[0])
         result = self._base_forward(x, *args, **kwargs)
         if self.adapters_disabled:
@@ -619,10 +624,6 @@ class LoRALayer(nn.Module):
         for name in dict.fromkeys(rows):
             if name == BASE_ROWS or name not in self.lora_A:
                 continue
-            if name in self.merged_adapters:
-                raise AdapterStateError(
-                    f"adapter {name!r} is merged into the weights; unmerge it before a mixed-batch forward."
-                )
             idx = [i for i, n in enumerate(rows) if n == name]
             result[idx] = self._add_lora(result[idx], x[idx], name)
         return result

@@ -241,6 +241,11 @@ class LoRAModel(nn.Module):
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
         layers = [layer for _, layer in self.lora_layers()]
+        if any(layer.adapters_disabled for layer in layers):
+            raise AdapterStateError(
+                "adapters are disabled (disable_adapters(), or inside `with model.disable_adapter():`), and "
+                "merged weights would change the base model they stand for; enable_adapters() first."
+            )
         if already := [n for n in names if any(n in layer.merged_adapters for layer in layers)]:
             logger.warning(
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already

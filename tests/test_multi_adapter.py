@@ -132,6 +132,29 @@ def test_mixed_batch_rows_match_single_adapter_runs():
     assert model.transformer.h[0].attn.c_attn._row_adapters is None, "the row assignment does not leak"
     with pytest.raises(AdapterStateError, match="unknown adapters"):
         model(**batch, adapter_names=["nope"] * 5)
+    model.merge_adapter()  # "default" would then be in every row: refused, for rows of any adapter
+    for rows in (["__base__"] * 5, ["b"] * 5):
+        with pytest.raises(AdapterStateError, match=r"\['default'\] are merged"):
+            model(**batch, adapter_names=rows)
+    model.unmerge_adapter()  # W + BA - BA: equal up to rounding
+    with torch.no_grad():
+        again = model(**batch, adapter_names=["b", "__base__", "default", "c", "b"]).logits
+    assert (again - mixed).abs().max().item() <= 1e-5
+
+
+def test_merging_while_disabled_is_refused():
+    """Merged weights under disabled adapters would no longer be the base model the block promises."""
+    model = three_adapters()
+    base = logits_with(model, None)
+    model.disable_adapters()
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(AdapterStateError, match="enable_adapters"):
+            merge()
+    with torch.no_grad():
+        assert torch.equal(model(**batch_for("gpt2")).logits, base)
+    model.enable_adapters()
+    model.merge_adapter()
+    assert (logits_with(model, "default") - base).abs().max() > 1e-3
 
 
 def test_mixed_batch_generate_matches_peft():
