@@ -141,6 +141,8 @@ class LoRAModel(nn.Module):
         config = first.replace(
             r=rank,
             lora_alpha=rank,  # scaling 1: the weights and scalings are folded into A
+            use_rslora=False,  # (which rsLoRA's rank / sqrt(rank) would not be)
+            init_lora_weights=True,  # A and B are set below; PiSSA/OLoRA would move base weights again
             target_modules=sorted(p for p, _ in layers),
             exclude_modules=None,
             layers_to_transform=None,
@@ -524,6 +526,11 @@ def _check_adapter_name(name: str) -> None:
         raise ValueError(
             f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter "
             f"(no dots; {BASE_ROWS!r} is reserved)."
+        )
+    if hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: torch's ParameterDict/ModuleDict, which hold the adapters, have "
+            f"a method of that name; choose another (e.g. {name + '_adapter'!r})."
         )
 
 

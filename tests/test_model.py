@@ -300,8 +300,9 @@ def test_wrapping_twice_and_bad_arguments_are_refused():
         get_lora_model(model, LoRAConfig(r=4))
     with pytest.raises(TypeError, match="LoRAConfig"):
         get_lora_model(make_model("gpt2"), {"r": 4})
-    with pytest.raises(ValueError, match="invalid adapter name"):
-        get_lora_model(make_model("gpt2"), LoRAConfig(), adapter_name="a.b")
+    for name in ("a.b", "copy", "keys"):  # the last two: methods of the dicts that hold the adapters
+        with pytest.raises(ValueError, match="invalid adapter name"):
+            get_lora_model(make_model("gpt2"), LoRAConfig(), adapter_name=name)
     with pytest.raises(TypeError, match="get_lora_model"):
         hf_lora.LoRAModel()
 

@@ -218,6 +218,23 @@ def test_weighted_adapters_equal_peft(how, rank):
     )
 
 
+@pytest.mark.parametrize("extra", [dict(use_rslora=True), dict(init_lora_weights="pissa")])
+@pytest.mark.parametrize("how", ["cat", "svd"])
+def test_weighted_copy_of_one_adapter_is_that_adapter(extra, how):
+    """Weight 1 on one adapter gives that adapter back, whatever its config: the combination's scaling is 1
+    (not rsLoRA's), and it is not initialised again (PiSSA would move more of the base weights into it)."""
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, **extra))
+    randomise_B(model)
+    before = logits_with(model, "default")
+    model.add_weighted_adapter(["default"], [1.0], "copy_of_it", combination_type=how)
+    assert (logits_with(model, "default") - before).abs().max().item() <= 1e-6, "the base is untouched"
+    assert (logits_with(model, "copy_of_it") - before).abs().max().item() <= 1e-5
+    assert (
+        model.peft_config["copy_of_it"].use_rslora is False
+        and model.peft_config["copy_of_it"].init_lora_weights is True
+    )
+
+
 def test_svd_combination_is_the_best_low_rank_approximation():
     model = three_adapters()
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "full", combination_type="svd", svd_rank=8)
