@@ -592,11 +592,23 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
+# Fields that change what the same A and B compute: a reload in place must agree on them.
+_RELOAD_MUST_MATCH = ("lora_alpha", "use_rslora", "use_dora", "alpha_pattern")
+
+
 def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
+    """New weights for an existing adapter (the Trainer's resume and best-model paths): the file must be
+    that adapter's, and a merged adapter is unmerged around the copy so the base weights stay right."""
     keymap = adapter_key_map(model, adapter_name)
     own = model.state_dict(keep_vars=True)
     given = {_normalise_key(k): k for k in files.tensors}
-    problems = [f"missing {k}" for k in keymap if k not in given and not k.endswith(".bias")]
+    current = model.peft_config[adapter_name]
+    problems = [
+        f"{field}={getattr(files.config, field)!r} (the loaded adapter has {getattr(current, field)!r})"
+        for field in _RELOAD_MUST_MATCH
+        if getattr(files.config, field) != getattr(current, field)
+    ]
+    problems += [f"missing {k}" for k in keymap if k not in given and not k.endswith(".bias")]
     problems += [
         f"{k} has shape {tuple(files.tensors[given[k]].shape)}, the model needs {tuple(own[v].shape)}"
         for k, v in keymap.items()
@@ -605,9 +617,15 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     problems += [f"unexpected {k}" for k in given if k not in keymap]
     if problems:
         raise AdapterFormatError(
-            f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}."
+            f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}. "
+            f"Load it under another name, or delete_adapter({adapter_name!r}) first."
         )
+    merged = [layer for _, layer in model.lora_layers() if adapter_name in layer.merged_adapters]
+    for layer in merged:
+        layer.unmerge([adapter_name])
     _copy_tensors(model, adapter_name, files)
+    for layer in merged:
+        layer.merge([adapter_name])
     model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)
     model.set_adapter(model.active_adapters)
 

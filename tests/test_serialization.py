@@ -306,3 +306,33 @@ def test_loading_onto_a_lora_model_points_to_load_adapter(tmp_path):
         LoRAModel.from_pretrained(ours, tmp_path)
     with pytest.raises(AdapterNotFoundError, match="not a local directory"):
         LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "does" / "not" / "exist")
+
+
+def test_reloading_an_adapter_in_place_keeps_merged_weights_right(tmp_path):
+    """load_adapter(path, existing_name) (the Trainer's resume and best-model path) on a merged adapter:
+    the merged delta is swapped for the file's, and unmerging gives the base model back."""
+    fields = CASES[0][1]
+    saved, _ = trained("gpt2", fields, seed=1)
+    saved.save_pretrained(tmp_path / "a")
+    expected = logits(saved, "gpt2")
+    base = logits(trained("gpt2", fields, seed=1)[0].unload(), "gpt2")
+    model, _ = trained("gpt2", fields, seed=1)
+    randomise_B(model, 5)  # the same base weights, other adapter weights
+    assert (logits(model, "gpt2") - expected).abs().max().item() > 1e-3
+    model.merge_adapter()
+    model.load_adapter(tmp_path / "a", "default")
+    assert (logits(model, "gpt2") - expected).abs().max().item() <= 1e-5
+    model.unmerge_adapter()
+    assert (logits(model, "gpt2") - expected).abs().max().item() <= 1e-5, "unmerged: the same adapter"
+    with model.disable_adapter():
+        assert (logits(model, "gpt2") - base).abs().max().item() <= 1e-5, "and the base weights are intact"
+
+
+def test_reloading_in_place_refuses_another_scaling(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path / "a")
+    other, _ = trained("gpt2", dict(CASES[0][1], lora_alpha=32))
+    before = logits(other, "gpt2")
+    with pytest.raises(AdapterFormatError, match=r"lora_alpha=8 \(the loaded adapter has 32\).*another name"):
+        other.load_adapter(tmp_path / "a", "default")
+    assert torch.equal(logits(other, "gpt2"), before), "the model is left alone"
