@@ -236,7 +236,7 @@ def _target_problems(name: str, value: Any):
             yield from _regex_problem(name, value)
     elif not all(isinstance(v, str) and v for v in value):
         yield f"{name} must be a list of module names or a regex string, got {value!r}."
-    elif not value:
+    elif not value and name == "target_modules":  # (an empty exclude_modules excludes nothing, as in peft)
         yield f"{name} is an empty list; give module names, a regex, 'all-linear', or None for the default."
 
 

@@ -97,8 +97,9 @@ def extract_lora(
             layer.lora_B[adapter_name].copy_(B.to(layer.lora_B[adapter_name].dtype))
         for path, wrapper in model.saved_modules():
             copy = wrapper.modules_to_save[adapter_name]
+            trained = finetuned_model.get_submodule(path)  # (a tied lm_head is not in ft_params)
             for name, p in copy.named_parameters():
-                p.copy_(ft_params[f"{path}.{name}"])
+                p.copy_(trained.get_parameter(name))
                 covered.add(f"{path}.{name}")
     if missed := sorted(changed - covered):
         logger.warning(

@@ -49,6 +49,10 @@ def test_every_problem_is_reported_at_once():
     assert len(lines) == 4
 
 
+def test_an_empty_exclude_list_excludes_nothing():  # peft writes exclude_modules=[] in some configs
+    assert LoRAConfig(exclude_modules=[]).exclude_modules == []
+
+
 def test_peft_reads_our_json_and_we_read_peft_json(caplog):
     ours = LoRAConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["q", "v"], bias="lora_only",
                       rank_pattern={"v": 2}, alpha_pattern={"q": 8}, layers_to_transform=[0, 1],

@@ -72,3 +72,14 @@ def test_mismatched_models_are_refused():
         hf_lora.extract_lora(make_model("llama"), make_model("gpt2"), r=4)
     with pytest.raises(TargetModulesError, match="nothing to extract"):
         hf_lora.extract_lora(make_model("llama"), make_model("llama"), r=4)
+
+
+def test_a_tied_output_head_can_be_saved_in_full():
+    """GPT-2's lm_head shares its weight with wte, so named_parameters() lists it only as wte.weight."""
+    base = make_model("gpt2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * torch.randn_like(tuned.lm_head.weight))  # (and so wte, tied)
+        tuned.transformer.h[0].attn.c_attn.weight.add_(0.05)
+    model = hf_lora.extract_lora(base, tuned, r=64, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    assert torch.equal(model.lm_head.modules_to_save["default"].weight, tuned.lm_head.weight)
