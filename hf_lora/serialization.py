@@ -490,7 +490,7 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     """Check the file's tensors against what `config` would create in `model`, before touching it."""
     keys = {_normalise_key(k): k for k in files.tensors}
     try:
-        targets = resolve_targets(model, config)
+        targets = resolve_targets(model, config, strict_patterns=False)
     except ValueError as e:
         raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
     saved = resolve_modules_to_save(model, config)

@@ -7,6 +7,7 @@ makes `classifier` also grab DistilBERT's `pre_classifier`).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 
@@ -16,6 +17,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import SEQ_CLS_HEADS, LoRAConfig
 from .errors import TargetModulesError
 from .layers import LoRALayer, ModulesToSave
+
+logger = logging.getLogger(__name__)
 
 # Default `target_modules` per `config.model_type`. GPT-2 adapts all three Conv1D kinds, as the GPT-2 news
 # tutorial does (peft's default is `c_attn` only); the rest follow peft's defaults.
@@ -144,8 +147,10 @@ def output_head_path(model: nn.Module) -> str | None:
     return next((name for name, m in base_modules(model) if m is head), None)
 
 
-def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none."""
+def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
+    """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none.
+    A rank/alpha pattern key that matches no target is an error when creating an adapter (a typo), and
+    a warning when loading one (peft saves such configs, and the key has no effect)."""
     targets = config.target_modules
     if targets is None:
         targets = default_target_modules(model)
@@ -194,19 +199,25 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                 if present
                 else f"layers_to_transform is set, but no numbered layers were found in {type(model).__name__}."
             )
-    _check_patterns(config, found)
+    if unused := _unused_patterns(config, found):
+        message = (
+            f"{unused[0]} matches none of the {len(found)} targeted modules (e.g. {found[0]!r}). Keys are "
+            "regexes matched against the end of a module path."
+        )
+        if strict_patterns:
+            raise TargetModulesError(message)
+        logger.warning("%s It has no effect.", message)
     return found
 
 
-def _check_patterns(config: LoRAConfig, targets: list[str]) -> None:
-    """A rank/alpha pattern that matches no targeted module is almost surely a typo: say so."""
-    for kind, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
-        for key in patterns:
-            if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets):
-                raise TargetModulesError(
-                    f"{kind} key {key!r} matches none of the {len(targets)} targeted modules "
-                    f"(e.g. {targets[0]!r}). Keys are regexes matched against the end of a module path."
-                )
+def _unused_patterns(config: LoRAConfig, targets: list[str]) -> list[str]:
+    """Rank/alpha pattern keys that match no targeted module (almost surely typos)."""
+    return [
+        f"{kind} key {key!r}"
+        for kind, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
+        for key in patterns
+        if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets)
+    ]
 
 
 def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:

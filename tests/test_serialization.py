@@ -336,3 +336,23 @@ def test_reloading_in_place_refuses_another_scaling(tmp_path):
     with pytest.raises(AdapterFormatError, match=r"lora_alpha=8 \(the loaded adapter has 32\).*another name"):
         other.load_adapter(tmp_path / "a", "default")
     assert torch.equal(logits(other, "gpt2"), before), "the model is left alone"
+
+
+def test_a_peft_adapter_with_an_unused_pattern_key_loads_with_a_warning(tmp_path, caplog):
+    """peft saves rank/alpha pattern keys that match no target; get_lora_model refuses them (typos), a
+    load only warns: the key has no effect on the weights."""
+    fields = dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"k_proj": 8, "v_proj": 2}
+    )
+    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ref.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_lora"):
+        ours = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+    assert "rank_pattern key 'k_proj' matches none" in caplog.text
+    assert (logits(ours, "llama") - logits(ref, "llama")).abs().max().item() <= 1e-6
+    with pytest.raises(hf_lora.TargetModulesError, match="rank_pattern key 'k_proj'"):
+        get_lora_model(make_model("llama"), LoRAConfig(**fields))
