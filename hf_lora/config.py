@@ -28,7 +28,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 # Heads that a sequence-classification adapter must train and save, as peft does for task_type="SEQ_CLS".
 SEQ_CLS_HEADS = ("classifier", "score")
 
-_INIT_STRINGS = ("gaussian", "pissa", "olora")
+_INIT_STRINGS = ("gaussian", "pissa", "olora", "orthogonal")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # Keys peft writes for features hf_lora does not implement, with the value that means "feature off".
@@ -204,9 +204,11 @@ def _problems(c: LoRAConfig):
         isinstance(init, str) and (init in _INIT_STRINGS or _PISSA_NITER.fullmatch(init))
     ):
         yield (
-            f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
-            f"got {init!r}."
+            f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or "
+            f"'orthogonal', got {init!r}."
         )
+    if init == "orthogonal" and any(_is_int(v) and v % 2 for v in [c.r, *c.rank_pattern.values()]):
+        yield "init_lora_weights='orthogonal' splits each rank in two halves: r and rank_pattern's ranks must be even."
     for key, value in c.rank_pattern.items():
         if not _is_int(value) or value <= 0:
             yield f"rank_pattern[{key!r}] must be a positive integer, got {value!r}."

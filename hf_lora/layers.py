@@ -53,8 +53,15 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> t
 
 def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
     """True: A kaiming-uniform(a=sqrt(5)), B zeros (the update starts at zero, as in the LoRA paper);
-    "gaussian": A ~ N(0, 1/r); False: both as nn.Linear initialises weights (a non-zero update)."""
+    "gaussian": A ~ N(0, 1/r); "orthogonal" (peft's): A and B both non-zero, built on the odd and even rows
+    of a random orthogonal (r, r) matrix, so B @ A = 0; False: both as nn.Linear initialises weights."""
     with torch.no_grad():
+        if init == "orthogonal":
+            r = A.shape[0]
+            Q, _ = torch.linalg.qr(torch.randn(r, r))  # rows orthonormal: Q[1::2] @ Q[0::2].T = 0
+            A.copy_((torch.randn(A.shape[1], r // 2) @ Q[0::2]).T / 10)  # (r, in)
+            B.copy_(torch.randn(B.shape[0], r // 2) @ Q[1::2] / 10)  # (out, r)
+            return
         if init == "gaussian":
             nn.init.normal_(A, std=1 / A.shape[0])
         else:

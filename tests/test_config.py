@@ -25,6 +25,8 @@ BAD_FIELDS = [
     (dict(target_modules=[]), "target_modules is an empty list"),
     (dict(target_modules=["q", 3]), "target_modules must be a list of module names"),
     (dict(init_lora_weights="uniform"), "init_lora_weights must be"),
+    (dict(init_lora_weights="orthogonal", r=3), "r and rank_pattern's ranks must be even"),
+    (dict(init_lora_weights="orthogonal", rank_pattern={"q": 5}), "r and rank_pattern's ranks must be even"),
     (dict(rank_pattern={"q": 0}), "rank_pattern['q'] must be a positive integer"),
     (dict(alpha_pattern={"q": -1}), "alpha_pattern['q'] must be a positive number"),
     (dict(rank_pattern={"(": 2}), "rank_pattern key '(' is not a valid regular expression"),

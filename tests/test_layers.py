@@ -314,6 +314,8 @@ def test_init_modes():
     assert torch.all(B == 0) and A.abs().max() <= bound and A.abs().max() > 0.9 * bound
     init_lora_(A, B, "gaussian")
     assert torch.all(B == 0) and abs(A.std().item() - 1 / 8) < 0.01
+    init_lora_(A, B, "orthogonal")  # peft's: both factors non-zero, their product zero
+    assert A.abs().min() > 0 and B.abs().min() > 0 and (B @ A).abs().max().item() <= 1e-6
     init_lora_(A, B, False)
     assert B.abs().sum() > 0
 

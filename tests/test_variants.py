@@ -131,6 +131,23 @@ def test_pissa_olora_gaussian_inits_equal_peft(init):
         )
 
 
+def test_orthogonal_init_starts_at_the_base_and_peft_adapters_load(tmp_path):
+    fields = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="orthogonal")
+    ours = get_lora_model(make_model("llama"), LoRAConfig(**fields))
+    assert (logits(ours, "llama") - logits(make_model("llama"), "llama")).abs().max().item() <= 1e-5
+    assert all(layer.lora_B["default"].abs().sum() > 0 for _, layer in ours.lora_layers())
+    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
+    with torch.no_grad():  # as if trained: B A no longer zero
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    loaded = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+    expected = logits(ref, "llama")
+    assert (expected - logits(make_model("llama"), "llama")).abs().max() > 1e-4
+    assert (logits(loaded, "llama") - expected).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_pissa_residual_plus_adapter_is_the_original_weight(kind):
     base = make_model(kind)
