@@ -25,8 +25,13 @@ TASK_TYPES = (
     "FEATURE_EXTRACTION",
 )
 BIAS_MODES = ("none", "all", "lora_only")
-# Heads that a sequence-classification adapter must train and save, as peft does for task_type="SEQ_CLS".
-SEQ_CLS_HEADS = ("classifier", "score")
+# Heads that an adapter of these task types trains and saves in full, as peft adds them to modules_to_save
+# (a model has one or the other name, so each is optional).
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 _INIT_STRINGS = ("gaussian", "pissa", "olora", "orthogonal")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")

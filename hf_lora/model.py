@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import SEQ_CLS_HEADS, LoRAConfig
+from .config import TASK_HEADS, LoRAConfig
 from .errors import AdapterStateError
 from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
 from .loss import chunked_cross_entropy
@@ -492,9 +492,9 @@ def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
         )
         if name:
             changes["base_model_name_or_path"] = str(name)
-    if config.task_type == "SEQ_CLS":
+    if config.task_type in TASK_HEADS:
         heads = list(config.modules_to_save or [])
-        changes["modules_to_save"] = heads + [h for h in SEQ_CLS_HEADS if h not in heads]
+        changes["modules_to_save"] = heads + [h for h in TASK_HEADS[config.task_type] if h not in heads]
     return config.replace(**changes) if changes else config
 
 

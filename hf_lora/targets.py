@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import SEQ_CLS_HEADS, LoRAConfig
+from .config import TASK_HEADS, LoRAConfig
 from .errors import TargetModulesError
 from .layers import LoRALayer, ModulesToSave
 
@@ -221,10 +221,10 @@ def _unused_patterns(config: LoRAConfig, targets: list[str]) -> list[str]:
 
 
 def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Paths of the modules to train and save in full. A name the user gave must exist; the default
-    classification heads (`classifier`, `score`) are optional, since a model has one or the other."""
+    """Paths of the modules to train and save in full. A name the user gave must exist; the task's default
+    heads (`TASK_HEADS`: `classifier`, `score`, `qa_outputs`) are optional, since a model has one or the other."""
     names = list(config.modules_to_save or [])
-    optional = set(SEQ_CLS_HEADS) if config.task_type == "SEQ_CLS" else set()
+    optional = set(TASK_HEADS.get(config.task_type or "", ()))
     found: list[str] = []
     for name in names:
         hits = [path for path, _ in base_modules(model) if path == name or path.endswith("." + name)]

@@ -356,3 +356,35 @@ def test_a_peft_adapter_with_an_unused_pattern_key_loads_with_a_warning(tmp_path
     assert (logits(ours, "llama") - logits(ref, "llama")).abs().max().item() <= 1e-6
     with pytest.raises(hf_lora.TargetModulesError, match="rank_pattern key 'k_proj'"):
         get_lora_model(make_model("llama"), LoRAConfig(**fields))
+
+
+@pytest.mark.parametrize(("task", "head"), [("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")])
+def test_token_cls_and_question_answering_heads_are_trained_and_saved_as_in_peft(tmp_path, task, head):
+    from transformers import BertForQuestionAnswering, BertForTokenClassification
+
+    def bert():
+        torch.manual_seed(0)
+        cls = BertForTokenClassification if task == "TOKEN_CLS" else BertForQuestionAnswering
+        return cls(make_model("bert").config).eval()
+
+    fields = dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type=task)
+    ours = get_lora_model(bert(), LoRAConfig(**fields))
+    ref = get_peft_model(bert(), LoraConfig(**fields))
+    assert [p for p, _ in ours.saved_modules()] == [head]
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    randomise_B(ours, 2)
+    with torch.no_grad():
+        ours.get_submodule(head).modules_to_save["default"].weight.add_(0.1)
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    with (
+        safe_open(tmp_path / "ours" / WEIGHTS_NAME, "pt") as a,
+        safe_open(tmp_path / "peft" / WEIGHTS_NAME, "pt") as b,
+    ):
+        assert sorted(a.keys()) == sorted(b.keys())
+    ids = batch_for("bert")["input_ids"]
+    with torch.no_grad():
+        expected = ours(input_ids=ids)[0]
+        into_peft = PeftModel.from_pretrained(bert(), tmp_path / "ours")(input_ids=ids)[0]
+        assert (into_peft - expected).abs().max().item() <= 1e-6
+        LoRAModel.from_pretrained(bert(), tmp_path / "peft")  # peft's file loads too
