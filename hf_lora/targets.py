@@ -158,26 +158,35 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     if isinstance(layers, int):
         layers = [layers]
 
-    found, unsupported = [], []
+    found, unsupported, saved_by_others = [], [], []
     head = output_head_path(model) if targets == "all-linear" else None
+    wrapped = {path for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
     for path, module in base_modules(model):
         if in_modules_to_save(path, config.modules_to_save):
             continue
         if config.exclude_modules and matches_name(path, config.exclude_modules):
             continue
         if targets == "all-linear":
-            if isinstance(module, LINEAR_TYPES) and path != head:
+            if isinstance(module, LINEAR_TYPES) and path != head and path not in wrapped:
                 found.append(path)
             continue
         if not matches_name(path, targets):
             continue
         if layers and not isinstance(targets, str) and layer_index(path, config.layers_pattern) not in layers:
             continue
-        if isinstance(module, LINEAR_TYPES):
+        if path in wrapped:  # another adapter trains it in full: LoRA on top would be lost with that copy
+            saved_by_others.append(path)
+        elif isinstance(module, LINEAR_TYPES):
             found.append(path)
         else:
             unsupported.append(f"{path} ({type(module).__name__})")
 
+    if saved_by_others:
+        raise TargetModulesError(
+            f"target_modules={targets!r} matches {', '.join(saved_by_others)}, which another adapter trains and "
+            f"saves in full (modules_to_save). Leave it out (exclude_modules=[...]), or save it in full for this "
+            f"adapter too (modules_to_save=[...])."
+        )
     if unsupported:
         raise TargetModulesError(
             f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"

@@ -254,3 +254,17 @@ def test_weighted_adapter_takes_the_saved_head_of_its_owner():
     model.add_weighted_adapter(["default", "c"], [1.0, 1.0], "mix", combination_type="cat")
     head = model.lm_head.modules_to_save
     assert torch.equal(head["mix"].weight, head["c"].weight)
+
+
+def test_a_head_another_adapter_saves_in_full_is_not_a_lora_target():
+    """LoRA on a module another adapter trains in full would go when that copy goes (delete_adapter)."""
+    model = get_lora_model(make_model("bert"), LoRAConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    with pytest.raises(hf_lora.TargetModulesError, match="classifier, which another adapter trains"):
+        model.add_adapter("c", LoRAConfig(r=4, target_modules=["value", "classifier"]))
+    model.add_adapter("b", LoRAConfig(r=4, target_modules="all-linear"))
+    assert isinstance(model.classifier, hf_lora.ModulesToSave) and "b" not in model.classifier.modules_to_save
+    randomise_B(model, 3)
+    model.set_adapter("b")
+    before = model(**batch_for("bert")).logits.detach()
+    model.delete_adapter("default")
+    assert torch.equal(model(**batch_for("bert")).logits.detach(), before)
