@@ -111,7 +111,42 @@ def adapter_state_dict(
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 / tensor parallel): gather the whole tensor
             t = t.full_tensor()
         out[file_key] = t.detach().to("cpu").contiguous()
+    modules = dict(base_modules(model))
+    for path in peft_only_saved_modules(model, adapter_name):
+        for k, t in modules[path].state_dict().items():
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            out.setdefault(f"{PREFIX}{path}.{k}", t.detach().to("cpu").contiguous())
     return out
+
+
+def peft_only_saved_modules(model: LoRAModel, adapter_name: str) -> list[str]:
+    """Modules that peft saves for this adapter's modules_to_save and ours leave in the base model.
+
+    peft matches those names as plain suffixes ("classifier" takes DistilBERT's `pre_classifier` too) and
+    expects their tensors in the file, so we write them, unchanged: peft then loads the file, with the same
+    outputs. Loading ignores such tensors when they equal the model's own (see `_unchanged_base_tensors`).
+    """
+    names = model.peft_config[adapter_name].modules_to_save or []
+    held = [p for p, layer in model.lora_layers() if adapter_name in layer.lora_A]
+    held += [p for p, w in model.saved_modules() if adapter_name in w.modules_to_save]
+    return [
+        path
+        for path, _ in base_modules(model)
+        if any(path.endswith(n) for n in names)
+        and not any(path == h or path.startswith(h + ".") for h in held)
+    ]
+
+
+def _unchanged_base_tensors(model: nn.Module, files: AdapterFiles, keys: list[str]) -> bool:
+    """Whether these file tensors equal the model's own base tensors (copies for peft's sake)."""
+    own = model.state_dict()
+    for key in keys:
+        mine = own.get(key.removeprefix(PREFIX))
+        theirs = files.tensors[key]
+        if mine is None or mine.shape != theirs.shape or not torch.equal(mine.cpu(), theirs.to(mine.dtype)):
+            return False
+    return True
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
@@ -498,14 +533,21 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
+    # Such tensors equal to the model's own are the copies we write for peft (`peft_only_saved_modules`).
     expected = _expected_shapes(modules, config, targets, saved)
+    copies: set[str] = set()
     for key in sorted(set(keys) - set(expected)):
         path = key.removeprefix(PREFIX).rpartition(".")[0]
         if path in modules and path not in targets and not _inside(path, saved) and not key.endswith(".bias"):
+            of_path = [k for k in keys if k.rpartition(".")[0] == f"{PREFIX}{path}"]
+            if _unchanged_base_tensors(model, files, [keys[k] for k in of_path]):
+                copies.update(of_path)
+                continue
             saved.append(path)
             logger.info(
                 "%s: loading %s as a module saved in full (it is in the adapter file)", files.source, path
             )
+    keys = {k: v for k, v in keys.items() if k not in copies}
     expected = _expected_shapes(modules, config, targets, saved)
 
     problems = []
@@ -614,7 +656,11 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
         for k, v in keymap.items()
         if k in given and files.tensors[given[k]].shape != own[v].shape
     ]
-    problems += [f"unexpected {k}" for k in given if k not in keymap]
+    problems += [
+        f"unexpected {k}"
+        for k in given
+        if k not in keymap and not _unchanged_base_tensors(model, files, [given[k]])
+    ]
     if problems:
         raise AdapterFormatError(
             f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}. "

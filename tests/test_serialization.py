@@ -147,6 +147,28 @@ def test_peft_seq_cls_adapter_with_pre_classifier_loads_faithfully(tmp_path):
     assert (logits(ours, "distilbert") - logits(ref, "distilbert")).abs().max().item() <= 1e-6
 
 
+def test_our_seq_cls_adapter_loads_in_peft_despite_its_suffix_rule(tmp_path):
+    """peft's "classifier" also takes pre_classifier, which we leave in the base: the file carries an
+    unchanged copy of it so that peft loads it (same logits), and our own loads ignore that copy."""
+    ours = get_lora_model(make_model("distilbert"), LoRAConfig(r=4, task_type="SEQ_CLS"))
+    randomise_B(ours, 1)
+    with torch.no_grad():
+        ours.classifier.modules_to_save["default"].weight.add_(0.1)
+    ours.save_pretrained(tmp_path)
+    expected = logits(ours, "distilbert")
+    assert (
+        logits(PeftModel.from_pretrained(make_model("distilbert"), tmp_path), "distilbert") - expected
+    ).abs().max() <= 1e-6
+    again = LoRAModel.from_pretrained(make_model("distilbert"), tmp_path)
+    assert [p for p, _ in again.saved_modules()] == ["classifier"]
+    assert (logits(again, "distilbert") - expected).abs().max().item() <= 1e-6
+    again.load_adapter(tmp_path, "default")  # a reload in place accepts the copy too
+    with torch.no_grad():
+        again.pre_classifier.weight.add_(1.0)
+    with pytest.raises(AdapterFormatError, match=r"unexpected .*pre_classifier"):  # but not a changed one
+        again.load_adapter(tmp_path, "default")
+
+
 def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
     ours, _ = trained("gpt2", CASES[0][1])
     ours.save_pretrained(tmp_path)
