@@ -443,8 +443,10 @@ def _inject(
 ) -> None:
     """Add adapter `name` to the resolved modules. `initialise=False` leaves the new tensors empty, for
     callers that fill them from a file next."""
+    disabled = any(layer.adapters_disabled for _, layer in model.lora_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
+        layer.adapters_disabled = disabled
         layer.add_adapter(
             name,
             r=config.rank_for(path),
@@ -458,6 +460,7 @@ def _inject(
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
+            wrapper.adapters_disabled = disabled
             _set_submodule(model, path, wrapper)
         wrapper.add(name)
     if config.bias != "none":

@@ -268,3 +268,20 @@ def test_a_head_another_adapter_saves_in_full_is_not_a_lora_target():
     before = model(**batch_for("bert")).logits.detach()
     model.delete_adapter("default")
     assert torch.equal(model(**batch_for("bert")).logits.detach(), before)
+
+
+def test_an_adapter_added_while_disabled_stays_disabled():
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn"]))
+    base = logits_with(model, None)
+    model.disable_adapters()
+    model.add_adapter(
+        "d", LoRAConfig(r=4, target_modules=["c_fc"], modules_to_save=["lm_head"])
+    )  # new layers
+    randomise_B(model, 4)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["d"].weight.add_(0.1)
+    model.set_adapter("d")
+    with torch.no_grad():
+        assert torch.equal(model(**batch_for("gpt2")).logits, base)
+    model.enable_adapters()
+    assert (logits_with(model, "d") - base).abs().max() > 1e-3
