@@ -324,8 +324,12 @@ class LoRAModel(nn.Module):
             problems.append("its output head carries a LoRA adapter")
         if "logits_to_keep" not in inspect.signature(self._lora_base_class.forward).parameters:
             problems.append("its forward has no logits_to_keep argument")
-        if getattr(getattr(self, "config", None), "final_logit_softcapping", None):
+        config = getattr(self, "config", None)
+        if getattr(config, "final_logit_softcapping", None):
             problems.append("it soft-caps its logits")
+        for scale in ("logits_scaling", "logit_scale"):  # Granite divides its logits, Cohere multiplies
+            if getattr(config, scale, None) not in (None, 1, 1.0):
+                problems.append(f"it scales its logits ({scale}={getattr(config, scale)})")
         if problems:
             raise AdapterStateError(f"chunked loss needs a plain causal LM head, but {'; '.join(problems)}.")
         if chunk_size < 1:

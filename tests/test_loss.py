@@ -104,3 +104,13 @@ def test_refused_where_it_cannot_apply():
         lm.enable_chunked_loss()
     with pytest.raises(ValueError, match="positive"):
         get_lora_model(make_model("gpt2"), LoRAConfig()).enable_chunked_loss(chunk_size=0)
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    def granite(scaling):
+        cfg = GraniteConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, logits_scaling=scaling)  # fmt: skip
+        return get_lora_model(GraniteForCausalLM(cfg), LoRAConfig(r=4, target_modules=["q_proj"]))
+
+    with pytest.raises(AdapterStateError, match=r"scales its logits \(logits_scaling=8.0\)"):
+        granite(8.0).enable_chunked_loss()  # (the chunked loss would be of unscaled logits)
+    granite(1.0).enable_chunked_loss()
