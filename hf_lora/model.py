@@ -471,6 +471,8 @@ def _inject(
         lora_paths = set(targets)
         for pname, p in model.named_parameters():
             owner = pname.rsplit(".", 1)[0]
+            if ".original_module." in f".{pname}":  # a saved module's original: its copies are used instead
+                continue
             if "bias" in pname and (config.bias == "all" or owner in lora_paths):
                 p.requires_grad_(True)
     model.peft_config[name] = config

@@ -36,6 +36,7 @@ PARITY_CASES = [
     ("llama", dict(r=4, lora_alpha=16, target_modules=ALL_LLAMA, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 4})),
     ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
     ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")),
 ]  # fmt: skip
 CASE_IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(PARITY_CASES)]
 
