@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (LoRAError, OSError, ValueError, KeyError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
+        message = " ".join(lines) or type(e).__name__  # (LoRAConfig lists its problems on lines of their own)
         print(f"hf-lora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
@@ -166,13 +167,18 @@ def _merge(args: argparse.Namespace) -> None:
     from . import LoRAModel
     from .serialization import read_adapter
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; give a folder for the merged model.")
     read_adapter(args.adapter)  # fail before the (slow) base model load if the adapter is unusable
     base = _load_model(args.base)
     model = LoRAModel.from_pretrained(base, args.adapter)
     merged = model.merge_and_unload(progressbar=True)
     if args.dtype:
         merged = merged.to(getattr(torch, args.dtype))
-    merged.save_pretrained(args.out, safe_serialization=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    if not any(out.glob("model*.safetensors")):  # transformers only logs some failures
+        raise OSError(f"the merged model was not written to {out}; run with -v for transformers' messages.")
     _copy_tokenizer(args.base, args.out)
     print(f"merged model saved to {args.out}")
 
@@ -197,7 +203,8 @@ def _push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import ADAPTER_FILES, _http_error
+    from .hub import ADAPTER_FILES, _http_error, _remote_readme_is_users
+    from .model_card import CARD_NAME
     from .serialization import read_adapter
 
     folder = Path(args.adapter_dir)
@@ -207,11 +214,14 @@ def _push(args: argparse.Namespace) -> None:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         if args.revision:
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+        # a card the repo's owner wrote stays, as push_adapter_to_hub keeps it
+        keep_readme = _remote_readme_is_users(args.repo_id, args.revision, args.token)
         info = api.upload_folder(
             repo_id=args.repo_id,
             folder_path=folder,
             revision=args.revision,
             allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
+            ignore_patterns=[f"*{CARD_NAME}"] if keep_readme else None,
             commit_message=args.message or "Upload LoRA adapter (hf_lora)",
         )
     except HfHubHTTPError as e:
@@ -246,14 +256,25 @@ def _load_model(name_or_path: str):
     return _model_class(config).from_pretrained(name_or_path)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
 def _copy_tokenizer(source: str, out: str) -> None:
-    """Save the base model's tokenizer next to the merged model, when it has one."""
+    """Save the base model's tokenizer next to the merged model, when it has one (transformers builds an
+    empty one from a folder without tokenizer files: that one is not saved)."""
+    log = logging.getLogger(__name__)
+    if Path(source).is_dir() and not any((Path(source) / name).exists() for name in _TOKENIZER_FILES):
+        log.info("no tokenizer files in %s; saved the model only", source)
+        return
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
-        logging.getLogger(__name__).info("no tokenizer found in %s; saved the model only", source)
+        log.info("no tokenizer found in %s; saved the model only", source)
+        return
+    if len(tokenizer) > 0:
+        tokenizer.save_pretrained(out)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_merge_gives_a_plain_model_with_the_adapter_folded_in(on_disk, tmp_path)
     with torch.no_grad():
         assert (merged(**batch).logits - adapted(**batch).logits).abs().max().item() <= 1e-5
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not list((tmp_path / "merged").glob("tokenizer*")), "the base has no tokenizer: none is made up"
 
 
 def test_extract(on_disk, tmp_path):
@@ -103,6 +104,18 @@ def test_push_and_pull(on_disk, tmp_path, hub_server, hub_repo_id):
     )
 
 
+def test_push_keeps_a_card_the_owner_wrote(on_disk, hub_server, hub_repo_id):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    token = hub_server.tokens["alice"]
+    api = HfApi(token=token)
+    api.create_repo(hub_repo_id)
+    api.upload_file(path_or_fileobj=b"# my card\n", path_in_repo="README.md", repo_id=hub_repo_id)
+    hf_lora_cli("push", str(on_disk / "adapter"), hub_repo_id, "--token", token)
+    assert Path(hf_hub_download(hub_repo_id, "README.md", token=token)).read_text() == "# my card\n"
+    assert "adapter_model.safetensors" in api.list_repo_files(hub_repo_id)
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
@@ -111,16 +124,24 @@ def test_push_and_pull(on_disk, tmp_path, hub_server, hub_repo_id):
         (["push", "BASE", "alice/x"], "no adapter_config.json"),
         (["push", "ADAPTER", "alice/x", "--token", "hf_bad"], "HTTP 401"),
         (["inspect", "/no/such/model"], "/no/such/model"),
+        (["merge", "BASE", "ADAPTER", "FILE"], "exists and is not a folder"),
+        (["extract", "BASE", "TUNED", "OUT", "--r", "0"], "Invalid LoRAConfig: r must be a positive integer"),
     ],
-    ids=["info-missing", "merge-missing-adapter", "push-not-an-adapter", "push-bad-token", "inspect-missing"],
+    ids=[
+        "info-missing",
+        "merge-missing-adapter",
+        "push-not-an-adapter",
+        "push-bad-token",
+        "inspect-missing",
+        "merge-onto-a-file",
+        "extract-bad-rank",
+    ],
 )
 def test_bad_input_exits_2_with_one_line(on_disk, tmp_path, hub_server, args, reason):
-    args = [
-        {"BASE": str(on_disk / "base"), "ADAPTER": str(on_disk / "adapter"), "OUT": str(tmp_path / "o")}.get(
-            a, a
-        )
-        for a in args
-    ]
+    (tmp_path / "a_file").write_text("x")
+    names = {"BASE": on_disk / "base", "TUNED": on_disk / "tuned", "ADAPTER": on_disk / "adapter"}
+    names |= {"OUT": tmp_path / "o", "FILE": tmp_path / "a_file"}
+    args = [str(names.get(a, a)) for a in args]
     proc = hf_lora_cli(*args, ok=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.strip().splitlines() if "error" in line.lower()]
