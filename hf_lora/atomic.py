@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def atomic_write(path: Path, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, _mode_for(path))
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -45,6 +46,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         _fsync_dir(path.parent)
         return
     raise OSError(f"cannot create a temporary file to write {path}")
+
+
+def _mode_for(path: Path) -> int:
+    """What a plain write would give: an existing file keeps its mode, a new one gets 0o666 less the umask
+    (mkstemp's own 0o600 would hide files from their group; a fixed 0o644 would show private ones)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove_stale(directory: Path) -> None:

@@ -211,6 +211,24 @@ def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "out")
 
 
+def test_saved_files_get_the_mode_a_plain_write_would(tmp_path):
+    """New files: 0o666 less the umask (a private umask keeps a private adapter private); a file that
+    is replaced keeps the mode its owner gave it."""
+    ours, _ = trained("gpt2", CASES[0][1])
+    old = os.umask(0o077)
+    try:
+        ours.save_pretrained(tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "private").iterdir()} == {
+        name: 0o600 for name in ("README.md", CONFIG_NAME, WEIGHTS_NAME)
+    }
+    (tmp_path / "private" / WEIGHTS_NAME).chmod(0o640)
+    randomise_B(ours, seed=5)
+    ours.save_pretrained(tmp_path / "private")
+    assert (tmp_path / "private" / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o640
+
+
 def test_unchanged_config_is_not_rewritten(tmp_path):
     ours, _ = trained("gpt2", CASES[0][1])
     ours.save_pretrained(tmp_path)
