@@ -28,6 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from .atomic import pid_alive
 from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
 from .model_card import CARD_NAME, MARKER
+from .serialization import PICKLE_WEIGHTS_NAMES
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -183,7 +184,8 @@ def download_adapter(
             revision=revision,
             token=token,
             local_dir=local_dir,
-            allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
+            # (older peft adapters keep pickled weights: fetched too, loaded only with allow_pickle=True)
+            allow_patterns=[f"*{name}" for name in (*ADAPTER_FILES, *PICKLE_WEIGHTS_NAMES)],
         )
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None

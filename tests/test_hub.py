@@ -202,3 +202,18 @@ def test_push_killed_mid_commit_leaves_the_remote_at_its_previous_commit(hub_ser
                    env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
     assert not list(tmp.glob("hf_lora-push-*")), "the next push cleaned it up"
     assert api.repo_info(hub_repo_id).sha != before.oid
+
+
+def test_pull_fetches_an_older_peft_adapters_pickled_weights(hub_server, hub_repo_id, tmp_path):
+    model = adapter_model()
+    model.save_pretrained(tmp_path / "src")
+    weights = load_file(tmp_path / "src" / "adapter_model.safetensors")
+    (tmp_path / "src" / "adapter_model.safetensors").unlink()
+    torch.save(weights, tmp_path / "src" / "adapter_model.bin")  # as peft wrote before safetensors
+    api = hub_server.api("alice")
+    api.create_repo(hub_repo_id)
+    api.upload_folder(repo_id=hub_repo_id, folder_path=tmp_path / "src")
+    local = hf_lora.download_adapter(hub_repo_id, tmp_path / "dl")
+    assert (local / "adapter_model.bin").is_file()
+    loaded = LoRAModel.from_pretrained(make_model("gpt2"), local, allow_pickle=True)
+    assert torch.equal(logits(loaded), logits(model))
