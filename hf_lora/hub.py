@@ -20,6 +20,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -95,9 +96,15 @@ def resolve_adapter_file(
 def list_repo_files(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
-    """The repo's file names, refusing any that would escape a local folder (a hostile repo)."""
+    """The repo's file names, refusing any that would escape a local folder (a hostile repo). Offline
+    (HF_HUB_OFFLINE=1, or the Hub unreachable): the files of the cached snapshot."""
     try:
-        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        if constants.HF_HUB_OFFLINE:
+            files = _cached_repo_files(repo_id, revision)
+        else:
+            files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    except OfflineModeIsEnabled:
+        files = _cached_repo_files(repo_id, revision)
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
     except RevisionNotFoundError:
@@ -109,6 +116,19 @@ def list_repo_files(
     for name in files:
         check_repo_path(name, repo_id)
     return files
+
+
+def _cached_repo_files(repo_id: str, revision: str | None) -> list[str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise AdapterNotFoundError(
+            f"{repo_id!r} is not in the local cache and the Hub cannot be reached ({endpoint()}, "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online."
+        ) from None
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def check_repo_path(name: str, repo_id: str) -> None:

@@ -143,16 +143,17 @@ def test_a_readme_the_user_wrote_is_kept(hub_server, hub_repo_id):
 def test_offline_mode_loads_from_the_cache(hub_server, hub_repo_id, tmp_path):
     model = adapter_model()
     hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"])
-    LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)  # fills the cache
+    LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, all_adapters=True)  # fills the cache
     torch.save(logits(model), tmp_path / "expected.pt")
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from tiny_models import make_model, batch_for
 import hf_lora
-model = hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), {hub_repo_id!r})
-with torch.no_grad():
-    assert torch.equal(model(**batch_for("gpt2")).logits, torch.load({str(tmp_path / "expected.pt")!r}))
+for every in (False, True):  # all_adapters lists the repo's files: from the cached snapshot
+    model = hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), {hub_repo_id!r}, all_adapters=every)
+    with torch.no_grad():
+        assert torch.equal(model(**batch_for("gpt2")).logits, torch.load({str(tmp_path / "expected.pt")!r}))
 try:
     hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), "alice/never-downloaded")
 except hf_lora.AdapterNotFoundError as e:
