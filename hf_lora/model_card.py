@@ -126,6 +126,8 @@ def render_model_card(
         loss_curve=loss_curve,
         auto_class=auto_class,
         repo_id=repo_id or "<path or repo id of this adapter>",
+        # adapters other than "default" live in a subfolder of their own (peft's layout)
+        subfolder=None if adapter_name == "default" else adapter_name,
     )
     return str(card)
 

@@ -428,3 +428,14 @@ def test_token_cls_and_question_answering_heads_are_trained_and_saved_as_in_peft
         into_peft = PeftModel.from_pretrained(bert(), tmp_path / "ours")(input_ids=ids)[0]
         assert (into_peft - expected).abs().max().item() <= 1e-6
         LoRAModel.from_pretrained(bert(), tmp_path / "peft")  # peft's file loads too
+
+
+def test_card_of_an_adapter_in_a_subfolder_loads_it_from_there(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.add_adapter("other", LoRAConfig(r=2, target_modules=["c_attn"]))
+    ours.save_pretrained(tmp_path, repo_id="alice/two")
+    root, sub = (tmp_path / "README.md").read_text(), (tmp_path / "other" / "README.md").read_text()
+    assert 'LoRAModel.from_pretrained(base, "alice/two")' in root and "subfolder" not in root
+    for snippet in ('LoRAModel.from_pretrained(base, "alice/two", subfolder="other")',
+                    'PeftModel.from_pretrained(base, "alice/two", subfolder="other")'):  # fmt: skip
+        assert snippet in sub
