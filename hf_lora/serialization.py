@@ -208,6 +208,8 @@ def save_pretrained(
             tensors[names[0]], configs[names[0]], initial.tensors
         )
     root = Path(save_directory)
+    if log_history is None:  # set by LoRATrainer while it saves
+        log_history = getattr(model, "_card_log_history", None)
     for name in names:
         directory = adapter_dir(root, name)
         write_adapter(directory, configs[name], tensors[name])

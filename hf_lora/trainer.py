@@ -49,6 +49,18 @@ class LoRATrainer(transformers.Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # The adapter's card shows the run's metrics and loss curve, but transformers writes
+        # trainer_state.json only after the model: hand the log to save_pretrained for this save.
+        target = self.accelerator.unwrap_model(self.model)
+        if not isinstance(target, LoRAModel):
+            return super()._save(output_dir, state_dict)
+        target._card_log_history = list(self.state.log_history)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            target.__dict__.pop("_card_log_history", None)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
         if isinstance(target, LoRAModel) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):

@@ -149,6 +149,22 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     assert max_diff(hf_lora.adapter_state_dict(model), adapter(best)) == 0
 
 
+def test_lora_trainer_checkpoint_cards_show_the_run(tmp_path):
+    """transformers writes trainer_state.json after the model: LoRATrainer hands the log over itself."""
+    trainer = LoRATrainer(
+        model=lora_gpt2(), args=args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=dataset()
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "checkpoint-4", tmp_path / "final"):
+        card = (folder / "README.md").read_text()
+        assert "![training loss](loss_curve.svg)" in card and (folder / "loss_curve.svg").is_file(), folder
+        assert "\n| 4 | 4." in card, "the metrics table has the last step"
+    early = (tmp_path / "checkpoint-2" / "README.md").read_text()
+    assert "\n| 2 | 4." in early and "\n| 4 | 4." not in early, "each card has the run so far"
+    assert not hasattr(trainer.model, "_card_log_history")
+
+
 def test_plain_trainer_refuses_to_resume_without_the_adapter(tmp_path):
     """A plain Trainer cannot read adapter checkpoints: it must stop, never train on without them."""
     targs = args(tmp_path, save_strategy="steps", save_steps=2)
