@@ -132,8 +132,9 @@ def peft_only_saved_modules(model: LoRAModel, adapter_name: str) -> list[str]:
     held += [p for p, w in model.saved_modules() if adapter_name in w.modules_to_save]
     return [
         path
-        for path, _ in base_modules(model)
+        for path, module in base_modules(model)
         if any(path.endswith(n) for n in names)
+        and not isinstance(module, LoRALayer)  # (another adapter's LoRA layer: peft would refuse that too)
         and not any(path == h or path.startswith(h + ".") for h in held)
     ]
 
