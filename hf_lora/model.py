@@ -554,16 +554,20 @@ _MODEL_CLASSES: dict[type, type] = {}
 def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwargs: Any) -> Any:
     """The model's forward for the hidden states and last-position logits only, then the loss by chunks."""
     labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)  # labels already aligned with positions (transformers')
     num_items = kwargs.pop("num_items_in_batch", None)
     want_hidden = kwargs.pop("output_hidden_states", False)
     kwargs.pop("logits_to_keep", None)
     out = base_forward(self, *args, output_hidden_states=True, logits_to_keep=1, **kwargs)
-    hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
+    if shift_labels is None:
+        hidden, targets = out.hidden_states[-1][:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    else:
+        hidden, targets = out.hidden_states[-1], shift_labels
     head = self.get_output_embeddings()
     loss = chunked_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
         head.weight,
-        labels[:, 1:].reshape(-1).to(hidden.device),
+        targets.reshape(-1).to(hidden.device),
         bias=getattr(head, "bias", None),
         chunk_size=self._loss_chunk_size,
         num_items_in_batch=num_items,

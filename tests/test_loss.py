@@ -80,6 +80,22 @@ def test_model_loss_and_grads_unchanged_but_logits_never_kept(kind, head):
     assert out.logits.shape == (3, 1, 128), "only the last position's logits"
 
 
+def test_shift_labels_are_used_as_given():
+    """transformers' shift_labels= (labels already aligned with positions, as sequence parallelism passes
+    them) must give the model's own loss, not be dropped in favour of shifting labels."""
+    model = get_lora_model(make_model("llama"), LoRAConfig(r=4, target_modules=["q_proj"]))
+    chunked = copy.deepcopy(model)
+    chunked.enable_chunked_loss(chunk_size=5)
+    batch = batch_for("llama", batch=2, seq=12)
+    shift = torch.roll(batch["labels"], -2, dims=1)  # deliberately not labels[:, 1:]
+    shift[:, -2:] = -100
+    with torch.no_grad():
+        want = model(**batch, shift_labels=shift).loss
+        got = chunked(**batch, shift_labels=shift).loss
+        plain = chunked(**batch).loss
+    assert abs(got.item() - want.item()) <= 1e-5 and abs(got.item() - plain.item()) > 1e-3
+
+
 def test_trainer_with_chunked_loss_trains_the_same_adapter(tmp_path):
     ids = torch.randint(1, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
