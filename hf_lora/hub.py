@@ -83,10 +83,7 @@ def resolve_adapter_file(
             "(or it is private and your token cannot read it)."
         ) from None
     except LocalEntryNotFoundError:
-        raise AdapterNotFoundError(
-            f"{filename} of {repo_id!r} is not in the local cache and the Hub cannot be reached "
-            f"({endpoint()}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online."
-        ) from None
+        raise _not_cached(f"{filename} of {repo_id!r}") from None
     except EntryNotFoundError:
         return None
     except HfHubHTTPError as e:
@@ -97,12 +94,9 @@ def list_repo_files(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
     """The repo's file names, refusing any that would escape a local folder (a hostile repo). Offline
-    (HF_HUB_OFFLINE=1, or the Hub unreachable): the files of the cached snapshot."""
+    (HF_HUB_OFFLINE=1): the files of the cached snapshot."""
     try:
-        if constants.HF_HUB_OFFLINE:
-            files = _cached_repo_files(repo_id, revision)
-        else:
-            files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
     except OfflineModeIsEnabled:
         files = _cached_repo_files(repo_id, revision)
     except RepositoryNotFoundError:
@@ -124,11 +118,15 @@ def _cached_repo_files(repo_id: str, revision: str | None) -> list[str]:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise AdapterNotFoundError(
-            f"{repo_id!r} is not in the local cache and the Hub cannot be reached ({endpoint()}, "
-            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online."
-        ) from None
+        raise _not_cached(repr(repo_id)) from None
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _not_cached(what: str) -> AdapterNotFoundError:
+    return AdapterNotFoundError(
+        f"{what} is not in the local cache and the Hub cannot be reached ({endpoint()}, "
+        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online."
+    )
 
 
 def check_repo_path(name: str, repo_id: str) -> None:

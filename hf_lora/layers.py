@@ -285,6 +285,12 @@ def unpack_mask(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 # ---- the fused path ---------------------------------------------------------------------------------
 
 
+def _keep_bytes(x2d: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    """x2d's keep-mask as 0/1 bytes (uint8 -> float is vectorised on CPU, bool -> float is not: 8x
+    slower); None without dropout."""
+    return keep_mask(x2d.shape, dropout_p, x2d.device).view(torch.uint8) if dropout_p > 0 else None
+
+
 class _LoRAFunction(torch.autograd.Function):
     """Base projection + one LoRA adapter, forward and backward, for a frozen base weight.
 
@@ -296,11 +302,8 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, dropout_p: float, fan_in_fan_out: bool):
         x2d = x.reshape(-1, A.shape[1])  # (N, in)
-        keep = packed = None
-        if dropout_p > 0:
-            # As 0/1 bytes: uint8 -> float is vectorised on CPU, bool -> float is not (8x slower).
-            keep = keep_mask(x2d.shape, dropout_p, x.device).view(torch.uint8)
-            packed = pack_mask(keep)
+        keep = _keep_bytes(x2d, dropout_p)
+        packed = pack_mask(keep) if keep is not None else None
         y, h = _lora_forward(x2d, weight, bias, A, B, scaling, fan_in_fan_out, keep, dropout_p)
         ctx.save_for_backward(x, weight, A, B, h, packed)
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
@@ -362,8 +365,9 @@ def _lora_forward(x2d, weight, bias, A, B, scaling: float, fan_in_fan_out: bool,
 def _lora_linear(x, weight, bias, A, B, scaling: float, fan_in_fan_out: bool, dropout_p: float = 0.0):
     """`_LoRAFunction`'s forward without autograd bookkeeping."""
     x2d = x.reshape(-1, A.shape[1])  # (N, in)
-    keep = keep_mask(x2d.shape, dropout_p, x.device).view(torch.uint8) if dropout_p > 0 else None
-    y, _ = _lora_forward(x2d, weight, bias, A, B, scaling, fan_in_fan_out, keep, dropout_p)
+    y, _ = _lora_forward(
+        x2d, weight, bias, A, B, scaling, fan_in_fan_out, _keep_bytes(x2d, dropout_p), dropout_p
+    )
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

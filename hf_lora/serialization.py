@@ -111,9 +111,10 @@ def adapter_state_dict(
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 / tensor parallel): gather the whole tensor
             t = t.full_tensor()
         out[file_key] = t.detach().to("cpu").contiguous()
-    modules = dict(base_modules(model))
     for path in peft_only_saved_modules(model, adapter_name):
-        for k, t in modules[path].state_dict().items():
+        module = model.get_submodule(path)
+        module = module.original_module if isinstance(module, ModulesToSave) else module
+        for k, t in module.state_dict().items():
             if hasattr(t, "full_tensor"):
                 t = t.full_tensor()
             out.setdefault(f"{PREFIX}{path}.{k}", t.detach().to("cpu").contiguous())
@@ -139,13 +140,17 @@ def peft_only_saved_modules(model: LoRAModel, adapter_name: str) -> list[str]:
     ]
 
 
-def _unchanged_base_tensors(model: nn.Module, files: AdapterFiles, keys: list[str]) -> bool:
-    """Whether these file tensors equal the model's own base tensors (copies for peft's sake)."""
-    own = model.state_dict()
+def _unchanged_base_tensors(own: dict[str, torch.Tensor], files: AdapterFiles, keys: list[str]) -> bool:
+    """Whether these file tensors equal the model's own base tensors (`own`: its state dict), as the
+    copies written for peft's sake do."""
     for key in keys:
         mine = own.get(key.removeprefix(PREFIX))
         theirs = files.tensors[key]
-        if mine is None or mine.shape != theirs.shape or not torch.equal(mine.cpu(), theirs.to(mine.dtype)):
+        if (
+            mine is None
+            or mine.shape != theirs.shape
+            or not torch.equal(mine.detach().cpu(), theirs.to(mine.dtype))
+        ):
             return False
     return True
 
@@ -539,11 +544,15 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     # Such tensors equal to the model's own are the copies we write for peft (`peft_only_saved_modules`).
     expected = _expected_shapes(modules, config, targets, saved)
     copies: set[str] = set()
-    for key in sorted(set(keys) - set(expected)):
+    extra = sorted(set(keys) - set(expected))
+    own = model.state_dict() if extra else {}
+    for key in extra:
         path = key.removeprefix(PREFIX).rpartition(".")[0]
+        if key in copies:
+            continue
         if path in modules and path not in targets and not _inside(path, saved) and not key.endswith(".bias"):
             of_path = [k for k in keys if k.rpartition(".")[0] == f"{PREFIX}{path}"]
-            if _unchanged_base_tensors(model, files, [keys[k] for k in of_path]):
+            if _unchanged_base_tensors(own, files, [keys[k] for k in of_path]):
                 copies.update(of_path)
                 continue
             saved.append(path)
@@ -662,7 +671,7 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     problems += [
         f"unexpected {k}"
         for k in given
-        if k not in keymap and not _unchanged_base_tensors(model, files, [given[k]])
+        if k not in keymap and not _unchanged_base_tensors(own, files, [given[k]])
     ]
     if problems:
         raise AdapterFormatError(
