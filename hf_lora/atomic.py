@@ -16,14 +16,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically; a small file that already holds exactly `data` is left
     alone (so re-saving an unchanged config is not a write at all).
 
-    The temporary file lives beside the target *directory* (so a crash leaves nothing inside it) and is
-    fsynced before the rename; the directory is fsynced after it, so the new file survives a power cut.
+    The temporary file lives beside the target *directory* (so a crash leaves nothing inside it, for a
+    folder that is uploaded as a whole) where that is the same file system, else beside the file; it is
+    fsynced before the rename, and the directory after it, so the new file survives a power cut.
     Temporary files of writers that were killed are removed on the next write.
     """
     with contextlib.suppress(OSError):
         if len(data) <= 2**20 and path.stat().st_size == len(data) and path.read_bytes() == data:
             return
-    for tmp_dir in (path.parent.parent, path.parent):
+    for tmp_dir in _temp_dirs(path.parent):
         _remove_stale(tmp_dir)
         try:
             prefix = f"{_TMP_PREFIX}{os.getpid()}-{path.parent.name}.{path.name}."
@@ -48,14 +49,34 @@ def atomic_write(path: Path, data: bytes) -> None:
     raise OSError(f"cannot create a temporary file to write {path}")
 
 
+def _temp_dirs(directory: Path) -> tuple[Path, ...]:
+    """Where to try the temporary file: the parent of `directory` only if a rename from there can work
+    (a mount point's parent is another file system: the whole file would be written there, maybe filling
+    a small root file system, only for the rename to fail)."""
+    with contextlib.suppress(OSError):
+        if os.stat(directory.parent).st_dev == os.stat(directory).st_dev:
+            return directory.parent, directory
+    return (directory,)
+
+
 def _mode_for(path: Path) -> int:
     """What a plain write would give: an existing file keeps its mode, a new one gets 0o666 less the umask
     (mkstemp's own 0o600 would hide files from their group; a fixed 0o644 would show private ones)."""
     with contextlib.suppress(OSError):
         return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where it can be (Linux): setting it to read it back leaves a
+    moment in which another thread's new files get umask 0."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)  # the safe value for that moment
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def _remove_stale(directory: Path) -> None:
