@@ -172,6 +172,10 @@ class LoRAModel(nn.Module):
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
+        if names != self._active and any(layer.merged_adapters for _, layer in self.lora_layers()):
+            # A merged adapter stays in the weights whatever is active: unmerge it, as peft does.
+            logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
+            self.unmerge_adapter()
         self._active = names
         for _, layer in self.lora_layers():
             layer.set_active(names)
@@ -184,6 +188,7 @@ class LoRAModel(nn.Module):
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
             for name, clone in wrapper.modules_to_save.items():
                 clone.requires_grad_(name in names and not self.peft_config[name].inference_mode)
+        _set_bias_trainable(self)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -447,6 +452,12 @@ def _inject(
 ) -> None:
     """Add adapter `name` to the resolved modules. `initialise=False` leaves the new tensors empty, for
     callers that fill them from a file next."""
+    if config.bias != "none" and (other := [n for n, c in model.peft_config.items() if c.bias != "none"]):
+        # Biases are the base model's, one set for all adapters: two adapters would train the same ones.
+        raise AdapterStateError(
+            f"adapter {other[0]!r} already trains the base model's biases (bias={model.peft_config[other[0]].bias!r}); "
+            f"only one adapter may, as in peft. Give {name!r} bias='none'."
+        )
     disabled = any(layer.adapters_disabled for _, layer in model.lora_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
@@ -467,16 +478,27 @@ def _inject(
             wrapper.adapters_disabled = disabled
             _set_submodule(model, path, wrapper)
         wrapper.add(name)
-    if config.bias != "none":
-        lora_paths = set(targets)
-        for pname, p in model.named_parameters():
-            owner = pname.rsplit(".", 1)[0]
-            if ".original_module." in f".{pname}":  # a saved module's original: its copies are used instead
-                continue
-            if "bias" in pname and (config.bias == "all" or owner in lora_paths):
-                p.requires_grad_(True)
     model.peft_config[name] = config
     logger.info("adapter %r: LoRA on %d modules, %d modules saved in full", name, len(targets), len(saved))
+
+
+def _set_bias_trainable(model: LoRAModel) -> None:
+    """The base model's biases train while the adapter with bias="all" or "lora_only" (there is at most
+    one) is active and trainable, and only then: training another adapter must not change them."""
+    owner = next((n for n, c in model.peft_config.items() if c.bias != "none"), None)
+    if owner is None:
+        return
+    config = model.peft_config[owner]
+    train = owner in model._active and not config.inference_mode
+    lora_paths = {path for path, layer in model.lora_layers() if owner in layer.lora_A}
+    wrapped = [path for path, _ in model.saved_modules()]  # their copies follow their adapters
+    for pname, p in model.named_parameters():
+        path, _, leaf = pname.rpartition(".")
+        # Parameters named `bias` only (T5's relative_attention_bias is an embedding, not a bias).
+        if leaf != "bias" or any(path == w or path.startswith(w + ".") for w in wrapped):
+            continue
+        if config.bias == "all" or path in lora_paths:
+            p.requires_grad_(train)
 
 
 def _moves_base_weights(config: LoRAConfig) -> bool:

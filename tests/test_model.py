@@ -37,6 +37,7 @@ PARITY_CASES = [
     ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
     ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")),
+    ("t5", dict(r=4, lora_alpha=8, target_modules=["q", "v"], bias="all")),  # relative_attention_bias stays frozen
 ]  # fmt: skip
 CASE_IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(PARITY_CASES)]
 

@@ -285,3 +285,42 @@ def test_an_adapter_added_while_disabled_stays_disabled():
         assert torch.equal(model(**batch_for("gpt2")).logits, base)
     model.enable_adapters()
     assert (logits_with(model, "d") - base).abs().max() > 1e-3
+
+
+def test_switching_adapters_while_one_is_merged_unmerges_it_first(caplog):
+    """A merged adapter is in the weights whatever is active: peft unmerges before switching, and so do we."""
+    model = three_adapters()
+    want_b = logits_with(model, "b")
+    model.set_adapter("default")
+    model.merge_adapter()
+    with caplog.at_level("WARNING", logger="hf_lora"):
+        model.set_adapter("b")
+    assert "unmerging them first" in caplog.text
+    assert not any(layer.merged_adapters for _, layer in model.lora_layers())
+    with torch.no_grad():
+        assert (model(**batch_for("gpt2")).logits - want_b).abs().max().item() <= 1e-5
+
+
+def test_base_biases_train_only_with_the_one_adapter_that_owns_them():
+    """Biases are the base model's, shared by every adapter: one adapter may train them (as in peft), only
+    while it is active, and training another adapter leaves them, and that adapter's outputs, alone."""
+    bias_adapter = LoRAConfig(r=4, target_modules=["c_attn"], bias="all")
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn"]))
+    model.add_adapter("with_bias", bias_adapter)  # inactive: nothing of it trains yet
+    assert all(".default" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(AdapterStateError, match="only one adapter may"):
+        model.add_adapter("second_bias", bias_adapter)
+    assert model.adapters == ["default", "with_bias"]
+
+    model.set_adapter("with_bias")
+    biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    assert "transformer.h.0.ln_1.bias" in biases and "transformer.h.1.attn.c_attn.bias" in biases
+    randomise_B(model, 3)
+    before = logits_with(model, "with_bias")
+    model.set_adapter("default")
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**batch_for("gpt2")).loss.backward()
+    opt.step()
+    model.eval()
+    assert torch.equal(logits_with(model, "with_bias"), before)

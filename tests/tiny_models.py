@@ -13,6 +13,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 128
@@ -51,6 +53,15 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def tiny_t5() -> T5ForConditionalGeneration:
+    """Encoder-decoder, with a `relative_attention_bias` embedding that is not a bias."""
+    cfg = T5Config(
+        num_layers=2, num_decoder_layers=2, d_model=64, d_ff=128, d_kv=16, num_heads=4, vocab_size=VOCAB,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(cfg)
+
+
 class MLP(torch.nn.Module):
     """A plain PyTorch model, to show LoRA is not tied to transformers."""
 
@@ -64,7 +75,13 @@ class MLP(torch.nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-MODELS = {"gpt2": tiny_gpt2, "distilbert": tiny_distilbert, "bert": tiny_bert, "llama": tiny_llama}
+MODELS = {
+    "gpt2": tiny_gpt2,
+    "distilbert": tiny_distilbert,
+    "bert": tiny_bert,
+    "llama": tiny_llama,
+    "t5": tiny_t5,
+}
 
 
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
@@ -75,7 +92,7 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
 def batch_for(kind: str, batch: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
-    if kind in ("gpt2", "llama"):
+    if kind in ("gpt2", "llama", "t5"):
         return {"input_ids": ids, "labels": ids.clone()}
     return {
         "input_ids": ids,
