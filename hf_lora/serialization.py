@@ -70,6 +70,11 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
         if adapter_name in wrapper.modules_to_save:
             for k in wrapper.modules_to_save[adapter_name].state_dict():
                 keys[f"{PREFIX}{path}.{k}"] = f"{path}.modules_to_save.{adapter_name}.{k}"
+            if config.bias == "all" and isinstance(
+                getattr(wrapper.original_module, "bias", None), nn.Parameter
+            ):
+                for file_key, own_key in _wrapper_bias_keys(path, adapter_name).items():
+                    keys[f"{PREFIX}{file_key}"] = own_key
     if config.bias != "none":
         for path, module in base_modules(model):
             if isinstance(module, ModulesToSave) or getattr(module, "bias", None) is None:
@@ -81,6 +86,16 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
             elif config.bias == "all" and not _inside_saved(model, path):
                 keys[f"{PREFIX}{path}.bias"] = f"{path}.bias"
     return keys
+
+
+def _wrapper_bias_keys(path: str, adapter_name: str) -> dict[str, str]:
+    """peft's bias="all" takes every parameter named bias, so its files also hold a saved module's wrapper
+    biases under their wrapper names: the trained copy's (also written as `<path>.bias`) and the unused
+    original's. Ours carry them too, so the two libraries write the same keys."""
+    return {
+        f"{path}.modules_to_save.bias": f"{path}.modules_to_save.{adapter_name}.bias",
+        f"{path}.original_module.bias": f"{path}.original_module.bias",
+    }
 
 
 def _inside_saved(model: LoRAModel, path: str) -> bool:
@@ -103,14 +118,17 @@ def adapter_state_dict(
         state_dict = {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     else:
         state_dict = dict(model.state_dict(keep_vars=True))
-    out = {}
+    out, seen = {}, set()
     for file_key, own_key in keymap.items():
         if own_key not in state_dict:
             raise AdapterStateError(f"the state dict given to save has no tensor {own_key!r}.")
         t = state_dict[own_key]
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 / tensor parallel): gather the whole tensor
             t = t.full_tensor()
-        out[file_key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory; one tensor may be written under two keys
+        out[file_key] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
     for path in peft_only_saved_modules(model, adapter_name):
         module = model.get_submodule(path)
         module = module.original_module if isinstance(module, ModulesToSave) else module
@@ -618,6 +636,10 @@ def _expected_shapes(
     for path in saved:
         for k, v in modules[path].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = (tuple(v.shape), True)
+        b = getattr(modules[path], "bias", None)
+        if config.bias == "all" and isinstance(b, nn.Parameter):
+            for file_key in _wrapper_bias_keys(path, DEFAULT_ADAPTER):
+                out[f"{PREFIX}{file_key}"] = (tuple(b.shape), False)
     if config.bias == "all":
         for path, m in modules.items():
             b = getattr(m, "bias", None)

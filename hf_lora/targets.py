@@ -149,8 +149,9 @@ def output_head_path(model: nn.Module) -> str | None:
 
 def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
     """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none.
-    A rank/alpha pattern key that matches no target is an error when creating an adapter (a typo), and
-    a warning when loading one (peft saves such configs, and the key has no effect)."""
+    A rank/alpha pattern key that matches no target, or a layers_to_transform index the model lacks, is
+    an error when creating an adapter (a typo), and a warning when loading one (peft saves such configs,
+    and they have no effect)."""
     targets = config.target_modules
     if targets is None:
         targets = default_target_modules(model)
@@ -172,7 +173,14 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             continue
         if not matches_name(path, targets):
             continue
-        if layers and not isinstance(targets, str) and layer_index(path, config.layers_pattern) not in layers:
+        # As in peft, the layer filter applies to name suffixes only: a regex or a full path is taken as is.
+        exact = not isinstance(targets, str) and path in targets
+        if (
+            layers
+            and not isinstance(targets, str)
+            and not exact
+            and layer_index(path, config.layers_pattern) not in layers
+        ):
             continue
         if path in wrapped:  # another adapter trains it in full: LoRA on top would be lost with that copy
             saved_by_others.append(path)
@@ -202,12 +210,15 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     if layers:
         present = {layer_index(p, config.layers_pattern) for p, _ in linear_modules(model)} - {None}
         if missing := sorted(set(layers) - present):
-            raise TargetModulesError(
+            message = (
                 f"layers_to_transform={config.layers_to_transform!r} names layers {missing} that the model "
                 f"does not have (it has layers {min(present)}..{max(present)})."
                 if present
                 else f"layers_to_transform is set, but no numbered layers were found in {type(model).__name__}."
             )
+            if strict_patterns:
+                raise TargetModulesError(message)
+            logger.warning("%s They are skipped.", message)
     if unused := _unused_patterns(config, found):
         message = (
             f"{unused[0]} matches none of the {len(found)} targeted modules (e.g. {found[0]!r}). Keys are "

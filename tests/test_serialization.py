@@ -24,6 +24,8 @@ CASES = [
     ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="lora_only")),
     ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all")),
     ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])),
+    # peft's file also has the head's wrapper biases (classifier.modules_to_save.bias, .original_module.bias)
+    ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")),
     (
         "llama",
         dict(
@@ -31,7 +33,7 @@ CASES = [
         ),
     ),
 ]
-IDS = ["gpt2", "gpt2-bias-lora", "gpt2-bias-all", "bert-head", "llama-pattern"]
+IDS = ["gpt2", "gpt2-bias-lora", "gpt2-bias-all", "bert-head", "bert-seq-cls-bias-all", "llama-pattern"]
 
 
 def trained(kind: str, fields: dict, seed: int = 0):
@@ -395,6 +397,24 @@ def test_a_peft_adapter_with_an_unused_pattern_key_loads_with_a_warning(tmp_path
     assert "rank_pattern key 'k_proj' matches none" in caplog.text
     assert (logits(ours, "llama") - logits(ref, "llama")).abs().max().item() <= 1e-6
     with pytest.raises(hf_lora.TargetModulesError, match="rank_pattern key 'k_proj'"):
+        get_lora_model(make_model("llama"), LoRAConfig(**fields))
+
+
+def test_a_peft_adapter_for_layers_the_model_lacks_loads_with_a_warning(tmp_path, caplog):
+    """peft skips layers_to_transform indices beyond the model's layers and saves such configs."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2, 3])
+    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ref.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_lora"):
+        ours = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+    assert "names layers [2, 3] that the model does not have" in caplog.text
+    assert sorted(p for p, _ in ours.lora_layers()) == sorted(ref.targeted_module_names)
+    assert (logits(ours, "llama") - logits(ref, "llama")).abs().max().item() <= 1e-6
+    with pytest.raises(hf_lora.TargetModulesError, match=r"names layers \[2, 3\]"):
         get_lora_model(make_model("llama"), LoRAConfig(**fields))
 
 

@@ -35,6 +35,8 @@ SELECTIONS = [
     ("gpt2", dict(target_modules="all-linear")),
     ("llama", dict(target_modules="all-linear")),
     ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers")),
+    # a full path is taken as is, the layer filter applies to the suffix only (peft)
+    ("llama", dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])),
     ("bert", dict(target_modules="all-linear", modules_to_save=["classifier"])),
     ("bert", dict(target_modules=["query", "key", "dense"])),
 ]
