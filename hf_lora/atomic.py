@@ -4,30 +4,74 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import os
+import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 _TMP_PREFIX = ".hf_lora-"
+# Temporary files of writers on other hosts or in other pid namespaces (containers sharing a volume) are
+# not judged by pid: theirs may match a live or a dead process here. They are removed only once this old.
+_FOREIGN_STALE_AFTER_S = 24 * 3600
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically; a small file that already holds exactly `data` is left
-    alone (so re-saving an unchanged config is not a write at all).
+    """Replace `path` with `data` atomically (see `atomic_write_files`)."""
+    atomic_write_files({path: data})
 
-    The temporary file lives beside the target *directory* (so a crash leaves nothing inside it, for a
-    folder that is uploaded as a whole) where that is the same file system, else beside the file; it is
-    fsynced before the rename, and the directory after it, so the new file survives a power cut.
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Replace each file with its data, whole or not at all; a small file that already holds exactly its
+    data is left alone (so re-saving an unchanged config is not a write at all).
+
+    Every new file is written and fsynced before the first rename, so files saved together (an adapter's
+    weights and config) change together: a crash leaves the old set or the new one, short of the instant
+    between two renames. The temporary files live beside the target *directory* (so a crash leaves nothing
+    inside it, for a folder that is uploaded as a whole) where that is the same file system, else beside
+    the file; the directories are fsynced after the renames, so the new files survive a power cut.
     Temporary files of writers that were killed are removed on the next write.
     """
+    todo = {path: data for path, data in files.items() if not _holds(path, data)}
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in todo.items():
+            staged.append((_stage(path, data, _temp_dirs(path.parent)), path))
+        for i, (tmp, path) in enumerate(staged):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                if e.errno != errno.EXDEV or Path(tmp).parent == path.parent:
+                    raise
+                # the parent is another file system after all (a bind mount): write beside the file
+                os.unlink(tmp)
+                staged[i] = (tmp := _stage(path, todo[path], (path.parent,)), path)
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:  # those not renamed yet
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for directory in dict.fromkeys(path.parent for path in todo):
+        _fsync_dir(directory)
+
+
+def _holds(path: Path, data: bytes) -> bool:
     with contextlib.suppress(OSError):
-        if len(data) <= 2**20 and path.stat().st_size == len(data) and path.read_bytes() == data:
-            return
-    for tmp_dir in _temp_dirs(path.parent):
+        return len(data) <= 2**20 and path.stat().st_size == len(data) and path.read_bytes() == data
+    return False
+
+
+def _stage(path: Path, data: bytes, tmp_dirs: tuple[Path, ...]) -> str:
+    """A fsynced temporary file holding `data`, with the mode `path` should get, in the first of tmp_dirs
+    where one can be made."""
+    for tmp_dir in tmp_dirs:
         _remove_stale(tmp_dir)
         try:
-            prefix = f"{_TMP_PREFIX}{os.getpid()}-{path.parent.name}.{path.name}."
+            prefix = f"{_TMP_PREFIX}{os.getpid()}-{_writer_id()}-{path.parent.name}.{path.name}."
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_dir)
         except OSError:
             continue
@@ -37,15 +81,11 @@ def atomic_write(path: Path, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, _mode_for(path))
-            os.replace(tmp, path)
-        except BaseException as e:
+        except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and e.errno == errno.EXDEV and tmp_dir != path.parent:
-                continue  # the parent is another file system: write beside the file instead
             raise
-        _fsync_dir(path.parent)
-        return
+        return tmp
     raise OSError(f"cannot create a temporary file to write {path}")
 
 
@@ -79,12 +119,26 @@ def _umask() -> int:
     return umask
 
 
+@functools.cache
+def _writer_id() -> str:
+    """This host and pid namespace, so that a pid in a temporary file's name is only judged where it means
+    the same process."""
+    with contextlib.suppress(OSError):
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _remove_stale(directory: Path) -> None:
-    """Temporary files of writers that died (their pid is in the name)."""
+    """Temporary files of writers that died: here, by the pid in the name; elsewhere, by age."""
     with contextlib.suppress(OSError):
         for tmp in directory.glob(f"{_TMP_PREFIX}*.tmp"):
-            pid = tmp.name.removeprefix(_TMP_PREFIX).split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
+            pid, writer, *_ = [*tmp.name.removeprefix(_TMP_PREFIX).split("-", 2), "", ""]
+            if writer == _writer_id():
+                stale = pid.isdigit() and not pid_alive(int(pid))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > _FOREIGN_STALE_AFTER_S
+            if stale:
                 tmp.unlink(missing_ok=True)
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import atomic_write
+from .atomic import atomic_write_files
 from .config import LoRAConfig
 from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError
 from .layers import LoRALayer, ModulesToSave
@@ -289,8 +289,7 @@ def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, to
     directory.mkdir(parents=True, exist_ok=True)
     weights = save_safetensors_bytes(tensors, metadata=SAFETENSORS_METADATA)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    atomic_write(directory / WEIGHTS_NAME, weights)
-    atomic_write(directory / CONFIG_NAME, config_bytes)
+    atomic_write_files({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: config_bytes})
 
 
 # ---- reading ----------------------------------------------------------------------------------------

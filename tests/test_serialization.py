@@ -213,6 +213,26 @@ def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "out")
 
 
+def test_weights_and_config_are_both_written_before_either_replaces_the_old(tmp_path, monkeypatch):
+    """A crash between the two files' renames must not come after a slow write of the second: new weights
+    beside the old config (another lora_alpha) load without error and compute something else."""
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path / "out")
+    ours.peft_config["default"] = ours.peft_config["default"].replace(lora_alpha=16)
+    randomise_B(ours, seed=5)
+    staged = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name in (WEIGHTS_NAME, CONFIG_NAME) and not staged:
+            staged.extend(p.name for p in tmp_path.glob(".hf_lora-*.tmp"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    ours.save_pretrained(tmp_path / "out")
+    assert any(CONFIG_NAME in n for n in staged) and any(WEIGHTS_NAME in n for n in staged), staged
+
+
 def test_saved_files_get_the_mode_a_plain_write_would(tmp_path):
     """New files: 0o666 less the umask (a private umask keeps a private adapter private); a file that
     is replaced keeps the mode its owner gave it."""
