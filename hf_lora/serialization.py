@@ -31,9 +31,17 @@ from .atomic import atomic_write_files
 from .config import LoRAConfig
 from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError
 from .layers import LoRALayer, ModulesToSave
-from .model import DEFAULT_ADAPTER, LoRAModel, _attach, _check_adapter_name, _inject, _prepare_config
+from .model import (
+    DEFAULT_ADAPTER,
+    LoRAModel,
+    _attach,
+    _check_adapter_name,
+    _inject,
+    _moves_base_weights,
+    _prepare_config,
+)
 from .model_card import write_model_card
-from .targets import base_modules, resolve_modules_to_save, resolve_targets
+from .targets import LINEAR_TYPES, base_modules, resolve_modules_to_save, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -477,6 +485,12 @@ def from_pretrained(
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
+    return _attach_from_files(model, adapter_name, files, is_trainable)
+
+
+def _attach_from_files(
+    model: nn.Module, adapter_name: str, files: AdapterFiles, is_trainable: bool
+) -> LoRAModel:
     config = _prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = _plan_load(model, config, files)
     lora_model = _attach(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
@@ -484,17 +498,37 @@ def from_pretrained(
     return lora_model
 
 
-def _from_pretrained_all(model: nn.Module, model_id: str | os.PathLike, **kwargs: Any) -> LoRAModel:
-    found = list_adapters(model_id, revision=kwargs.get("revision"), token=kwargs.get("token"))
+def _from_pretrained_all(
+    model: nn.Module, model_id: str | os.PathLike, *, is_trainable: bool, **read_kwargs: Any
+) -> LoRAModel:
+    """Every adapter of a folder or repo. All files are read before the model is touched, and base weights
+    that PiSSA/OLoRA adapters move are restored if a later adapter does not fit."""
+    if isinstance(model, LoRAModel):
+        raise AdapterStateError(
+            "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
+        )
+    _check_materialised(model)
+    found = list_adapters(model_id, revision=read_kwargs.get("revision"), token=read_kwargs.get("token"))
     if not found:
         raise AdapterNotFoundError(f"no adapters ({CONFIG_NAME}) found in {model_id}.")
-    (first, sub), rest = found[0], found[1:]
-    lora_model = from_pretrained(model, model_id, first, subfolder=sub, **kwargs)
+    for name, _ in found:
+        _check_adapter_name(name)
+    files = [read_adapter(model_id, subfolder=sub, **read_kwargs) for _, sub in found]
+    moved = {}
+    if any(_moves_base_weights(f.config) for f in files):
+        moved = {
+            name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LINEAR_TYPES)
+        }
+    (first, _), rest = found[0], found[1:]
+    lora_model = _attach_from_files(model, first, files[0], is_trainable)
     try:
-        for name, sub in rest:
-            load_adapter(lora_model, model_id, name, subfolder=sub, **kwargs)
+        for (name, _), adapter_files in zip(rest, files[1:]):
+            _load_new_adapter(lora_model, name, adapter_files, is_trainable)
     except Exception:
-        lora_model.unload()
+        base = lora_model.unload()
+        with torch.no_grad():
+            for name, weight in moved.items():
+                base.get_submodule(name).weight.copy_(weight)
         raise
     return lora_model
 
@@ -519,6 +553,10 @@ def load_adapter(
     if adapter_name in model.peft_config:
         _reload_in_place(model, adapter_name, files, is_trainable)
         return
+    _load_new_adapter(model, adapter_name, files, is_trainable)
+
+
+def _load_new_adapter(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
     _check_adapter_name(adapter_name)
     config = _prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = _plan_load(model, config, files)

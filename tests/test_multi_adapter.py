@@ -324,3 +324,19 @@ def test_base_biases_train_only_with_the_one_adapter_that_owns_them():
     opt.step()
     model.eval()
     assert torch.equal(logits_with(model, "with_bias"), before)
+
+
+def test_loading_all_adapters_that_do_not_all_fit_leaves_the_model_as_it_was(tmp_path):
+    """A PiSSA root adapter moves base weights when it loads; if a later adapter does not fit, the model
+    must be the base again, weights included (unload() alone left the PiSSA residual)."""
+    get_lora_model(
+        make_model("llama"), LoRAConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    ).save_pretrained(tmp_path)
+    other = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn"]))
+    other.save_pretrained(tmp_path / "other")  # an adapter for another architecture
+    base = make_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(hf_lora.AdapterFormatError, match="does not fit"):
+        LoRAModel.from_pretrained(base, tmp_path, all_adapters=True)
+    assert type(base).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
