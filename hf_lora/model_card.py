@@ -20,6 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from .atomic import atomic_write
 
 if TYPE_CHECKING:
+    import torch
+
     from .model import LoRAModel
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,10 @@ def render_model_card(
     log_history: list[dict[str, Any]] | None = None,
     card_data: dict[str, Any] | None = None,
     loss_curve: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> str:
+    """The card of one adapter. Its sizes count `tensors`, what its file holds, when given (else the
+    adapter's parameters): not what happens to be trainable in the model when it is saved."""
     config = model.peft_config[adapter_name]
     base = config.base_model_name_or_path
     hub_base = base if is_hub_id(base) else None
@@ -91,10 +96,11 @@ def render_model_card(
         setattr(data, key, value)
 
     layers = [layer for _, layer in model.lora_layers() if adapter_name in layer.lora_A]
-    adapter_params = sum(
-        layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel() for layer in layers
-    )
-    trainable, total = model.get_nb_trainable_parameters()
+    if tensors is None:  # the adapter's own tensors: LoRA factors, DoRA magnitudes, copies saved in full
+        tensors = {name: p for name, p in model.named_parameters() if _adapter_param_of(name) == adapter_name}
+    adapter_params = sum(t.numel() for t in tensors.values())
+    adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    base_params = sum(p.numel() for name, p in model.named_parameters() if _adapter_param_of(name) is None)
     metrics, metric_names = _metrics_table(log_history or [])
     targets = config.target_modules
     card = ModelCard.from_template(
@@ -103,7 +109,7 @@ def render_model_card(
         title=f"LoRA adapter for {base}" if base else "LoRA adapter",
         base_model=base,
         base_model_url=f"https://huggingface.co/{hub_base}" if hub_base else base,
-        adapter_size=_human_bytes(adapter_params * 4),
+        adapter_size=_human_bytes(adapter_bytes),
         r=config.r,
         lora_alpha=config.lora_alpha,
         scaling=f"{config.scaling_for(''):g}",
@@ -118,9 +124,9 @@ def render_model_card(
         modules_to_save=", ".join(f"`{m}`" for m in config.modules_to_save or []),
         bias=config.bias,
         task_type=task,
-        trainable=f"{trainable:,}",
-        total=f"{total:,}",
-        trainable_pct=f"{100 * trainable / max(total, 1):.4f}%",
+        trainable=f"{adapter_params:,}",
+        total=f"{base_params:,}",
+        trainable_pct=f"{100 * adapter_params / max(base_params, 1):.4f}%",
         metrics=metrics,
         metric_names=metric_names,
         loss_curve=loss_curve,
@@ -132,6 +138,12 @@ def render_model_card(
     return str(card)
 
 
+def _adapter_param_of(name: str) -> str | None:
+    """The adapter a parameter of a LoRA model belongs to (None for the base model's own)."""
+    match = re.search(r"\.(?:lora_A|lora_B|lora_magnitude|modules_to_save)\.([^.]+)", f".{name}")
+    return match.group(1) if match else None
+
+
 def write_model_card(
     model: LoRAModel,
     directory: Path,
@@ -140,6 +152,7 @@ def write_model_card(
     repo_id: str | None = None,
     log_history: list[dict[str, Any]] | None = None,
     card_data: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> bool:
     """Write README.md (and the loss curve) unless the user wrote their own README. True if written."""
     card_path = directory / CARD_NAME
@@ -154,7 +167,13 @@ def write_model_card(
         atomic_write(directory / LOSS_CURVE_NAME, loss_curve_svg(points).encode())
         curve = LOSS_CURVE_NAME
     text = render_model_card(
-        model, adapter_name, repo_id=repo_id, log_history=log_history, card_data=card_data, loss_curve=curve
+        model,
+        adapter_name,
+        repo_id=repo_id,
+        log_history=log_history,
+        card_data=card_data,
+        loss_curve=curve,
+        tensors=tensors,
     )
     atomic_write(card_path, text.encode())
     return True

@@ -247,7 +247,13 @@ def save_pretrained(
         write_adapter(directory, configs[name], tensors[name])
         if model_card:
             write_model_card(
-                model, directory, name, repo_id=repo_id, log_history=log_history, card_data=card_data
+                model,
+                directory,
+                name,
+                repo_id=repo_id,
+                log_history=log_history,
+                card_data=card_data,
+                tensors=tensors[name],
             )
     logger.info("saved adapter(s) %s to %s", names, root)
 

@@ -195,6 +195,26 @@ def test_model_card_is_written_but_a_users_readme_is_kept(tmp_path):
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
 
 
+def test_each_card_counts_its_own_adapter_file(tmp_path):
+    """The card's parameter count and size are those of the adapter it describes (they were the model's
+    trainable parameters at save time: another adapter's, or 0 after a frozen load), head copies included."""
+    model = get_lora_model(make_model("bert"), LoRAConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("big", LoRAConfig(r=16, target_modules=["query", "value"]))
+    model.save_pretrained(tmp_path / "two")
+    LoRAModel.from_pretrained(make_model("bert"), tmp_path / "two").save_pretrained(tmp_path / "frozen")
+    base_params = sum(p.numel() for p in make_model("bert").parameters())
+    for folder in ("two", "two/big", "frozen"):
+        with safe_open(tmp_path / folder / WEIGHTS_NAME, "pt") as f:
+            tensors = [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+        n, size = sum(t.numel() for t in tensors), sum(t.numel() * 4 for t in tensors)
+        card = (tmp_path / folder / "README.md").read_text()
+        assert (
+            f"| adapter parameters | {n:,} ({100 * n / base_params:.4f}% of the base model's {base_params:,}) |"
+            in card
+        )
+        assert f"stored here ({size / 1024:.1f} KB)" in card, folder
+
+
 def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     ours, _ = trained("gpt2", CASES[0][1])
     ours.save_pretrained(tmp_path / "out")
