@@ -143,7 +143,8 @@ _exact_masks = False  # set by peft_dropout_masks()
 def peft_dropout_masks(enabled: bool = True) -> Iterator[None]:
     """Within this block the fused path draws its dropout masks with torch's Bernoulli, element for
     element as `F.dropout` (and so peft) does on CPU: a seeded run drops exactly what peft drops. Slower on CPU
-    (see `keep_mask`); meant for comparing against peft, not for training."""
+    (see `keep_mask`); meant for comparing against peft, not for training. With gradient checkpointing,
+    run the backward inside the block too: the recomputation draws its masks again then."""
     global _exact_masks
     before, _exact_masks = _exact_masks, enabled
     try:
@@ -572,9 +573,10 @@ class LoRALayer(nn.Module):
             if _fusable(autocast, x, w, b, A, B):
                 return self._fused_forward(x, w, b, A, B, name, autocast)
         result = self._base_forward(x, *args, **kwargs)
-        for name in live:
-            result = self._add_lora(result, x, name)
-        return result
+        dtype = result.dtype
+        for name in live:  # as peft: summed in the adapters' dtype (fp32), rounded once
+            result = result + self._lora_update(result, x, name)
+        return result.to(dtype)
 
     def _fused_forward(self, x, w, b, A, B, name: str, autocast: bool) -> torch.Tensor:
         s = self.lora_scaling[name]
@@ -598,8 +600,9 @@ class LoRALayer(nn.Module):
         # gradient checkpointing, which must drop what its recomputation drops): the same GEMMs and mask.
         return _lora_linear(x, w, b, A, B, s, self.fan_in_fan_out, p)
 
-    def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The reference computation, op for op as peft does it."""
+    def _lora_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` adds to `result` (the reference computation, op for op as peft does it),
+        in the adapter's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.dtype)
         p = self.lora_dropout[name]
@@ -607,8 +610,8 @@ class LoRALayer(nn.Module):
         if dropped:
             x = F.dropout(x, p)
         if name in self.lora_magnitude:
-            return (result + self._dora_update(result, x, name, dropped)).to(result.dtype)
-        return (result + F.linear(F.linear(x, A), B) * self.lora_scaling[name]).to(result.dtype)
+            return self._dora_update(result, x, name, dropped)
+        return F.linear(F.linear(x, A), B) * self.lora_scaling[name]
 
     def _dora_update(self, result: torch.Tensor, x: torch.Tensor, name: str, dropped: bool) -> torch.Tensor:
         """DoRA (weight-decomposed LoRA): the output of m * (W + s B A) / ||W + s B A|| minus the base
@@ -638,7 +641,7 @@ class LoRALayer(nn.Module):
             if name == BASE_ROWS or name not in self.lora_A:
                 continue
             idx = [i for i, n in enumerate(rows) if n == name]
-            result[idx] = self._add_lora(result[idx], x[idx], name)
+            result[idx] += self._lora_update(result[idx], x[idx], name).to(result.dtype)  # as peft
         return result
 
     def extra_repr(self) -> str:

@@ -340,3 +340,31 @@ def test_loading_all_adapters_that_do_not_all_fit_leaves_the_model_as_it_was(tmp
         LoRAModel.from_pretrained(base, tmp_path, all_adapters=True)
     assert type(base).__name__ == "LlamaForCausalLM"
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_several_active_adapters_and_mixed_batches_on_a_half_base_match_peft_bit_for_bit(dtype):
+    """peft sums active adapters in their fp32 and rounds once (it rounded after each adapter here), and
+    in a mixed batch rounds each row's update before adding it."""
+    base = make_model("llama").to(dtype)
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **fields))
+    ref.add_adapter("b", LoraConfig(init_lora_weights=False, **fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    ours.add_adapter("b", LoRAConfig(**fields))
+    with torch.no_grad():
+        for path, layer in ours.lora_layers():
+            twin = ref.base_model.model.get_submodule(path)
+            for name in ("default", "b"):
+                layer.lora_A[name].copy_(twin.lora_A[name].weight)
+                layer.lora_B[name].copy_(twin.lora_B[name].weight)
+    ids = batch_for("llama")["input_ids"]
+    ours.eval(), ref.eval()
+    ours.set_adapter(["default", "b"])
+    ref.base_model.set_adapter(["default", "b"])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+        rows = ["b", "default"]
+        assert torch.equal(
+            ours(input_ids=ids, adapter_names=rows).logits, ref(input_ids=ids, adapter_names=rows).logits
+        )
