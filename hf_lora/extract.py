@@ -4,6 +4,10 @@ For every targeted Linear/Conv1D, `W_ft - W_base` is factorised as B @ A at rank
 approximation, by Eckart-Young), with the singular values split evenly between the factors so that the
 adapter trains on well. The share of each update's energy (squared Frobenius norm) the adapter keeps is
 reported per layer.
+
+Base and fine-tune are compared at the lower of their two precisions (a bf16 fine-tune of an fp32 base): the
+rounding between dtypes is not an update, and would otherwise make every weight count as changed and every
+update full rank.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LayerReport:
     path: str
-    rank: int  # numerical rank of the update
+    rank: int  # numerical rank of the update: singular values above the weights' rounding noise
     energy_kept: float  # fraction of ||delta||_F^2 the rank-r factors hold
     error: float  # ||delta - B @ A||_F
 
@@ -55,9 +59,10 @@ def extract_lora(
             "the fine-tuned model's parameters do not match the base model's (names or shapes): extraction "
             "needs the same architecture and size."
         )
-    changed = {k for k, p in base_params.items() if not torch.equal(p, ft_params[k])}
+    changed = {k for k, p in base_params.items() if not torch.equal(*_common_precision(p, ft_params[k]))}
+    linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
-        target_modules = sorted(path for path, _ in linear_modules(base_model) if f"{path}.weight" in changed)
+        target_modules = sorted(path for path in linear_paths if f"{path}.weight" in changed)
         if not target_modules:
             raise TargetModulesError(
                 "no Linear/Conv1D weight differs between the two models: nothing to extract."
@@ -69,9 +74,17 @@ def extract_lora(
     for path in targets:
         module = base_model.get_submodule(path)
         conv1d = not isinstance(module, nn.Linear)
-        delta = (ft_params[f"{path}.weight"].detach() - module.weight.detach()).double()
+        ft_weight, base_weight = _common_precision(
+            ft_params[f"{path}.weight"].detach(), module.weight.detach()
+        )
+        delta = ft_weight.double() - base_weight.double()  # (exact: the difference of two stored values)
         delta = delta.T if conv1d else delta  # (out, in)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        # Below this a singular value is rounding noise of the stored weights, not part of the update: the
+        # spectral norm of a matrix of independent errors of up to eps * |W| (matrix_rank's S.max * max(m, n)
+        # * eps would exceed S.max itself for wide bf16 layers, reporting rank 0).
+        scale = max(ft_weight.abs().max().item(), base_weight.abs().max().item())
+        tol = torch.finfo(ft_weight.dtype).eps * sum(n**0.5 for n in delta.shape) * scale
         root = S[:r].sqrt()
         B, A = U[:, :r] * root, root[:, None] * Vh[:r]  # (out, r), (r, in)
         B = nn.functional.pad(B, (0, r - B.shape[1]))
@@ -81,7 +94,7 @@ def extract_lora(
         report.append(
             LayerReport(
                 path=path,
-                rank=int((S.max() * 1e-12 < S).sum()) if S.numel() else 0,
+                rank=int((tol < S).sum()),
                 energy_kept=kept / total if total else 1.0,
                 error=max(total - kept, 0.0) ** 0.5,
             )
@@ -102,12 +115,7 @@ def extract_lora(
                 p.copy_(trained.get_parameter(name))
                 covered.add(f"{path}.{name}")
     if missed := sorted(changed - covered):
-        logger.warning(
-            "the fine-tune also changed %d parameters the adapter does not hold (e.g. %s); add their modules to "
-            "target_modules or modules_to_save to keep them.",
-            len(missed),
-            ", ".join(missed[:4]),
-        )
+        _warn_missed(missed, linear_paths)
     for row in report:
         logger.info(
             "%s: rank %d update, %.2f%% of its energy kept at r=%d",
@@ -117,3 +125,35 @@ def extract_lora(
             r,
         )
     return (model, report) if return_report else model
+
+
+def _common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors in the less precise of their two floating dtypes (bf16 beside fp32: bf16), so that
+    comparing them sees updates, not the rounding between dtypes."""
+    if a.dtype == b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+        return a, b
+    low = max(a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    return a.to(low), b.to(low)
+
+
+def _warn_missed(missed: list[str], linear_paths: set[str]) -> None:
+    """Name the changed parameters the adapter leaves out, and what would keep them. LoRA holds Linear/Conv1D
+    weights only: an untargeted Linear/Conv1D weight can be targeted; anything else (biases, norms,
+    embeddings) is kept only by saving its whole module (modules_to_save)."""
+    owners = {name: name.rsplit(".", 1)[0] for name in missed}
+    whole = sorted({m for name, m in owners.items() if m not in linear_paths or not name.endswith(".weight")})
+    targetable = sorted({m for m in owners.values() if m not in whole})
+    advice = []
+    if targetable:
+        advice.append(f"add {', '.join(targetable[:4])} to target_modules")
+    if whole:
+        advice.append(
+            f"save {', '.join(whole[:4])} in full with modules_to_save (LoRA holds no biases, norms or embeddings)"
+        )
+    logger.warning(
+        "the fine-tune also changed %d parameters the adapter does not hold (e.g. %s): they keep the base "
+        "model's values. To carry them, %s.",
+        len(missed),
+        ", ".join(missed[:4]),
+        " and ".join(advice),
+    )

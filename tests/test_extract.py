@@ -83,3 +83,113 @@ def test_a_tied_output_head_can_be_saved_in_full():
         tuned.transformer.h[0].attn.c_attn.weight.add_(0.05)
     model = hf_lora.extract_lora(base, tuned, r=64, target_modules=["c_attn"], modules_to_save=["lm_head"])
     assert torch.equal(model.lm_head.modules_to_save["default"].weight, tuned.lm_head.weight)
+
+
+def low_rank(out_features: int, in_features: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """A rank-`rank` matrix with all its singular values equal to 1 (nothing near the rank tolerance)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out_features, rank, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(in_features, rank, generator=g))[0]
+    return U @ V.T
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "rank"),
+    [
+        ("gpt2", "transformer.h.0.attn.c_attn", 1),  # Conv1D, weight (in, out) = (64, 192)
+        ("gpt2", "transformer.h.0.attn.c_attn", 2),
+        ("llama", "model.layers.1.mlp.down_proj", 3),  # Linear, (64, 128)
+    ],
+)
+def test_reported_rank_is_the_rank_of_the_update(kind, path, rank):
+    """float32 rounding of W_base + delta must not count: only singular values above rounding noise."""
+    base = make_model(kind)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        weight = tuned.get_submodule(path).weight
+        weight.add_(0.05 * low_rank(*weight.shape, rank))
+    _, report = hf_lora.extract_lora(base, tuned, r=4, return_report=True)
+    assert [(row.path, row.rank) for row in report] == [(path, rank)]
+    assert report[0].energy_kept > 1 - 1e-9
+
+
+def test_reported_rank_of_a_wide_bf16_layer():
+    """matrix_rank's tolerance (S.max * max(m, n) * eps) exceeds S.max itself for a 1024-wide bf16 layer:
+    it reported rank 0. The noise of the stored weights is far smaller."""
+    base = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    tuned = copy.deepcopy(base).to(torch.bfloat16)
+    with torch.no_grad():
+        tuned[0].weight.add_((0.05 * low_rank(1024, 1024, 3)).to(torch.bfloat16))
+    _, report = hf_lora.extract_lora(base, tuned, r=4, return_report=True)
+    assert [(row.path, row.rank) for row in report] == [("0", 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_lower_precision_fine_tune_is_compared_at_its_precision(dtype, caplog):
+    """A bf16/fp16 fine-tune of an fp32 base: only the weights the fine-tune changed are updates, and the
+    update's rank is not raised by the rounding between the dtypes."""
+    base = make_model("llama")
+    tuned = copy.deepcopy(base)
+    path = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        tuned.get_submodule(path).weight.add_(0.5 * low_rank(64, 64, 2))
+    tuned = tuned.to(dtype)
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        model, report = hf_lora.extract_lora(base, tuned, r=4, return_report=True)
+    assert [(row.path, row.rank) for row in report] == [(path, 2)]
+    assert not caplog.records, "the rounding of untouched weights is no change"
+    # the adapter holds the update, off by no more than the fine-tune's own rounding (one ulp of its weights)
+    ulp = torch.finfo(dtype).eps * tuned.get_submodule(path).weight.abs().max().item()
+    error = model.get_submodule(path).delta_weight("default") - 0.5 * low_rank(64, 64, 2)
+    assert error.abs().max().item() <= ulp
+
+
+@pytest.mark.parametrize(
+    ("kind", "changed", "kwargs", "advice", "following_it"),
+    [
+        (  # a norm: only modules_to_save keeps it
+            "llama",
+            "model.norm.weight",
+            {},
+            "save model.norm in full with modules_to_save",
+            {"modules_to_save": ["model.norm"]},
+        ),
+        (  # the bias of a Linear: LoRA holds no bias, target_modules cannot keep it
+            "gpt2",
+            "transformer.h.1.mlp.c_fc.bias",
+            {},
+            "save transformer.h.1.mlp.c_fc in full with modules_to_save",
+            {"modules_to_save": ["transformer.h.1.mlp.c_fc"]},
+        ),
+        (  # the weight of a Linear left out of target_modules: targeting it keeps it
+            "llama",
+            "model.layers.1.self_attn.v_proj.weight",
+            {"target_modules": ["model.layers.0.self_attn.q_proj"]},
+            "add model.layers.1.self_attn.v_proj to target_modules",
+            {"target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]},
+        ),
+    ],
+    ids=["norm", "bias", "untargeted-linear"],
+)
+def test_the_warning_about_left_out_changes_gives_advice_that_works(
+    kind, changed, kwargs, advice, following_it, caplog
+):
+    base = make_model(kind)
+    tuned = copy.deepcopy(base)
+    first_linear = "transformer.h.0.attn.c_attn" if kind == "gpt2" else "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        tuned.get_submodule(first_linear).weight.add_(0.01)  # something to extract
+        tuned.get_parameter(changed).add_(0.1)
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        hf_lora.extract_lora(copy.deepcopy(base), tuned, r=4, **kwargs)
+    [record] = caplog.records
+    assert changed in record.getMessage() and advice in record.getMessage()
+    if "modules_to_save" in advice:
+        assert "target_modules" not in record.getMessage(), "LoRA cannot hold these: targeting them is no fix"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        model = hf_lora.extract_lora(copy.deepcopy(base), tuned, r=64, **following_it)
+    assert not caplog.records
+    batch = batch_for(kind)
+    with torch.no_grad():
+        assert (model(**batch).logits - tuned(**batch).logits).abs().max().item() <= 1e-4
