@@ -14,8 +14,10 @@ Hub repo. Bad input exits with status 2 and one line saying why.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +33,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.run(args)
-    except (LoRAError, OSError, ValueError, KeyError) as e:
-        lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
-        message = " ".join(lines) or type(e).__name__  # (LoRAConfig lists its problems on lines of their own)
+    except Exception as e:
+        message = _bad_input_message(e)
+        if message is None:  # a bug: its traceback helps more than a line
+            raise
         print(f"hf-lora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _bad_input_message(e: Exception) -> str | None:
+    """One line for an error the user can act on (bad input, the Hub unreachable or refusing); else None."""
+    if not isinstance(e, LoRAError) and (cause := _network_cause(e)):
+        from .hub import endpoint
+
+        return (
+            f"cannot reach the Hub at {endpoint()} ({type(cause).__name__}: {cause}). Check the network "
+            "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use files downloaded before."
+        )
+    hub_error = type(e).__module__.split(".")[0] == "huggingface_hub"
+    if not (hub_error or isinstance(e, (LoRAError, OSError, ValueError, KeyError))):
+        return None
+    lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(lines) or type(e).__name__  # (LoRAConfig lists its problems on lines of their own)
+
+
+def _network_cause(e: BaseException | None) -> BaseException | None:
+    """The HTTP client's connection/timeout error in `e` or its causes (huggingface_hub passes some on as is,
+    and wraps others, e.g. in LocalEntryNotFoundError)."""
+    errors = _transport_errors()
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, errors):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return None
+
+
+# errors meaning no answer came: huggingface_hub talks through httpx2, httpx or requests, by version
+_TRANSPORT_ERRORS = (
+    ("httpx2", "TransportError"),
+    ("httpx", "TransportError"),
+    ("requests", "ConnectionError"),
+    ("requests", "Timeout"),
+)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errors = []
+    for module, name in _TRANSPORT_ERRORS:
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,14 +166,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"architecture: {type(model).__name__} (model_type {model_type(model)!r})")
     print(f"parameters:   {sum(p.numel() for p in model.parameters()):,}")
     print(f"default targets: {defaults if defaults else 'none (pass --targets, or all-linear)'}")
-    rows: dict[str, list] = {}
+    rows: dict[tuple[str, str, tuple[int, ...]], int] = {}  # one row per name AND shape: they can differ
     for path, module in linear_modules(model):
-        key = path if args.all_layers else path.rsplit(".", 1)[-1]
-        shape = tuple(module.weight.shape)
-        rows.setdefault(key, [type(module).__name__, shape, 0])[2] += 1
+        key = (
+            path if args.all_layers else path.rsplit(".", 1)[-1],
+            type(module).__name__,
+            tuple(module.weight.shape),
+        )
+        rows[key] = rows.get(key, 0) + 1
     print(f"\n{'layer':<40} {'type':<8} {'weight shape':<16} count")
-    for key, (kind, shape, n) in rows.items():
-        print(f"{key:<40} {kind:<8} {shape!s:<16} {n}")
+    for (name, kind, shape), n in rows.items():
+        print(f"{name:<40} {kind:<8} {shape!s:<16} {n}")
     targets = args.targets or defaults
     if targets:
         lora = get_lora_model(
@@ -230,9 +284,19 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _pull(args: argparse.Namespace) -> None:
-    from .hub import download_adapter
+    from .errors import AdapterNotFoundError
+    from .hub import download_adapter, endpoint
 
+    created = not Path(args.dir).exists()
     path = download_adapter(args.repo_id, args.dir, revision=args.revision, token=args.token)
+    # download_adapter fetches the adapter files a repo has: a repo of something else gives an empty folder
+    if not any(path.rglob("adapter_config.json")):
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise AdapterNotFoundError(
+            f"Hub repo {args.repo_id!r} at {endpoint()} has no adapter_config.json (at its top or in a "
+            "subfolder): it holds no adapter. Check the repo id and --revision."
+        )
     print(f"downloaded {args.repo_id} to {path}")
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,17 +18,25 @@ from transformers import GPT2LMHeadModel
 
 import hf_lora
 from hf_lora import LoRAConfig, LoRAModel, get_lora_model
+from hf_lora.targets import linear_modules
 
 HF_LORA = str(Path(sys.executable).with_name("hf-lora"))
 
 
-def hf_lora_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def hf_lora_cli(*args: str, ok: bool = True, **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [HF_LORA, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy()
+        [HF_LORA, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy() | env
     )
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def assert_exits_2_with_one_line(proc: subprocess.CompletedProcess, command: str, reason: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"hf-lora {command}: error:") and reason in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0], "the reason is the last thing printed"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +70,22 @@ def test_inspect(on_disk):
     assert "c_attn" in out and "(64, 192)" in out
     expected = get_lora_model(make_model("gpt2"), LoRAConfig(r=4)).get_nb_trainable_parameters()[0]
     assert f"trainable params: {expected:,}" in out
+
+
+@pytest.mark.parametrize("all_layers", [False, True], ids=["by-name", "all-layers"])
+def test_inspect_shows_each_layer_s_own_shape(on_disk, all_layers):
+    """GPT-2's attn.c_proj (64, 64) and mlp.c_proj (256, 64) share a name, not a shape."""
+    out = hf_lora_cli("inspect", str(on_disk / "base"), *(["--all-layers"] if all_layers else [])).stdout
+    rows = Counter()
+    for name, kind, shape, count in re.findall(r"^(\S+) +(\w+) +(\([\d, ]+\)) +(\d+)$", out, re.MULTILINE):
+        rows[name, kind, shape] += int(count)
+    expected = Counter(
+        (path if all_layers else path.rsplit(".", 1)[-1], type(m).__name__, str(tuple(m.weight.shape)))
+        for path, m in linear_modules(make_model("gpt2"))
+    )
+    assert rows == expected
+    if not all_layers:
+        assert rows["c_proj", "Conv1D", "(64, 64)"] == 2 and rows["c_proj", "Conv1D", "(256, 64)"] == 2
 
 
 def test_info(on_disk):
@@ -143,8 +170,31 @@ def test_bad_input_exits_2_with_one_line(on_disk, tmp_path, hub_server, args, re
     names |= {"OUT": tmp_path / "o", "FILE": tmp_path / "a_file"}
     args = [str(names.get(a, a)) for a in args]
     proc = hf_lora_cli(*args, ok=False)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith(f"hf-lora {args[0]}: error:") and reason in errors[0]
-    assert proc.stderr.strip().splitlines()[-1] == errors[0], "the reason is the last thing printed"
+    assert_exits_2_with_one_line(proc, args[0], reason)
     assert "hf_bad" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["push", "ADAPTER", "alice/x", "--token", "hf_x"], ["pull", "alice/x", "OUT"]],
+    ids=["push", "pull"],
+)
+def test_an_unreachable_hub_exits_2_with_one_line(on_disk, tmp_path, args):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    names = {"ADAPTER": on_disk / "adapter", "OUT": tmp_path / "pulled"}
+    proc = hf_lora_cli(*[str(names.get(a, a)) for a in args], ok=False, HF_ENDPOINT=endpoint)
+    assert_exits_2_with_one_line(proc, args[0], f"cannot reach the Hub at {endpoint}")
+    assert "Traceback" not in proc.stderr
+
+
+def test_pull_of_a_repo_without_an_adapter_fails(tmp_path, hub_server, hub_repo_id):
+    api = hub_server.api("alice")
+    api.create_repo(hub_repo_id)
+    api.upload_file(
+        path_or_fileobj=b'{"model_type": "gpt2"}', path_in_repo="config.json", repo_id=hub_repo_id
+    )
+    proc = hf_lora_cli("pull", hub_repo_id, str(tmp_path / "pulled"), ok=False)
+    assert_exits_2_with_one_line(proc, "pull", "has no adapter_config.json")
+    assert not (tmp_path / "pulled").exists(), "no empty folder is left behind"
