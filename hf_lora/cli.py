@@ -14,10 +14,8 @@ Hub repo. Bad input exits with status 2 and one line saying why.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bad_input_message(e: Exception) -> str | None:
     """One line for an error the user can act on (bad input, the Hub unreachable or refusing); else None."""
-    if not isinstance(e, LoRAError) and (cause := _network_cause(e)):
-        from .hub import endpoint
+    from .hub import endpoint, network_cause
 
+    if not isinstance(e, LoRAError) and (cause := network_cause(e)):
         return (
             f"cannot reach the Hub at {endpoint()} ({type(cause).__name__}: {cause}). Check the network "
             "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use files downloaded before."
@@ -56,38 +54,6 @@ def _bad_input_message(e: Exception) -> str | None:
         return None
     lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
     return " ".join(lines) or type(e).__name__  # (LoRAConfig lists its problems on lines of their own)
-
-
-def _network_cause(e: BaseException | None) -> BaseException | None:
-    """The HTTP client's connection/timeout error in `e` or its causes (huggingface_hub passes some on as is,
-    and wraps others, e.g. in LocalEntryNotFoundError)."""
-    errors = _transport_errors()
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, errors):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-    return None
-
-
-# errors meaning no answer came: huggingface_hub talks through httpx2, httpx or requests, by version
-_TRANSPORT_ERRORS = (
-    ("httpx2", "TransportError"),
-    ("httpx", "TransportError"),
-    ("requests", "ConnectionError"),
-    ("requests", "Timeout"),
-)
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    errors = []
-    for module, name in _TRANSPORT_ERRORS:
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -268,14 +234,15 @@ def _push(args: argparse.Namespace) -> None:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         if args.revision:
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        # a card the repo's owner wrote stays, as push_adapter_to_hub keeps it
-        keep_readme = _remote_readme_is_users(args.repo_id, args.revision, args.token)
+        # cards the repo's owner wrote (at the root or in an adapter's subfolder) stay, as push_adapter_to_hub
+        cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME)]
+        keep = [c for c in cards if _remote_readme_is_users(args.repo_id, c, args.revision, args.token)]
         info = api.upload_folder(
             repo_id=args.repo_id,
             folder_path=folder,
             revision=args.revision,
             allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
-            ignore_patterns=[f"*{CARD_NAME}"] if keep_readme else None,
+            ignore_patterns=keep or None,
             commit_message=args.message or "Upload LoRA adapter (hf_lora)",
         )
     except HfHubHTTPError as e:
@@ -284,19 +251,9 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _pull(args: argparse.Namespace) -> None:
-    from .errors import AdapterNotFoundError
-    from .hub import download_adapter, endpoint
+    from .hub import download_adapter
 
-    created = not Path(args.dir).exists()
     path = download_adapter(args.repo_id, args.dir, revision=args.revision, token=args.token)
-    # download_adapter fetches the adapter files a repo has: a repo of something else gives an empty folder
-    if not any(path.rglob("adapter_config.json")):
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        raise AdapterNotFoundError(
-            f"Hub repo {args.repo_id!r} at {endpoint()} has no adapter_config.json (at its top or in a "
-            "subfolder): it holds no adapter. Check the repo id and --revision."
-        )
     print(f"downloaded {args.repo_id} to {path}")
 
 

@@ -7,6 +7,8 @@ anything downloaded before). Tokens are handed to `huggingface_hub` and never wr
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import shutil
@@ -29,7 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from .atomic import pid_alive
 from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
 from .model_card import CARD_NAME, MARKER
-from .serialization import PICKLE_WEIGHTS_NAMES
+from .serialization import CONFIG_NAME, PICKLE_WEIGHTS_NAMES
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -94,10 +96,13 @@ def list_repo_files(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
     """The repo's file names, refusing any that would escape a local folder (a hostile repo). Offline
-    (HF_HUB_OFFLINE=1): the files of the cached snapshot."""
+    (HF_HUB_OFFLINE=1) or when the Hub cannot be reached: the files of the cached snapshot."""
     try:
         files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
-    except OfflineModeIsEnabled:
+    except Exception as e:
+        if not isinstance(e, OfflineModeIsEnabled) and network_cause(e) is None:
+            raise
+        # offline, or the Hub does not answer: the cached snapshot, as hf_hub_download falls back to
         files = _cached_repo_files(repo_id, revision)
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
@@ -160,7 +165,6 @@ def push_adapter_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision not in {b.name for b in api.list_repo_refs(repo_id).branches}:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        keep_readme = _remote_readme_is_users(repo_id, revision, token)
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id) from None
 
@@ -173,10 +177,10 @@ def push_adapter_to_hub(
             card_data=card_data,
             log_history=log_history,
         )
-        if keep_readme:
-            for card in Path(tmp).rglob(CARD_NAME):
-                card.unlink()
         try:
+            for card in Path(tmp).rglob(CARD_NAME):  # the root's and each adapter subfolder's
+                if _remote_readme_is_users(repo_id, card.relative_to(tmp).as_posix(), revision, token):
+                    card.unlink()
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,
@@ -193,32 +197,47 @@ def push_adapter_to_hub(
 def download_adapter(
     repo_id: str, local_dir: str | os.PathLike, *, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """Download an adapter repo's files (with every adapter's subfolder) into `local_dir`."""
+    """Download an adapter repo's files (with every adapter's subfolder) into `local_dir`; a repo without
+    an adapter_config.json is an error (and a folder made for it is removed)."""
     from huggingface_hub import snapshot_download
 
+    created = not Path(local_dir).exists()
+    # (older peft adapters keep pickled weights: fetched too, loaded only with allow_pickle=True)
+    patterns = [f"*{name}" for name in (*ADAPTER_FILES, *PICKLE_WEIGHTS_NAMES)]
     try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            local_dir=local_dir,
-            # (older peft adapters keep pickled weights: fetched too, loaded only with allow_pickle=True)
-            allow_patterns=[f"*{name}" for name in (*ADAPTER_FILES, *PICKLE_WEIGHTS_NAMES)],
-        )
+        try:
+            path = snapshot_download(
+                repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=patterns
+            )
+        except LocalEntryNotFoundError:  # offline or unreachable, and not in local_dir: from the cache
+            cached = snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
+            path = shutil.copytree(cached, local_dir, dirs_exist_ok=True)
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
     except RevisionNotFoundError:
         raise AdapterNotFoundError(
             f"revision {revision!r} not found in {repo_id!r} at {endpoint()}."
         ) from None
+    except LocalEntryNotFoundError:
+        raise _not_cached(repr(repo_id)) from None
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id) from None
-    return Path(path)
+    path = Path(path)
+    if not any(path.rglob(CONFIG_NAME)):
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise AdapterNotFoundError(
+            f"Hub repo {repo_id!r} at {endpoint()} has no {CONFIG_NAME} (at its top or in a subfolder): it "
+            "holds no adapter. Check the repo id and the revision."
+        )
+    return path
 
 
-def _remote_readme_is_users(repo_id: str, revision: str | None, token: str | None) -> bool:
+def _remote_readme_is_users(repo_id: str, filename: str, revision: str | None, token: str | None) -> bool:
     try:
-        path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token)
+        path = hf_hub_download(repo_id, filename, revision=revision, token=token)
     except (EntryNotFoundError, RevisionNotFoundError):
         return False
     return MARKER not in Path(path).read_text(encoding="utf-8", errors="replace")
@@ -232,6 +251,39 @@ def _http_error(e: HfHubHTTPError, repo_id: str) -> Exception:
             "(token=..., HF_TOKEN or `hf auth login`) and that it may write to this namespace."
         )
     return e
+
+
+# Errors meaning no answer came: huggingface_hub talks through httpx2, httpx or requests, by version.
+_TRANSPORT_ERRORS = (
+    ("httpx2", "TransportError"),
+    ("httpx", "TransportError"),
+    ("requests", "ConnectionError"),
+    ("requests", "Timeout"),
+)
+
+
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errors = []
+    for module, name in _TRANSPORT_ERRORS:
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def network_cause(e: BaseException | None) -> BaseException | None:
+    """The HTTP client's connection/timeout error in `e` or its causes (huggingface_hub passes some on as
+    they are and wraps others, e.g. in LocalEntryNotFoundError); None if the Hub did answer."""
+    errors = _transport_errors()
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, errors):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return None
 
 
 def _remove_stale_push_dirs() -> None:

@@ -175,17 +175,21 @@ def test_bad_input_exits_2_with_one_line(on_disk, tmp_path, hub_server, args, re
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["push", "ADAPTER", "alice/x", "--token", "hf_x"], ["pull", "alice/x", "OUT"]],
+    ("args", "message"),
+    [
+        (["push", "ADAPTER", "alice/x", "--token", "hf_x"], "cannot reach the Hub at {endpoint}"),
+        # (a pull falls back to the cache first)
+        (["pull", "alice/x", "OUT"], "not in the local cache and the Hub cannot be reached ({endpoint}"),
+    ],
     ids=["push", "pull"],
 )
-def test_an_unreachable_hub_exits_2_with_one_line(on_disk, tmp_path, args):
+def test_an_unreachable_hub_exits_2_with_one_line(on_disk, tmp_path, args, message):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     names = {"ADAPTER": on_disk / "adapter", "OUT": tmp_path / "pulled"}
     proc = hf_lora_cli(*[str(names.get(a, a)) for a in args], ok=False, HF_ENDPOINT=endpoint)
-    assert_exits_2_with_one_line(proc, args[0], f"cannot reach the Hub at {endpoint}")
+    assert_exits_2_with_one_line(proc, args[0], message.format(endpoint=endpoint))
     assert "Traceback" not in proc.stderr
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,18 +130,33 @@ def test_missing_repo_file_and_revision(hub_server, hub_repo_id):
         LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, revision="nope")
 
 
-def test_a_readme_the_user_wrote_is_kept(hub_server, hub_repo_id):
+@pytest.mark.parametrize("card", ["README.md", "other/README.md"])
+def test_a_readme_the_user_wrote_is_kept(hub_server, hub_repo_id, card):
+    """The root's card and each adapter subfolder's: a hand-written one stays, the others are ours."""
     api = hub_server.api("alice")
     api.create_repo(hub_repo_id)
-    api.upload_file(
-        path_or_fileobj=b"# Our adapter\nHand-written.\n", path_in_repo="README.md", repo_id=hub_repo_id
-    )
-    hf_lora.push_adapter_to_hub(adapter_model(), hub_repo_id, token=hub_server.tokens["alice"])
-    assert Path(api.hf_hub_download(hub_repo_id, "README.md")).read_text() == "# Our adapter\nHand-written.\n"
+    api.upload_file(path_or_fileobj=b"# Our adapter\nHand-written.\n", path_in_repo=card, repo_id=hub_repo_id)
+    model = adapter_model()
+    model.add_adapter("other", LoRAConfig(r=2, target_modules=["c_attn"]))
+    hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"])
+    for name in ("README.md", "other/README.md"):
+        text = Path(api.hf_hub_download(hub_repo_id, name)).read_text()
+        assert (text == "# Our adapter\nHand-written.\n") == (name == card), name
     assert "adapter_model.safetensors" in api.list_repo_files(hub_repo_id)
 
 
-def test_offline_mode_loads_from_the_cache(hub_server, hub_repo_id, tmp_path):
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "hub",
+    ["offline", pytest.param("unreachable", marks=pytest.mark.slow)],  # (huggingface_hub retries: ~1 min)
+)
+def test_offline_mode_loads_from_the_cache(hub_server, hub_repo_id, tmp_path, hub):
+    """HF_HUB_OFFLINE=1, or a Hub that does not answer: loads and pulls come from the cache."""
     model = adapter_model()
     hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"])
     LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, all_adapters=True)  # fills the cache
@@ -154,15 +170,20 @@ for every in (False, True):  # all_adapters lists the repo's files: from the cac
     model = hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), {hub_repo_id!r}, all_adapters=every)
     with torch.no_grad():
         assert torch.equal(model(**batch_for("gpt2")).logits, torch.load({str(tmp_path / "expected.pt")!r}))
+pulled = hf_lora.download_adapter({hub_repo_id!r}, {str(tmp_path / "pulled")!r})
+assert (pulled / "adapter_model.safetensors").is_file(), sorted(pulled.iterdir())
 try:
     hf_lora.LoRAModel.from_pretrained(make_model("gpt2"), "alice/never-downloaded")
 except hf_lora.AdapterNotFoundError as e:
-    assert "HF_HUB_OFFLINE=1" in str(e), e
+    assert "not in the local cache" in str(e), e
 else:
     raise SystemExit("expected an error")
 """
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    unavailable = (
+        {"HF_HUB_OFFLINE": "1"} if hub == "offline" else {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    )
+    env = os.environ | unavailable | {"PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
 
 
 PUSH_SCRIPT = """
