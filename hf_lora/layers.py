@@ -216,10 +216,10 @@ def _random_words(n: int) -> torch.Tensor:
 # A's gradient) and the mask-weighted part of the input gradient. On CPU, fresh ones cost more in page
 # faults than in arithmetic (glibc hands large blocks back to the kernel on free: a 6 MB temporary took
 # 1.5 ms to fill against 0.06 ms reused), so they are rows of reused per-thread buffers of at most
-# _SCRATCH_BYTES each (1 MB: as fast as 4 MB chunks on GPT-2's layers, and 6 MB less at the peak).
-# Elsewhere (CUDA's caching allocator already reuses memory) and under torch.compile they are ordinary
-# tensors, in one chunk.
-_SCRATCH_BYTES = 1 << 20
+# _SCRATCH_BYTES each (1 MB chunks would hold 6 MB less, but made a GPT-2 step 4-8 % slower: more,
+# smaller GEMMs). Elsewhere (CUDA's caching allocator already reuses memory) and under torch.compile they
+# are ordinary tensors, in one chunk.
+_SCRATCH_BYTES = 4 << 20
 
 
 def _reuse_buffers(x: torch.Tensor) -> bool:
