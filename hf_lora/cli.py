@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own
     try:
         args.run(args)
     except Exception as e:

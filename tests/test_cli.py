@@ -202,3 +202,18 @@ def test_pull_of_a_repo_without_an_adapter_fails(tmp_path, hub_server, hub_repo_
     proc = hf_lora_cli("pull", hub_repo_id, str(tmp_path / "pulled"), ok=False)
     assert_exits_2_with_one_line(proc, "pull", "has no adapter_config.json")
     assert not (tmp_path / "pulled").exists(), "no empty folder is left behind"
+
+
+def test_huggingface_hub_messages_are_printed_once():
+    """huggingface_hub prints through a handler of its own; passed on to the CLI's too, each of its
+    "Retrying..." lines showed twice."""
+    code = (
+        "import logging\n"
+        "from huggingface_hub.utils import logging as hub_logging\n"
+        "from hf_lora import cli\n"
+        "assert cli.main(['info', '/no/such/adapter/folder']) == 2\n"
+        "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Retrying in 1s") == 1, proc.stderr
