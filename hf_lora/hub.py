@@ -99,10 +99,7 @@ def list_repo_files(
     (HF_HUB_OFFLINE=1) or when the Hub cannot be reached: the files of the cached snapshot."""
     try:
         files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
-    except Exception as e:
-        if not isinstance(e, OfflineModeIsEnabled) and network_cause(e) is None:
-            raise
-        # offline, or the Hub does not answer: the cached snapshot, as hf_hub_download falls back to
+    except OfflineModeIsEnabled:
         files = _cached_repo_files(repo_id, revision)
     except RepositoryNotFoundError:
         raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
@@ -112,6 +109,11 @@ def list_repo_files(
         ) from None
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id) from None
+    except Exception as e:
+        if network_cause(e) is None:
+            raise
+        # the Hub does not answer: the cached snapshot, as hf_hub_download falls back to the cache
+        files = _cached_repo_files(repo_id, revision)
     for name in files:
         check_repo_path(name, repo_id)
     return files

@@ -120,8 +120,9 @@ def test_auth_errors_are_clear_and_never_show_the_token(hub_server, hub_repo_id,
 
 
 def test_missing_repo_file_and_revision(hub_server, hub_repo_id):
-    with pytest.raises(AdapterNotFoundError, match=rf"{hub_repo_id}.*{hub_server.endpoint}"):
-        LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
+    for every in (False, True):
+        with pytest.raises(AdapterNotFoundError, match=rf"{hub_repo_id}.*{hub_server.endpoint}"):
+            LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id, all_adapters=every)
     hub_server.api("alice").create_repo(hub_repo_id)
     with pytest.raises(AdapterNotFoundError, match=r"no adapter_config\.json"):
         LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
