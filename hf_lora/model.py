@@ -113,6 +113,12 @@ class LoRAModel(nn.Module):
             raise ValueError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}.")
         if dora := [a for a in adapters if self.peft_config[a].use_dora]:
             raise ValueError(f"DoRA adapters {dora} cannot be combined: their magnitudes do not add up.")
+        if biased := [a for a in adapters if self.peft_config[a].bias != "none"]:
+            raise ValueError(
+                f"adapter(s) {biased} train the base model's biases (bias != 'none'), which a combination cannot "
+                "hold (only one adapter may train them, and they are not LoRA factors); combine adapters with "
+                "bias='none'."
+            )
         if len(weights) != len(adapters) or not adapters:
             raise ValueError(
                 f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights."

@@ -317,6 +317,8 @@ def test_base_biases_train_only_with_the_one_adapter_that_owns_them():
     assert "transformer.h.0.ln_1.bias" in biases and "transformer.h.1.attn.c_attn.bias" in biases
     randomise_B(model, 3)
     before = logits_with(model, "with_bias")
+    with pytest.raises(ValueError, match=r"\['with_bias'\] train the base model's biases"):
+        model.add_weighted_adapter(["default", "with_bias"], [0.5, 0.5], "mix")
     model.set_adapter("default")
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
