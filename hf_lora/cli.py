@@ -224,8 +224,7 @@ def _push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import ADAPTER_FILES, _http_error, _remote_readme_is_users
-    from .model_card import CARD_NAME
+    from .hub import ADAPTER_FILES, _http_error, owners_cards
     from .serialization import read_adapter
 
     folder = Path(args.adapter_dir)
@@ -235,9 +234,7 @@ def _push(args: argparse.Namespace) -> None:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         if args.revision:
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        # cards the repo's owner wrote (at the root or in an adapter's subfolder) stay, as push_adapter_to_hub
-        cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME)]
-        keep = [c for c in cards if _remote_readme_is_users(args.repo_id, c, args.revision, args.token)]
+        keep = owners_cards(folder, args.repo_id, args.revision, args.token)  # as push_adapter_to_hub
         info = api.upload_folder(
             repo_id=args.repo_id,
             folder_path=folder,

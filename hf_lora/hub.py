@@ -180,9 +180,8 @@ def push_adapter_to_hub(
             log_history=log_history,
         )
         try:
-            for card in Path(tmp).rglob(CARD_NAME):  # the root's and each adapter subfolder's
-                if _remote_readme_is_users(repo_id, card.relative_to(tmp).as_posix(), revision, token):
-                    card.unlink()
+            for card in owners_cards(Path(tmp), repo_id, revision, token):
+                (Path(tmp) / card).unlink()
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,
@@ -237,7 +236,16 @@ def download_adapter(
     return path
 
 
-def _remote_readme_is_users(repo_id: str, filename: str, revision: str | None, token: str | None) -> bool:
+def owners_cards(folder: Path, repo_id: str, revision: str | None, token: str | bool | None) -> list[str]:
+    """The cards (README.md at the root or in an adapter's subfolder) of `folder` whose counterpart in the
+    repo its owner wrote: a push must leave those as they are."""
+    cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME)]
+    return [card for card in cards if _remote_readme_is_users(repo_id, card, revision, token)]
+
+
+def _remote_readme_is_users(
+    repo_id: str, filename: str, revision: str | None, token: str | bool | None
+) -> bool:
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, token=token)
     except (EntryNotFoundError, RevisionNotFoundError):

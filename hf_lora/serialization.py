@@ -473,6 +473,11 @@ def from_pretrained(
     `all_adapters=True` also loads every `<name>/` subfolder as adapter `<name>` (the first one read is
     active). On any error the model is unchanged.
     """
+    if isinstance(model, LoRAModel):
+        raise AdapterStateError(
+            "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
+        )
+    _check_materialised(model)
     if all_adapters:
         return _from_pretrained_all(
             model,
@@ -482,12 +487,7 @@ def from_pretrained(
             token=token,
             allow_pickle=allow_pickle,
         )
-    if isinstance(model, LoRAModel):
-        raise AdapterStateError(
-            "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
-        )
     _check_adapter_name(adapter_name)
-    _check_materialised(model)
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
@@ -509,11 +509,6 @@ def _from_pretrained_all(
 ) -> LoRAModel:
     """Every adapter of a folder or repo. All files are read before the model is touched, and base weights
     that PiSSA/OLoRA adapters move are restored if a later adapter does not fit."""
-    if isinstance(model, LoRAModel):
-        raise AdapterStateError(
-            "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
-        )
-    _check_materialised(model)
     found = list_adapters(model_id, revision=read_kwargs.get("revision"), token=read_kwargs.get("token"))
     if not found:
         raise AdapterNotFoundError(f"no adapters ({CONFIG_NAME}) found in {model_id}.")

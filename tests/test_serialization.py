@@ -420,18 +420,24 @@ def test_reloading_in_place_refuses_another_scaling(tmp_path):
     assert torch.equal(logits(other, "gpt2"), before), "the model is left alone"
 
 
+def saved_peft_llama_adapter(directory: Path, fields: dict):
+    """A peft adapter on the tiny Llama, with random B so that it changes the logits, saved to directory."""
+    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ref.save_pretrained(directory)
+    return ref
+
+
 def test_a_peft_adapter_with_an_unused_pattern_key_loads_with_a_warning(tmp_path, caplog):
     """peft saves rank/alpha pattern keys that match no target; get_lora_model refuses them (typos), a
     load only warns: the key has no effect on the weights."""
     fields = dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"k_proj": 8, "v_proj": 2}
     )
-    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    ref.save_pretrained(tmp_path)
+    ref = saved_peft_llama_adapter(tmp_path, fields)
     with caplog.at_level("WARNING", logger="hf_lora"):
         ours = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
     assert "rank_pattern key 'k_proj' matches none" in caplog.text
@@ -443,12 +449,7 @@ def test_a_peft_adapter_with_an_unused_pattern_key_loads_with_a_warning(tmp_path
 def test_a_peft_adapter_for_layers_the_model_lacks_loads_with_a_warning(tmp_path, caplog):
     """peft skips layers_to_transform indices beyond the model's layers and saves such configs."""
     fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2, 3])
-    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    ref.save_pretrained(tmp_path)
+    ref = saved_peft_llama_adapter(tmp_path, fields)
     with caplog.at_level("WARNING", logger="hf_lora"):
         ours = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
     assert "names layers [2, 3] that the model does not have" in caplog.text
