@@ -48,7 +48,8 @@ def extract_lora(
 
     `target_modules=None` takes every Linear/Conv1D whose weight changed. Modules in `modules_to_save` are
     copied whole from the fine-tune (e.g. a retrained head). Changed parameters the adapter cannot hold
-    (norms, embeddings, ...) are named in a warning.
+    (norms, embeddings, ...) are named in a warning, with the modules_to_save that would keep them; that
+    includes an output head tied to a changed input embedding (GPT-2's lm_head and wte).
     """
     ft_params = dict(finetuned_model.named_parameters())
     base_params = dict(base_model.named_parameters())
@@ -60,6 +61,12 @@ def extract_lora(
             "needs the same architecture and size."
         )
     changed = {k for k, p in base_params.items() if not torch.equal(*_common_precision(p, ft_params[k]))}
+    # A parameter shared by several modules (GPT-2's lm_head.weight is transformer.wte.weight) is listed
+    # once by named_parameters(); every module that uses it must carry the change.
+    aliases: dict[int, list[str]] = {}
+    for name, p in base_model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    shared = {k: aliases[id(p)] for k, p in base_params.items() if len(aliases[id(p)]) > 1}
     linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
         target_modules = sorted(path for path in linear_paths if f"{path}.weight" in changed)
@@ -75,7 +82,7 @@ def extract_lora(
         module = base_model.get_submodule(path)
         conv1d = not isinstance(module, nn.Linear)
         ft_weight, base_weight = _common_precision(
-            ft_params[f"{path}.weight"].detach(), module.weight.detach()
+            finetuned_model.get_parameter(f"{path}.weight").detach(), module.weight.detach()
         )
         delta = ft_weight.double() - base_weight.double()  # (exact: the difference of two stored values)
         delta = delta.T if conv1d else delta  # (out, in)
@@ -114,8 +121,8 @@ def extract_lora(
             for name, p in copy.named_parameters():
                 p.copy_(trained.get_parameter(name))
                 covered.add(f"{path}.{name}")
-    if missed := sorted(changed - covered):
-        _warn_missed(missed, linear_paths)
+    if missed := sorted({name for k in changed for name in shared.get(k, [k])} - covered):
+        _warn_missed(missed, linear_paths, shared)
     for row in report:
         logger.info(
             "%s: rank %d update, %.2f%% of its energy kept at r=%d",
@@ -136,24 +143,41 @@ def _common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     return a.to(low), b.to(low)
 
 
-def _warn_missed(missed: list[str], linear_paths: set[str]) -> None:
+def _warn_missed(missed: list[str], linear_paths: set[str], shared: dict[str, list[str]]) -> None:
     """Name the changed parameters the adapter leaves out, and what would keep them. LoRA holds Linear/Conv1D
     weights only: an untargeted Linear/Conv1D weight can be targeted; anything else (biases, norms,
-    embeddings) is kept only by saving its whole module (modules_to_save)."""
+    embeddings) is kept only by saving its whole module (modules_to_save). So is a weight that another
+    module shares (a tied output head): a LoRA update of one module would leave the other at the base."""
+    tied = {name for names in shared.values() for name in names}
     owners = {name: name.rsplit(".", 1)[0] for name in missed}
-    whole = sorted({m for name, m in owners.items() if m not in linear_paths or not name.endswith(".weight")})
+    tied_owners = {owners[name] for name in missed if name in tied}
+    whole = {m for name, m in owners.items() if m not in linear_paths or not name.endswith(".weight")}
+    whole = sorted(whole | tied_owners, key=lambda m: (m not in tied_owners, m))  # a cut list keeps them
     targetable = sorted({m for m in owners.values() if m not in whole})
     advice = []
     if targetable:
-        advice.append(f"add {', '.join(targetable[:4])} to target_modules")
+        advice.append(f"add {_few(targetable)} to target_modules")
     if whole:
         advice.append(
-            f"save {', '.join(whole[:4])} in full with modules_to_save (LoRA holds no biases, norms or embeddings)"
+            f"save {_few(whole)} in full with modules_to_save (LoRA holds no biases, norms or embeddings)"
         )
+    notes = [
+        f" {' and '.join(names)} are one tied parameter: save every module that uses it, or those left out "
+        "keep the base model's values."
+        for names in shared.values()
+        if any(name in missed for name in names)
+    ]
     logger.warning(
         "the fine-tune also changed %d parameters the adapter does not hold (e.g. %s): they keep the base "
-        "model's values. To carry them, %s.",
+        "model's values. To carry them, %s.%s",
         len(missed),
         ", ".join(missed[:4]),
         " and ".join(advice),
+        "".join(notes),
+    )
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return (
+        ", ".join(names) if len(names) <= n else ", ".join(names[: n - 1]) + f" and {len(names) - n + 1} more"
     )

@@ -168,8 +168,22 @@ def test_a_lower_precision_fine_tune_is_compared_at_its_precision(dtype, caplog)
             "add model.layers.1.self_attn.v_proj to target_modules",
             {"target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]},
         ),
+        (  # an input embedding the output head shares (GPT-2 ties lm_head.weight to wte.weight): both
+            "gpt2",
+            "transformer.wte.weight",
+            {},
+            "save lm_head, transformer.wte in full with modules_to_save",
+            {"modules_to_save": ["transformer.wte", "lm_head"]},
+        ),
+        (  # the embedding saved, the head that shares its weight not: lm_head would keep the base weight
+            "gpt2",
+            "transformer.wte.weight",
+            {"modules_to_save": ["transformer.wte"]},
+            "save lm_head in full with modules_to_save",
+            {"modules_to_save": ["transformer.wte", "lm_head"]},
+        ),
     ],
-    ids=["norm", "bias", "untargeted-linear"],
+    ids=["norm", "bias", "untargeted-linear", "tied-embedding", "tied-head-left-out"],
 )
 def test_the_warning_about_left_out_changes_gives_advice_that_works(
     kind, changed, kwargs, advice, following_it, caplog
@@ -191,5 +205,19 @@ def test_the_warning_about_left_out_changes_gives_advice_that_works(
         model = hf_lora.extract_lora(copy.deepcopy(base), tuned, r=64, **following_it)
     assert not caplog.records
     batch = batch_for(kind)
+    with torch.no_grad():
+        assert (model(**batch).logits - tuned(**batch).logits).abs().max().item() <= 1e-4
+
+
+def test_a_tied_output_head_can_be_targeted():
+    """lm_head.weight is not in GPT-2's named_parameters() (it is wte.weight): extraction read it from there."""
+    base = make_model("gpt2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * low_rank(*tuned.lm_head.weight.shape, 2))  # (and so wte, tied)
+    model = hf_lora.extract_lora(
+        base, tuned, r=4, target_modules=["lm_head"], modules_to_save=["transformer.wte"]
+    )
+    batch = batch_for("gpt2")
     with torch.no_grad():
         assert (model(**batch).logits - tuned(**batch).logits).abs().max().item() <= 1e-4
