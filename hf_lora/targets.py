@@ -227,7 +227,31 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         if strict_patterns:
             raise TargetModulesError(message)
         logger.warning("%s It has no effect.", message)
+    _check_rank_fits_init(model, config, found)
     return found
+
+
+def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
+    """PiSSA and OLoRA take the adapter's r directions out of each weight (its top singular vectors, or its
+    QR factors), so r cannot exceed min(in_features, out_features) there. Checked before the model is
+    touched: the init itself would fail half way through the layers, with some weights already moved."""
+    init = config.init_lora_weights
+    if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
+        return
+    too_big = [
+        (path, config.rank_for(path), min(model.get_submodule(path).weight.shape))
+        for path in targets
+        if config.rank_for(path) > min(model.get_submodule(path).weight.shape)
+    ]
+    if too_big:
+        examples = ", ".join(f"{path} (r={r}, min(in, out)={n})" for path, r, n in too_big[:3])
+        more = f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""
+        raise TargetModulesError(
+            f"init_lora_weights={init!r} needs r <= min(in_features, out_features) of each targeted layer; "
+            f"{len(too_big)} layer(s) are too small: {examples}{more}. Lower r (or give those layers a "
+            "smaller rank with rank_pattern), leave them out with exclude_modules, or use another "
+            "init_lora_weights."
+        )
 
 
 def _unused_patterns(config: LoRAConfig, targets: list[str]) -> list[str]:

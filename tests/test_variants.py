@@ -160,6 +160,38 @@ def test_pissa_residual_plus_adapter_is_the_original_weight(kind):
     assert max((merged[k] - original[k]).abs().max().item() for k in original) <= 1e-5
 
 
+def snapshot(model):
+    return type(model), {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def assert_same(before, after):
+    assert before[0] is after[0] and before[1].keys() == after[1].keys()
+    for name, (value, grad) in before[1].items():
+        assert torch.equal(value, after[1][name][0]) and grad == after[1][name][1], name
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+@pytest.mark.parametrize(
+    "fields", [{"r": 100}, {"r": 8, "rank_pattern": {"c_fc": 100}}], ids=["r", "rank_pattern"]
+)
+def test_pissa_olora_rank_above_a_layers_size_is_refused_before_the_model_is_touched(init, fields):
+    """They take r directions out of each weight: GPT-2's tiny layers (min(in, out) = 64) have 64. The
+    init failed half way through the layers, with the model's class changed and its parameters frozen."""
+    config = LoRAConfig(**fields, target_modules=TARGETS["gpt2"], init_lora_weights=init)
+    base = make_model("gpt2")
+    before = snapshot(base)
+    with pytest.raises(hf_lora.TargetModulesError, match=r"r <= min\(in_features, out_features\).*c_fc"):
+        get_lora_model(base, config)
+    assert_same(before, snapshot(base))
+    model = get_lora_model(base, LoRAConfig(r=4, target_modules=TARGETS["gpt2"]))
+    before = snapshot(model)
+    with pytest.raises(hf_lora.TargetModulesError, match="exclude_modules"):
+        model.add_adapter("big", config)
+    assert_same(before, snapshot(model))
+    assert model.adapters == ["default"]
+    get_lora_model(make_model("gpt2"), config.replace(r=64, rank_pattern={}))  # min(in, out) itself fits
+
+
 def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model(tmp_path):
     fields = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="pissa")
     base = make_model("llama")
