@@ -204,6 +204,8 @@ _scratch = threading.local()
 
 def _random_words(n: int) -> torch.Tensor:
     """n uniform 64-bit integers (the full int64 range) from the default generator, in the scratch buffer."""
+    if torch.is_inference_mode_enabled():  # a buffer made here could never be written outside it again
+        return torch.empty(n, dtype=torch.int64).random_(_INT64_MIN, None)
     buf = getattr(_scratch, "words", None)
     if buf is None or buf.numel() < n:
         buf = _scratch.words = torch.empty(n, dtype=torch.int64)
@@ -223,7 +225,11 @@ _SCRATCH_BYTES = 4 << 20
 
 
 def _reuse_buffers(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    # Not under inference_mode: tensors created there are inference tensors, which a later training
+    # forward could not write into.
+    return (
+        x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+    )
 
 
 def _row_chunks(x2d: torch.Tensor) -> list[slice]:
@@ -524,25 +530,50 @@ class LoRALayer(nn.Module):
         self._refresh()
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Subtract merged adapters again, last merged first."""
-        for name in reversed(list(self.merged_adapters)):
-            if names is not None and name not in names:
-                continue
-            with torch.no_grad():
-                if name in self.lora_magnitude:
-                    self._unmerge_dora(name)
-                else:
-                    self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
-            self.merged_adapters.remove(name)
+        """Subtract merged adapters again, last merged first. A DoRA merge scales what was merged before
+        it, so where one follows an adapter to unmerge, the adapters merged after that one are unmerged
+        too and merged again (deleting a merged adapter must leave the others exactly as if merged alone)."""
+        merged = self.merged_adapters
+        todo = [n for n in merged if names is None or n in names]
+        if todo:
+            later = merged[merged.index(todo[0]) :]
+            keep = [n for n in later if n not in todo]
+            undo = later if keep and any(n in self.lora_magnitude for n in later) else todo
+            for name in reversed(undo):
+                self._unmerge_one(name)
+            self.merge(keep if undo is later else [])
         self._refresh()
 
+    def _unmerge_one(self, name: str) -> None:
+        with torch.no_grad():
+            if name in self.lora_magnitude:
+                self._unmerge_dora(name)
+            else:
+                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
+        self.merged_adapters.remove(name)
+
+    def _unmerged_weight_oi(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out, in) with the merged adapters taken out again (a copy in `dtype`): the
+        weight forward sees, which a DoRA norm must be taken from."""
+        W = self._weight_oi().to(dtype, copy=True)
+        for name in reversed(self.merged_adapters):
+            delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False).to(
+                dtype
+            )
+            if name in self.lora_magnitude:
+                W.mul_((self._dora_norms[name].to(dtype) / self.lora_magnitude[name].to(dtype)).view(-1, 1))
+            W.sub_(delta)
+        return W
+
     def _merge_dora(self, name: str) -> None:
-        """W <- m / ||W + delta|| * (W + delta), row-wise in (out, in) layout; the norm is kept so that
+        """W <- m / ||W0 + delta|| * (W + delta), row-wise in (out, in) layout, with W0 the base weight
+        without earlier merged adapters (as forward and peft take the norm); the norm is kept so that
         unmerging can divide it out again (it cannot be recomputed from the merged weight)."""
         W = self._weight_oi()
         delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
         wide = torch.promote_types(W.dtype, delta.dtype)
-        norm = weight_norm(W.to(wide), delta.to(wide))
+        base = self._unmerged_weight_oi(wide) if self.merged_adapters else W.to(wide)
+        norm = weight_norm(base, delta.to(wide))
         self._dora_norms[name] = norm
         factor = (self.lora_magnitude[name].to(wide) / norm).view(-1, 1)
         W.copy_((factor * (W.to(wide) + delta.to(wide))).to(W.dtype))
@@ -644,6 +675,12 @@ class LoRALayer(nn.Module):
             result[idx] += self._lora_update(result[idx], x[idx], name).to(result.dtype)  # as peft
         return result
 
+    def __reduce_ex__(self, protocol: int):
+        if type(self) in (LoRALinear, LoRAConv1D):
+            return super().__reduce_ex__(protocol)
+        # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
+        return (_rebuild_lora_layer, (self._lora_base_class, self.__dict__.copy()))
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
         return f"{super().extra_repr()}, lora=[{adapters}]"
@@ -666,6 +703,12 @@ def lora_layer_class(base_cls: type[nn.Module]) -> type[LoRALayer]:
     if base_cls not in _LAYER_CLASSES:
         _LAYER_CLASSES[base_cls] = type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {})
     return _LAYER_CLASSES[base_cls]
+
+
+def _rebuild_lora_layer(base_cls: type[nn.Module], state: dict[str, Any]) -> LoRALayer:
+    obj = nn.Module.__new__(lora_layer_class(base_cls))
+    obj.__dict__.update(state)
+    return obj
 
 
 class ModulesToSave(nn.Module):

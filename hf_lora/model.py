@@ -178,7 +178,7 @@ class LoRAModel(nn.Module):
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        if names != self._active and any(layer.merged_adapters for _, layer in self.lora_layers()):
+        if any(set(layer.merged_adapters) - set(names) for _, layer in self.lora_layers()):
             # A merged adapter stays in the weights whatever is active: unmerge it, as peft does.
             logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
             self.unmerge_adapter()
@@ -203,6 +203,8 @@ class LoRAModel(nn.Module):
             raise AdapterStateError(
                 "cannot delete the only adapter; use unload() to get the base model back."
             )
+        if self.peft_config[adapter_name].bias != "none":  # the base biases it trained are frozen again
+            _set_owned_biases_trainable(self, adapter_name, False)
         for _, layer in list(self.lora_layers()):
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
@@ -220,7 +222,11 @@ class LoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside the block: outputs equal the model without adapters."""
+        """Run the base model inside the block: outputs equal the model without adapters. Nested blocks,
+        or a block inside disable_adapters(), leave the adapters disabled as they found them."""
+        if any(layer.adapters_disabled for _, layer in self.lora_layers()):
+            yield  # already disabled (and unmerged): whoever disabled them enables them
+            return
         merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
         for _, layer in self.lora_layers():
             layer.unmerge()
@@ -492,10 +498,13 @@ def _set_bias_trainable(model: LoRAModel) -> None:
     """The base model's biases train while the adapter with bias="all" or "lora_only" (there is at most
     one) is active and trainable, and only then: training another adapter must not change them."""
     owner = next((n for n, c in model.peft_config.items() if c.bias != "none"), None)
-    if owner is None:
-        return
+    if owner is not None:
+        config = model.peft_config[owner]
+        _set_owned_biases_trainable(model, owner, owner in model._active and not config.inference_mode)
+
+
+def _set_owned_biases_trainable(model: LoRAModel, owner: str, train: bool) -> None:
     config = model.peft_config[owner]
-    train = owner in model._active and not config.inference_mode
     lora_paths = {path for path, layer in model.lora_layers() if owner in layer.lora_A}
     wrapped = [path for path, _ in model.saved_modules()]  # their copies follow their adapters
     for pname, p in model.named_parameters():
@@ -561,13 +570,14 @@ def _untie_if_replaced(model: nn.Module) -> None:
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
         raise ValueError(
-            f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter "
+            f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter or '_' "
             f"(no dots; {BASE_ROWS!r} is reserved)."
         )
-    if hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name):
+    # Instances, not classes: `training`, `_parameters`, `_buffers`, ... are set in __init__.
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
         raise ValueError(
             f"invalid adapter name {name!r}: torch's ParameterDict/ModuleDict, which hold the adapters, have "
-            f"a method of that name; choose another (e.g. {name + '_adapter'!r})."
+            f"an attribute of that name; choose another (e.g. {name.strip('_') + '_adapter'!r})."
         )
 
 

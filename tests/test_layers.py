@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hf_lora import layers
 from hf_lora.layers import (
     LoRAConv1D,
     LoRALinear,
@@ -226,6 +228,18 @@ def test_fused_path_is_the_one_that_runs():
     layer = lora_layer("linear").train()
     out = layer(torch.randn(3, 24, requires_grad=True))
     assert type(out.grad_fn).__name__ == "_LoRAFunctionBackward"
+
+
+def test_training_after_a_forward_under_inference_mode(monkeypatch):
+    # The dropout path's per-thread buffers must not be created as inference tensors: a later training
+    # forward writes into them (sampling mid-training without eval() used to break every later step).
+    monkeypatch.setattr(layers, "_scratch", threading.local())  # no buffers yet on this thread
+    layer = lora_layer("linear", dropout=0.3).train()
+    x = torch.randn(6, 24)
+    with torch.inference_mode():
+        layer(x)
+    out, grads = run(layer, x, fused=True)
+    assert out.shape == (6, 40) and all(g is not None for g in grads)
 
 
 def test_fused_function_passes_gradcheck():

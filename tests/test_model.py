@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from reference import copy_lora_weights, peft_twin, randomise_B
 from tiny_models import MLP, batch_for, make_model
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
@@ -174,6 +175,28 @@ def test_adapter_starts_as_the_identity_and_disable_gives_the_base():
         assert (model(**batch).logits - adapted).abs().max().item() <= 1e-5
 
 
+def test_nested_disable_blocks_restore_the_state_they_found():
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=GPT2_ALL))
+    randomise_B(model)
+    batch = batch_for("gpt2")
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+            with model.disable_adapter():
+                pass
+            assert torch.equal(model(**batch).logits, base), "the inner block must not enable the adapters"
+        assert torch.equal(model(**batch).logits, adapted)
+        model.disable_adapters()
+        with model.disable_adapter():
+            pass
+        assert torch.equal(model(**batch).logits, base), (
+            "disabled by disable_adapters() until enable_adapters()"
+        )
+        model.enable_adapters()
+        assert torch.equal(model(**batch).logits, adapted)
+
+
 def test_merge_is_idempotent_and_unmerge_restores(caplog):
     base = make_model("llama")
     original = {k: v.clone() for k, v in base.state_dict().items()}
@@ -302,9 +325,12 @@ def test_wrapping_twice_and_bad_arguments_are_refused():
         get_lora_model(model, LoRAConfig(r=4))
     with pytest.raises(TypeError, match="LoRAConfig"):
         get_lora_model(make_model("gpt2"), {"r": 4})
-    for name in ("a.b", "copy", "keys"):  # the last two: methods of the dicts that hold the adapters
+    # methods of the dicts that hold the adapters, and attributes their __init__ sets
+    for name in ("a.b", "copy", "keys", "training", "_parameters", "_buffers", "_modules"):
+        base = make_model("gpt2")
         with pytest.raises(ValueError, match="invalid adapter name"):
-            get_lora_model(make_model("gpt2"), LoRAConfig(), adapter_name=name)
+            get_lora_model(base, LoRAConfig(), adapter_name=name)
+        assert type(base) is GPT2LMHeadModel and all(p.requires_grad for p in base.parameters())
     with pytest.raises(TypeError, match="get_lora_model"):
         hf_lora.LoRAModel()
 
@@ -318,6 +344,28 @@ def test_deepcopy_and_pickle_keep_the_lora_model():
         with torch.no_grad():
             assert torch.equal(clone(**batch).logits, model(**batch).logits)
         assert clone.merge_and_unload().__class__ is GPT2LMHeadModel
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass (as quantised layers are): its LoRA class is generated at run time."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_pickle_keeps_lora_layers_of_linear_subclasses():
+    torch.manual_seed(0)
+    model = get_lora_model(
+        nn.Sequential(ScaledLinear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
+        LoRAConfig(r=2, target_modules=["0", "2"]),
+    )
+    randomise_B(model)
+    x = torch.randn(4, 6)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone[0]) is type(model[0]) and type(clone[0]).__name__ == "LoRAScaledLinear"
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert type(clone.unload()[0]) is ScaledLinear
 
 
 def test_unload_gives_back_the_untouched_base():

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from reference import randomise_B
+from reference import copy_lora_weights, randomise_B
 from tiny_models import batch_for, make_model
 
 import hf_lora
@@ -327,6 +327,10 @@ def test_base_biases_train_only_with_the_one_adapter_that_owns_them():
     model.eval()
     assert torch.equal(logits_with(model, "with_bias"), before)
 
+    model.set_adapter("with_bias")  # deleting the active owner of the biases freezes them again
+    model.delete_adapter("with_bias")
+    assert all(".default" in n for n, p in model.named_parameters() if p.requires_grad)
+
 
 def test_loading_all_adapters_that_do_not_all_fit_leaves_the_model_as_it_was(tmp_path):
     """A PiSSA root adapter moves base weights when it loads; if a later adapter does not fit, the model
@@ -370,3 +374,68 @@ def test_several_active_adapters_and_mixed_batches_on_a_half_base_match_peft_bit
         assert torch.equal(
             ours(input_ids=ids, adapter_names=rows).logits, ref(input_ids=ids, adapter_names=rows).logits
         )
+
+
+def plain_and_dora(seed: int = 0):
+    """Tiny GPT-2 with a plain adapter "default" and a DoRA adapter "dora" (trained-looking magnitudes),
+    and peft's twin with the same weights."""
+    base = make_model("gpt2", seed)
+    ref = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    model = get_lora_model(base, LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    model.add_adapter("dora", LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True))
+    ref.add_adapter(
+        "dora", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)
+    )
+    randomise_B(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for path, layer in model.lora_layers():
+            layer.lora_magnitude["dora"].mul_(
+                1 + 0.2 * torch.randn(layer.lora_magnitude["dora"].shape, generator=g)
+            )
+            twin = ref.base_model.model.get_submodule(path)
+            twin.lora_magnitude_vector["dora"].weight.copy_(layer.lora_magnitude["dora"])
+    copy_lora_weights(model, ref, "default")
+    copy_lora_weights(model, ref, "dora")
+    return model, ref
+
+
+def c_attn_weights(model) -> list[torch.Tensor]:
+    return [m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("attn.c_attn")]
+
+
+def test_merging_dora_after_another_adapter_takes_the_norm_from_the_base_weight_as_peft():
+    model, ref = plain_and_dora()
+    model.set_adapter(["default", "dora"])
+    ref.base_model.set_adapter(["default", "dora"])
+    model.merge_adapter(["default", "dora"])  # "dora" is merged into a weight that holds "default"
+    ref.merge_adapter(["default", "dora"])
+    for ours, theirs in zip(c_attn_weights(model), c_attn_weights(ref), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    model.unmerge_adapter()
+    ref.unmerge_adapter()
+    for ours, theirs in zip(c_attn_weights(model), c_attn_weights(ref), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [["dora", "default"], ["default", "dora"]])
+def test_deleting_a_merged_adapter_leaves_the_others_merged_as_if_alone(order):
+    # peft refuses; we unmerge it, and the adapter merged after it must come out right (a DoRA merge
+    # scales what was merged before it).
+    first, second = order
+    original = c_attn_weights(plain_and_dora()[0])
+    alone, _ = plain_and_dora()
+    alone.set_adapter(second)
+    alone.merge_adapter()
+    model, _ = plain_and_dora()
+    model.set_adapter(order)
+    model.merge_adapter()
+    model.delete_adapter(first)  # the other stays active, so it stays merged
+    assert model.transformer.h[0].attn.c_attn.merged_adapters == [second]
+    for ours, expected in zip(c_attn_weights(model), c_attn_weights(alone), strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    model.unmerge_adapter()
+    for ours, expected in zip(c_attn_weights(model), original, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
