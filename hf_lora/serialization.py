@@ -12,11 +12,13 @@ keys, shapes) before the model is touched, and refuses pickle files unless asked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,6 +311,20 @@ def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, to
 # ---- reading ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Advice:
+    """How read_adapter's errors tell the user to pass the options they suggest: the caller's keywords
+    (from_pretrained also has all_adapters), or the hf-lora command's flags."""
+
+    pick_subfolder: str = "pass subfolder=<name>"
+    allow_pickle: str = (
+        "pass allow_pickle=True if you trust its author (it is then read with torch.load(weights_only=True))"
+    )
+
+
+FROM_PRETRAINED_ADVICE = Advice(pick_subfolder="pass subfolder=<name>, or all_adapters=True for all of them")
+
+
 @dataclass
 class AdapterFiles:
     """An adapter read from disk or the Hub, checked for integrity but not yet against a model."""
@@ -326,8 +342,10 @@ def read_adapter(
     revision: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    advice: Advice = Advice(),
 ) -> AdapterFiles:
-    """Read `adapter_config.json` and the weights from a local directory or a Hub repo."""
+    """Read `adapter_config.json` and the weights from a local directory or a Hub repo. `advice` words the
+    options the errors suggest in the caller's terms."""
     from .hub import resolve_adapter_file
 
     def resolve(filename: str) -> Path | None:
@@ -340,7 +358,7 @@ def read_adapter(
             [n for n, _ in list_adapters(model_id, revision=revision, token=token)] if not subfolder else []
         )
         hint = (
-            f" It holds adapters in subfolders: {', '.join(named)}; pass subfolder=<name> or all_adapters=True."
+            f" It holds adapters in subfolders: {', '.join(named)}; {advice.pick_subfolder}."
             if named
             else " Is this an adapter directory or repo?"
         )
@@ -358,8 +376,7 @@ def read_adapter(
         if not allow_pickle:
             raise AdapterFormatError(
                 f"{pickled} is a pickle file, and loading pickle can run arbitrary code, so hf_lora refuses "
-                f"it. Convert it to {WEIGHTS_NAME} where you trust it, or pass allow_pickle=True if you "
-                "trust its author (it is then read with torch.load(weights_only=True))."
+                f"it. Convert it to {WEIGHTS_NAME} where you trust it, or {advice.allow_pickle}."
             )
         tensors = _read_pickle(pickled)
     return AdapterFiles(config=config, raw_config=raw, tensors=tensors, source=where)
@@ -479,6 +496,15 @@ def from_pretrained(
         )
     _check_materialised(model)
     if all_adapters:
+        if given := [
+            f"{k}={v!r}"
+            for k, v in (("adapter_name", adapter_name), ("subfolder", subfolder))
+            if v not in (DEFAULT_ADAPTER, None)
+        ]:
+            raise ValueError(
+                f"all_adapters=True loads every adapter of {model_id}, each named after its subfolder (the root's "
+                f"is {DEFAULT_ADAPTER!r}), so {' and '.join(given)} would be ignored: pass either, not both."
+            )
         return _from_pretrained_all(
             model,
             model_id,
@@ -489,7 +515,12 @@ def from_pretrained(
         )
     _check_adapter_name(adapter_name)
     files = read_adapter(
-        model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
+        model_id,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        allow_pickle=allow_pickle,
+        advice=FROM_PRETRAINED_ADVICE,
     )
     return _attach_from_files(model, adapter_name, files, is_trainable)
 
@@ -515,23 +546,35 @@ def _from_pretrained_all(
     for name, _ in found:
         _check_adapter_name(name)
     files = [read_adapter(model_id, subfolder=sub, **read_kwargs) for _, sub in found]
+    (first, _), rest = found[0], found[1:]
+    with _restored_on_error(model, files):
+        lora_model = _attach_from_files(model, first, files[0], is_trainable)
+        for (name, _), adapter_files in zip(rest, files[1:]):
+            _load_new_adapter(lora_model, name, adapter_files, is_trainable)
+    return lora_model
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[None]:
+    """Give a plain model back as it was if attaching adapters to it fails part way: its class, modules,
+    requires_grad flags (attaching freezes them all) and the base weights PiSSA/OLoRA adapters move."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     moved = {}
     if any(_moves_base_weights(f.config) for f in files):
         moved = {
             name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LINEAR_TYPES)
         }
-    (first, _), rest = found[0], found[1:]
-    lora_model = _attach_from_files(model, first, files[0], is_trainable)
     try:
-        for (name, _), adapter_files in zip(rest, files[1:]):
-            _load_new_adapter(lora_model, name, adapter_files, is_trainable)
+        yield
     except Exception:
-        base = lora_model.unload()
+        if isinstance(model, LoRAModel):
+            model.unload()
         with torch.no_grad():
             for name, weight in moved.items():
-                base.get_submodule(name).weight.copy_(weight)
+                model.get_submodule(name).weight.copy_(weight)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         raise
-    return lora_model
 
 
 def load_adapter(
@@ -734,9 +777,14 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
         if k not in keymap and not _unchanged_base_tensors(own, files, [given[k]])
     ]
     if problems:
+        replace = (
+            f"or delete_adapter({adapter_name!r}) first"
+            if len(model.peft_config) > 1
+            else "or, to replace the model's only adapter, LoRAModel.from_pretrained(model.unload(), path)"
+        )
         raise AdapterFormatError(
             f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}. "
-            f"Load it under another name, or delete_adapter({adapter_name!r}) first."
+            f"Load it under another name, {replace}."
         )
     merged = [layer for _, layer in model.lora_layers() if adapter_name in layer.merged_adapters]
     for layer in merged:

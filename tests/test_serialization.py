@@ -420,6 +420,75 @@ def test_reloading_in_place_refuses_another_scaling(tmp_path):
     assert torch.equal(logits(other, "gpt2"), before), "the model is left alone"
 
 
+def test_reloading_in_place_advises_a_replacement_the_model_allows(tmp_path):
+    """The only adapter cannot be deleted ("use unload()"): the advice was delete_adapter('default')."""
+    ours, _ = trained("gpt2", CASES[0][1])
+    ours.save_pretrained(tmp_path / "a")
+    other, _ = trained("gpt2", dict(CASES[0][1], lora_alpha=32))
+    with pytest.raises(
+        AdapterFormatError, match=r"LoRAModel\.from_pretrained\(model\.unload\(\), path\)"
+    ) as e:
+        other.load_adapter(tmp_path / "a", "default")
+    assert "delete_adapter" not in str(e.value)
+    replaced = LoRAModel.from_pretrained(other.unload(), tmp_path / "a")  # following it
+    assert torch.equal(logits(replaced, "gpt2"), logits(ours, "gpt2"))
+    other, _ = trained("gpt2", dict(CASES[0][1], lora_alpha=32))
+    other.add_adapter("b", LoRAConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(AdapterFormatError, match=r"delete_adapter\('default'\) first"):
+        other.load_adapter(tmp_path / "a", "default")
+    other.delete_adapter("default")
+    other.load_adapter(tmp_path / "a", "default")
+
+
+def test_a_folder_with_adapters_only_in_subfolders_gets_advice_the_call_takes(tmp_path):
+    """from_pretrained has subfolder= and all_adapters=; load_adapter has only subfolder=."""
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4))
+    model.add_adapter("news", LoRAConfig(r=2))
+    model.save_pretrained(tmp_path, selected_adapters=["news"])
+    with pytest.raises(
+        AdapterNotFoundError, match=r"subfolders: news; pass subfolder=<name>, or all_adapters=True"
+    ):
+        LoRAModel.from_pretrained(make_model("gpt2"), tmp_path)
+    assert LoRAModel.from_pretrained(make_model("gpt2"), tmp_path, subfolder="news").adapters == ["default"]
+    assert LoRAModel.from_pretrained(make_model("gpt2"), tmp_path, all_adapters=True).adapters == ["news"]
+    with pytest.raises(AdapterNotFoundError, match=r"subfolders: news; pass subfolder=<name>\.") as e:
+        model.load_adapter(tmp_path, adapter_name="x")
+    assert "all_adapters" not in str(e.value)
+    model.load_adapter(tmp_path, adapter_name="x", subfolder="news")
+
+
+@pytest.mark.parametrize(
+    "given", [{"adapter_name": "mine"}, {"subfolder": "other"}], ids=["adapter_name", "subfolder"]
+)
+def test_all_adapters_refuses_arguments_it_would_ignore(tmp_path, given):
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4))
+    model.add_adapter("other", LoRAConfig(r=2))
+    model.save_pretrained(tmp_path)
+    base = make_model("gpt2")
+    with pytest.raises(ValueError, match=f"{next(iter(given))}=.* would be ignored"):
+        LoRAModel.from_pretrained(base, tmp_path, all_adapters=True, **given)
+    assert type(base).__name__ == "GPT2LMHeadModel"
+    loaded = LoRAModel.from_pretrained(base, tmp_path, all_adapters=True, adapter_name="default")
+    assert loaded.adapters == ["default", "other"]
+
+
+def test_a_failed_load_of_all_adapters_leaves_requires_grad_as_it_was(tmp_path):
+    """Attaching the first adapter freezes the whole model; a later adapter that does not fit must not
+    leave it frozen."""
+    get_lora_model(make_model("gpt2"), LoRAConfig(r=4)).save_pretrained(tmp_path)
+    get_lora_model(make_model("llama"), LoRAConfig(r=4)).save_pretrained(tmp_path / "zz")  # does not fit
+    base = make_model("gpt2")
+    base.transformer.wte.requires_grad_(False)  # a mix of flags, each to be restored
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in base.named_parameters()}
+    with pytest.raises(AdapterFormatError, match="zz does not fit"):
+        LoRAModel.from_pretrained(base, tmp_path, all_adapters=True)
+    assert type(base).__name__ == "GPT2LMHeadModel"
+    after = {n: (p, p.requires_grad) for n, p in base.named_parameters()}
+    assert after.keys() == before.keys()
+    for name, (value, grad) in before.items():
+        assert torch.equal(after[name][0], value) and after[name][1] == grad, name
+
+
 def saved_peft_llama_adapter(directory: Path, fields: dict):
     """A peft adapter on the tiny Llama, with random B so that it changes the logits, saved to directory."""
     ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
