@@ -1,14 +1,15 @@
 """`hf-lora`: everyday adapter tasks from the shell.
 
     hf-lora inspect MODEL [--r 8] [--targets q_proj v_proj]   what LoRA would adapt, and its size
-    hf-lora info ADAPTER                                      what an adapter holds; peft-compatible?
-    hf-lora merge BASE ADAPTER OUT                            a full model with the adapter folded in
+    hf-lora info ADAPTER [--subfolder NAME]                   what an adapter holds; peft-compatible?
+    hf-lora merge BASE ADAPTER OUT [--subfolder NAME]         a full model with the adapter folded in
     hf-lora extract BASE FINETUNED OUT --r 16                 an adapter from a full fine-tune (SVD)
     hf-lora push ADAPTER_DIR REPO_ID                          upload a saved adapter in one commit
     hf-lora pull REPO_ID DIR                                  download an adapter
 
 MODEL / BASE / FINETUNED are Hub ids or local folders of transformers models; ADAPTER is a folder or a
-Hub repo. Bad input exits with status 2 and one line saying why.
+Hub repo (--subfolder NAME picks an adapter saved in its NAME/ subfolder, as models with several adapters
+save all but "default"). Bad input exits with status 2 and one line saying why.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pathlib import Path
 from .errors import LoRAError
 
 EXIT_BAD_INPUT = 2
+SUBFOLDER_HELP = (
+    "the adapter in this subfolder of ADAPTER (an adapter saved beside others, not named 'default')"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Exception as e:
-        message = _bad_input_message(e)
+        message = _bad_input_message(e, args.command)
         if message is None:  # a bug: its traceback helps more than a line
             raise
         print(f"hf-lora {args.command}: error: {message}", file=sys.stderr)
@@ -41,14 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _bad_input_message(e: Exception) -> str | None:
+def _bad_input_message(e: Exception, command: str) -> str | None:
     """One line for an error the user can act on (bad input, the Hub unreachable or refusing); else None."""
     from .hub import endpoint, network_cause
 
     if not isinstance(e, LoRAError) and (cause := network_cause(e)):
+        offline = "" if command == "push" else ", or set HF_HUB_OFFLINE=1 to use files downloaded before"
         return (
             f"cannot reach the Hub at {endpoint()} ({type(cause).__name__}: {cause}). Check the network "
-            "connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use files downloaded before."
+            f"connection and HF_ENDPOINT{offline}."
         )
     hub_error = type(e).__module__.split(".")[0] == "huggingface_hub"
     if not (hub_error or isinstance(e, (LoRAError, OSError, ValueError, KeyError))):
@@ -75,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("info", help="config, size, tensors, base model and peft-compatibility of an adapter")
     c.add_argument("adapter", help="adapter folder or Hub repo")
+    c.add_argument("--subfolder", help=SUBFOLDER_HELP)
     c.add_argument("--revision")
     c.set_defaults(run=_info)
 
@@ -82,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("base")
     c.add_argument("adapter")
     c.add_argument("out")
+    c.add_argument("--subfolder", help=SUBFOLDER_HELP)
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save in this dtype")
     c.set_defaults(run=_merge)
 
@@ -90,7 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("finetuned")
     c.add_argument("out")
     c.add_argument("--r", type=int, required=True)
-    c.add_argument("--targets", nargs="+", help="modules to extract (default: every changed Linear/Conv1D)")
+    c.add_argument(
+        "--targets",
+        "--target-modules",
+        nargs="+",
+        help="target_modules: the Linear/Conv1D modules to extract (default: every changed one)",
+    )
+    c.add_argument(
+        "--modules-to-save",
+        nargs="+",
+        metavar="MODULE",
+        help="modules_to_save: modules copied whole from the fine-tune (changed embeddings, norms, heads)",
+    )
     c.set_defaults(run=_extract)
 
     c = sub.add_parser("push", help="upload a saved adapter folder to the Hub in one commit")
@@ -157,7 +175,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     from .serialization import PREFIX, read_adapter
 
-    files = read_adapter(args.adapter, revision=args.revision)
+    files = read_adapter(args.adapter, subfolder=args.subfolder, revision=args.revision, advice=_advice())
     cfg = files.config
     tensors = files.tensors
     n_params = sum(t.numel() for t in tensors.values())
@@ -191,9 +209,10 @@ def _merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; give a folder for the merged model.")
-    read_adapter(args.adapter)  # fail before the (slow) base model load if the adapter is unusable
+    # fail before the (slow) base model load if the adapter is unusable
+    read_adapter(args.adapter, subfolder=args.subfolder, advice=_advice())
     base = _load_model(args.base)
-    model = LoRAModel.from_pretrained(base, args.adapter)
+    model = LoRAModel.from_pretrained(base, args.adapter, subfolder=args.subfolder)
     merged = model.merge_and_unload(progressbar=True)
     if args.dtype:
         merged = merged.to(getattr(torch, args.dtype))
@@ -208,7 +227,14 @@ def _extract(args: argparse.Namespace) -> None:
     from .extract import extract_lora
 
     base, finetuned = _load_model(args.base), _load_model(args.finetuned)
-    model, report = extract_lora(base, finetuned, args.r, target_modules=args.targets, return_report=True)
+    model, report = extract_lora(
+        base,
+        finetuned,
+        args.r,
+        target_modules=args.targets,
+        modules_to_save=args.modules_to_save,
+        return_report=True,
+    )
     model.peft_config["default"].base_model_name_or_path = str(args.base)
     model.save_pretrained(args.out)
     worst = min(report, key=lambda row: row.energy_kept)
@@ -225,10 +251,11 @@ def _push(args: argparse.Namespace) -> None:
     from huggingface_hub.errors import HfHubHTTPError
 
     from .hub import ADAPTER_FILES, _http_error, owners_cards
-    from .serialization import read_adapter
+    from .serialization import list_adapters, read_adapter
 
     folder = Path(args.adapter_dir)
-    read_adapter(folder)  # refuse to upload something that does not load
+    for _, subfolder in list_adapters(folder) or [(None, None)]:  # refuse to upload what does not load
+        read_adapter(folder, subfolder=subfolder, advice=_advice())
     api = HfApi(token=args.token)
     try:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -256,6 +283,17 @@ def _pull(args: argparse.Namespace) -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _advice():
+    """How read_adapter's errors word the options they suggest, for users of this command."""
+    from .serialization import Advice
+
+    return Advice(
+        pick_subfolder="pass --subfolder <name>",
+        allow_pickle="load it in Python with allow_pickle=True if you trust its author (the hf-lora command "
+        "reads safetensors only)",
+    )
 
 
 def _model_class(config):

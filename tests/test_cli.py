@@ -119,6 +119,67 @@ def test_extract(on_disk, tmp_path):
         ).abs().max().item() <= 1e-4
 
 
+def test_extract_with_modules_to_save_follows_the_warning(on_disk, tmp_path):
+    """A changed input embedding: the warning names modules_to_save (and GPT-2's tied lm_head), which the
+    command had no flag for."""
+    tuned = GPT2LMHeadModel.from_pretrained(on_disk / "tuned")
+    with torch.no_grad():
+        tuned.transformer.wte.weight.add_(0.05 * torch.randn_like(tuned.transformer.wte.weight))
+    tuned.save_pretrained(tmp_path / "tuned_wte")
+    args = ["extract", str(on_disk / "base"), str(tmp_path / "tuned_wte")]
+    warned = hf_lora_cli(*args, str(tmp_path / "x"), "--r", "64").stderr
+    assert "save lm_head, transformer.wte in full with modules_to_save" in warned
+    proc = hf_lora_cli(
+        *args, str(tmp_path / "y"), "--r", "64", "--modules-to-save", "transformer.wte", "lm_head"
+    )
+    assert "modules_to_save" not in proc.stderr
+    model = LoRAModel.from_pretrained(GPT2LMHeadModel.from_pretrained(on_disk / "base"), tmp_path / "y")
+    with torch.no_grad():
+        assert (model(**batch_for("gpt2")).logits - tuned(**batch_for("gpt2")).logits).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def subfolder_only(on_disk):
+    """A folder whose only adapter, "news", is saved in news/ (a model saves all but "default" so)."""
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4))
+    model.add_adapter("news", LoRAConfig(r=2, target_modules=["c_attn"]))
+    randomise_B(model)
+    model.save_pretrained(on_disk / "subfolder_only", selected_adapters=["news"])
+    return on_disk / "subfolder_only"
+
+
+def test_an_adapter_in_a_subfolder_is_read_with_subfolder(
+    on_disk, subfolder_only, tmp_path, hub_server, hub_repo_id
+):
+    """The advice was "pass subfolder=<name> or all_adapters=True", options of the Python API only."""
+    proc = hf_lora_cli("info", str(subfolder_only), ok=False)
+    assert_exits_2_with_one_line(proc, "info", "adapters in subfolders: news; pass --subfolder <name>.")
+    assert "all_adapters" not in proc.stderr
+    assert "-> 2 layers" in hf_lora_cli("info", str(subfolder_only), "--subfolder", "news").stdout
+    hf_lora_cli(
+        "merge", str(on_disk / "base"), str(subfolder_only), str(tmp_path / "m"), "--subfolder", "news"
+    )
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    adapted = LoRAModel.from_pretrained(make_model("gpt2"), subfolder_only, subfolder="news")
+    with torch.no_grad():
+        assert (merged(**batch_for("gpt2")).logits - adapted(**batch_for("gpt2")).logits).abs().max() <= 1e-5
+    # on the Hub too; push takes such a folder (it checked only a root adapter, and refused it)
+    hf_lora_cli("push", str(subfolder_only), hub_repo_id, "--token", hub_server.tokens["alice"])
+    assert "-> 2 layers" in hf_lora_cli("info", hub_repo_id, "--subfolder", "news").stdout
+    proc = hf_lora_cli("merge", str(on_disk / "base"), hub_repo_id, str(tmp_path / "n"), ok=False)
+    assert_exits_2_with_one_line(proc, "merge", "pass --subfolder <name>.")
+
+
+def test_a_pickled_adapter_gets_advice_the_command_can_follow(on_disk, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((on_disk / "adapter" / "adapter_config.json").read_bytes())
+    torch.save(hf_lora.read_adapter(on_disk / "adapter").tensors, folder / "adapter_model.bin")
+    proc = hf_lora_cli("info", str(folder), ok=False)
+    assert_exits_2_with_one_line(proc, "info", "or load it in Python with allow_pickle=True")
+    assert "pass allow_pickle" not in proc.stderr
+
+
 def test_push_and_pull(on_disk, tmp_path, hub_server, hub_repo_id):
     out = hf_lora_cli(
         "push", str(on_disk / "adapter"), hub_repo_id, "--token", hub_server.tokens["alice"]
@@ -191,6 +252,8 @@ def test_an_unreachable_hub_exits_2_with_one_line(on_disk, tmp_path, args, messa
     proc = hf_lora_cli(*[str(names.get(a, a)) for a in args], ok=False, HF_ENDPOINT=endpoint)
     assert_exits_2_with_one_line(proc, args[0], message.format(endpoint=endpoint))
     assert "Traceback" not in proc.stderr
+    if args[0] == "push":  # files downloaded before are no help for an upload
+        assert "HF_HUB_OFFLINE" not in proc.stderr
 
 
 def test_pull_of_a_repo_without_an_adapter_fails(tmp_path, hub_server, hub_repo_id):
