@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     print_table(
         "Storage for two tasks",
         ["what", "size"],
-        [["two adapters (news at the root, reviews/ in a subfolder)", human_bytes(adapters)],
+        [["two adapters (news/ and reviews/: one subfolder each)", human_bytes(adapters)],
          ["two full fine-tuned models", human_bytes(2 * full)],
          ["ratio", f"{2 * full / adapters:.0f}x smaller"]],
     )  # fmt: skip
