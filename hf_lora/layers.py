@@ -516,16 +516,24 @@ class LoRALayer(nn.Module):
             self.lora_A[name], self.lora_B[name], self.lora_scaling[name], self.fan_in_fan_out
         )
 
-    def merge(self, names: Sequence[str] | None = None) -> None:
-        """Fold adapters into the base weight. Idempotent: an adapter already merged is skipped."""
+    def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into the base weight. Idempotent: an adapter already merged is skipped. `safe`
+        checks the merged weight for NaN/inf before writing it."""
         for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             with torch.no_grad():
                 if name in self.lora_magnitude:
-                    self._merge_dora(name)
+                    weight = self._merged_dora(name)
                 else:
-                    self.weight.copy_(merged_weight(self.weight, self.delta_weight(name)))
+                    weight = merged_weight(self.weight, self.delta_weight(name))
+                if safe and not torch.isfinite(weight).all():
+                    self._dora_norms.pop(name, None)
+                    raise ValueError(
+                        f"merging adapter {name!r} would put NaN/inf into the weights; the adapter is broken "
+                        "(check its training: learning rate, loss scaling)."
+                    )
+                self.weight.copy_(weight)
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -565,10 +573,10 @@ class LoRALayer(nn.Module):
             W.sub_(delta)
         return W
 
-    def _merge_dora(self, name: str) -> None:
-        """W <- m / ||W0 + delta|| * (W + delta), row-wise in (out, in) layout, with W0 the base weight
-        without earlier merged adapters (as forward and peft take the norm); the norm is kept so that
-        unmerging can divide it out again (it cannot be recomputed from the merged weight)."""
+    def _merged_dora(self, name: str) -> torch.Tensor:
+        """m / ||W0 + delta|| * (W + delta), row-wise in (out, in) layout, with W0 the base weight without
+        earlier merged adapters (as forward and peft take the norm), in the weight's layout; the norm is
+        kept so that unmerging can divide it out again (it cannot be recomputed from the merged weight)."""
         W = self._weight_oi()
         delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
         wide = torch.promote_types(W.dtype, delta.dtype)
@@ -576,7 +584,8 @@ class LoRALayer(nn.Module):
         norm = weight_norm(base, delta.to(wide))
         self._dora_norms[name] = norm
         factor = (self.lora_magnitude[name].to(wide) / norm).view(-1, 1)
-        W.copy_((factor * (W.to(wide) + delta.to(wide))).to(W.dtype))
+        merged = (factor * (W.to(wide) + delta.to(wide))).to(W.dtype)
+        return merged.T if self.fan_in_fan_out else merged
 
     def _unmerge_dora(self, name: str) -> None:
         W = self._weight_oi()

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -254,8 +255,13 @@ class LoRAModel(nn.Module):
         for _, wrapper in self.saved_modules():
             wrapper.adapters_disabled = disabled
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, progressbar: bool = False) -> None:
-        """Fold the active adapters into the base weights (idempotent; `unmerge_adapter` undoes it)."""
+    def merge_adapter(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False, progressbar: bool = False
+    ) -> None:
+        """Fold the active adapters into the base weights (idempotent; `unmerge_adapter` undoes it).
+        `safe_merge=True` checks every merged weight for NaN/inf before writing it; on such an error the
+        adapters this call merged are unmerged again (the weights are back, up to rounding). A target whose weight another module shares (a tied output
+        head) gets its own copy first, so the other module stays as it was."""
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
@@ -269,8 +275,17 @@ class LoRAModel(nn.Module):
             logger.warning(
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
             )
-        for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
-            layer.merge(names)
+        _untie_merge_targets(self, names)
+        started: list[tuple[LoRALayer, list[str]]] = []
+        try:
+            for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
+                todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
+                started.append((layer, todo))
+                layer.merge(todo, safe=safe_merge)
+        except Exception:
+            for layer, todo in started:
+                layer.unmerge([n for n in todo if n in layer.merged_adapters])
+            raise
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
@@ -281,11 +296,12 @@ class LoRAModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, adapter_names: Sequence[str] | None = None, progressbar: bool = False
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
     ) -> nn.Module:
         """Merge the active adapters into the weights and return the plain base model (its original class,
-        no LoRA layers, trained `modules_to_save` copies in place): zero inference overhead."""
-        self.merge_adapter(adapter_names, progressbar)
+        no LoRA layers, trained `modules_to_save` copies in place): zero inference overhead. The arguments
+        are peft's, in peft's order."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, progressbar=progressbar)
         return self._unload(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
@@ -378,6 +394,21 @@ class LoRAModel(nn.Module):
 
     # ---- transformers integration ---------------------------------------------------------------
 
+    def _get_name(self) -> str:
+        # transformers.Trainer shifts the labels for label smoothing only when this names a causal LM
+        # class (it asks a peft model's inner model): LoRAGPT2LMHeadModel would train on unshifted labels.
+        return self._lora_base_class.__name__
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + super().__repr__()[len(self._get_name()) :]
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Called by `Trainer.create_model_card` / `Trainer.push_to_hub` (as for a peft model) after it
+        wrote its training summary over README.md: the adapter's card is written again, summary kept."""
+        from .model_card import update_trainer_card
+
+        update_trainer_card(self, Path(output_dir))
+
     def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
         super()._set_gradient_checkpointing(*args, **kwargs)
         enable = args[0] if args else kwargs.get("enable", True)
@@ -442,6 +473,14 @@ def _attach(
     initialise: bool = True,
 ) -> LoRAModel:
     """Freeze the model, make it a LoRAModel and add its first adapter (targets already resolved)."""
+    _check_tied_targets(model, config, targets, warn=False)  # before the model is touched
+    # Checkpointing switched on before wrapping (peft's idiom): the frozen embeddings' output must require
+    # grad, as _set_gradient_checkpointing arranges when it is switched on after.
+    if (
+        getattr(model, "is_gradient_checkpointing", False)
+        and getattr(model, "main_input_name", None) != "input_ids"
+    ):
+        model.enable_input_require_grads()
     for p in model.parameters():
         p.requires_grad_(False)
     base_cls = type(model)
@@ -470,6 +509,7 @@ def _inject(
             f"adapter {other[0]!r} already trains the base model's biases (bias={model.peft_config[other[0]].bias!r}); "
             f"only one adapter may, as in peft. Give {name!r} bias='none'."
         )
+    _check_tied_targets(model, config, targets)
     disabled = any(layer.adapters_disabled for _, layer in model.lora_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
@@ -492,6 +532,30 @@ def _inject(
         wrapper.add(name)
     model.peft_config[name] = config
     logger.info("adapter %r: LoRA on %d modules, %d modules saved in full", name, len(targets), len(saved))
+
+
+def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str], warn: bool = True) -> None:
+    """A target whose weight another module shares (an output head tied to the input embeddings): PiSSA
+    and OLoRA would move part of the shared weight into the adapter, changing the other module too, so
+    they are refused; merging unties it first (`_untie_merge_targets`)."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    tied = [path for path in targets if len(names.get(id(model.get_submodule(path).weight), ())) > 1]
+    if not tied:
+        return
+    if _moves_base_weights(config):
+        raise AdapterStateError(
+            f"init_lora_weights={config.init_lora_weights!r} moves part of each targeted weight into the "
+            f"adapter, but {tied} share their weight with another module (tied input/output embeddings), which "
+            "would change too. Leave them out (exclude_modules), or untie them first."
+        )
+    if warn:
+        logger.info(
+            "LoRA on %s, whose weight another module shares (tied input/output embeddings): merging will give "
+            "it its own copy of the weight.",
+            tied,
+        )
 
 
 def _set_bias_trainable(model: LoRAModel) -> None:
@@ -565,6 +629,23 @@ def _untie_if_replaced(model: nn.Module) -> None:
         logger.info(
             "the output head was trained separately from the input embeddings: tie_word_embeddings=False"
         )
+
+
+def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
+    """Give each LoRA layer about to merge an adapter, whose weight another module shares, a copy of its
+    own: merging into the shared weight would change the input embeddings of a tied output head too."""
+    shared: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    for path, layer in model.lora_layers():
+        if shared.get(id(layer.weight), 0) > 1 and any(n in layer.lora_A for n in names):
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            logger.warning(
+                "%s shared its weight with another module (tied embeddings); it now has its own copy, so that "
+                "merging leaves the other module as it was.",
+                path,
+            )
+    _untie_if_replaced(model)
 
 
 def _check_adapter_name(name: str) -> None:

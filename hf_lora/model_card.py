@@ -179,6 +179,42 @@ def write_model_card(
     return True
 
 
+_OWN_KEYS = ("base_model", "library_name", "pipeline_tag", "tags")  # what the adapter card sets itself
+
+
+def update_trainer_card(model: LoRAModel, directory: Path) -> bool:
+    """After `Trainer.create_model_card` (and so `Trainer.push_to_hub`) wrote its training summary over
+    the adapter's README.md, write the adapter's card again with the summary kept: its metadata (datasets,
+    license, model-index, tags) in the front matter and its text as a section. Only the root adapter
+    ("default") has its card there; otherwise the summary stays as it is. True if written."""
+    from .serialization import adapter_state_dict  # serialization imports this module
+
+    if "default" not in model.peft_config:
+        return False
+    card_path = directory / CARD_NAME
+    draft = ModelCard.load(card_path) if card_path.is_file() else None
+    if draft is not None and MARKER in draft.content:
+        draft = None  # our own card, not a Trainer's summary: just regenerate it
+    card_data = {k: v for k, v in draft.data.to_dict().items() if k not in _OWN_KEYS} if draft else {}
+    if card_path.exists():  # write_model_card keeps a README it did not write: this one is replaced
+        card_path.unlink()
+    write_model_card(
+        model,
+        directory,
+        "default",
+        log_history=getattr(model, "_card_log_history", None),
+        card_data=card_data,
+        tensors=adapter_state_dict(model, "default"),
+    )
+    if draft is not None:
+        card = ModelCard.load(card_path)
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(draft.data.tags or [])]))
+        body = re.sub(r"^(#+) ", r"#\1 ", draft.text.strip(), flags=re.M)  # its headings one level down
+        card.text = f"{card.text.rstrip()}\n\n## Training summary (transformers.Trainer)\n\n{body}\n"
+        atomic_write(card_path, str(card).encode())
+    return True
+
+
 def _trainer_log(directory: Path) -> list[dict[str, Any]] | None:
     """The Trainer's log when the directory is (or sits next to) a checkpoint with trainer_state.json."""
     state = directory / "trainer_state.json"

@@ -13,11 +13,13 @@ graph walk transformers turns on by default is pure cost).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
@@ -52,12 +54,24 @@ class LoRATrainer(transformers.Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The adapter's card shows the run's metrics and loss curve, but transformers writes
         # trainer_state.json only after the model: hand the log to save_pretrained for this save.
+        with self._card_log():
+            return super()._save(output_dir, state_dict)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        # Its summary replaces README.md, and the model's create_or_update_model_card writes the adapter's
+        # card again around it: with the run's metrics, as at save time.
+        with self._card_log():
+            return super().create_model_card(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _card_log(self) -> Iterator[None]:
         target = self.accelerator.unwrap_model(self.model)
         if not isinstance(target, LoRAModel):
-            return super()._save(output_dir, state_dict)
+            yield
+            return
         target._card_log_history = list(self.state.log_history)
         try:
-            return super()._save(output_dir, state_dict)
+            yield
         finally:
             target.__dict__.pop("_card_log_history", None)
 

@@ -152,6 +152,51 @@ def test_merge_and_unload_gives_the_plain_model_with_peft_weights(kind, settings
         assert merged.lm_head.weight is not merged.transformer.wte.weight
 
 
+def test_merging_into_a_tied_head_leaves_the_input_embeddings_alone(tmp_path):
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn", "lm_head"]))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    randomise_B(model)
+    wte = model.transformer.wte.weight.detach().clone()
+    batch = batch_for("gpt2")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
+    assert torch.equal(merged.transformer.wte.weight, wte)
+    assert merged.config.tie_word_embeddings is False  # saved and reloaded, it is not tied again
+    merged.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)(**batch).logits
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+
+
+def test_pissa_on_a_tied_head_is_refused_before_the_model_is_touched():
+    base = make_model("gpt2")
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(hf_lora.AdapterStateError, match=r"\['lm_head'\] share their weight"):
+        get_lora_model(base, LoRAConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights="pissa"))
+    assert type(base) is GPT2LMHeadModel and all(
+        torch.equal(base.state_dict()[k], v) for k, v in before.items()
+    )
+
+
+def test_safe_merge_refuses_non_finite_weights_and_merges_nothing():
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=GPT2_ALL))
+    randomise_B(model)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.lora_B["default"][0, 0] = float("inf")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="NaN/inf"):
+        model.merge_and_unload(safe_merge=True)  # peft's argument, by keyword
+    assert not any(layer.merged_adapters for _, layer in model.lora_layers())
+    for n, p in model.named_parameters():  # layers merged before the broken one are unmerged again
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        model.merge_adapter(safe_merge=True)
+    plain = model.merge_and_unload(True)  # peft's first positional argument is progressbar
+    assert type(plain) is GPT2LMHeadModel
+
+
 def test_adapter_starts_as_the_identity_and_disable_gives_the_base():
     base = make_model("gpt2")
     plain = copy.deepcopy(base)

@@ -165,6 +165,48 @@ def test_lora_trainer_checkpoint_cards_show_the_run(tmp_path):
     assert not hasattr(trainer.model, "_card_log_history")
 
 
+def test_label_smoothing_shifts_a_causal_lms_labels_as_for_the_base_model(tmp_path):
+    # The Trainer shifts labels for label smoothing only for model classes it knows by name.
+    batch = {k: torch.tensor(v) for k, v in dataset(4)[:4].items() if k in ("input_ids", "labels")}
+    losses = []
+    for model in (make_model("gpt2"), get_lora_model(make_model("gpt2"), LoRAConfig(r=4))):  # B = 0
+        trainer = Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1))
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(model, dict(batch)).item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert repr(model).startswith("LoRAGPT2LMHeadModel(\n  (transformer)")
+
+
+@pytest.mark.parametrize("trainer_class", [Trainer, LoRATrainer])
+def test_trainer_model_card_keeps_the_adapter_card_and_the_summary(tmp_path, trainer_class):
+    trainer = trainer_class(model=lora_gpt2(), args=args(tmp_path), train_dataset=dataset())
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(license="mit", tags=["news"])  # what Trainer.push_to_hub calls
+    card = (tmp_path / "README.md").read_text()
+    assert "hf_lora model card" in card and "PeftModel.from_pretrained" in card  # the adapter's card
+    assert "## Training summary (transformers.Trainer)" in card and "learning_rate: 0.01" in card
+    assert "license: mit" in card and "- news" in card and "- hf_lora" in card
+    assert ("| step | loss |" in card) is (trainer_class is LoRATrainer)  # the run's metrics
+
+
+def test_gradient_checkpointing_switched_on_before_wrapping_trains_a_vision_model():
+    # peft's idiom: checkpointing first, then the adapter. A model whose input is not input_ids needs
+    # its (frozen) embedding output to require grad for reentrant checkpointing.
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3)  # fmt: skip
+    base = ViTForImageClassification(config)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_lora_model(base, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    model(pixel_values=torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 2])).loss.backward()
+    grads = [layer.lora_B["default"].grad for _, layer in model.lora_layers()]  # (A has none: B = 0)
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_plain_trainer_refuses_to_resume_without_the_adapter(tmp_path):
     """A plain Trainer cannot read adapter checkpoints: it must stop, never train on without them."""
     targs = args(tmp_path, save_strategy="steps", save_steps=2)
