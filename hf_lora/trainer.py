@@ -3,8 +3,9 @@
 A LoRA model is a `PreTrainedModel` of its own class, so a plain `Trainer` already trains it, sees its
 forward signature, and saves checkpoints and `save_model()` through its `save_pretrained`, which writes
 the adapter only. What a plain Trainer cannot do is read such a checkpoint back: it only knows full
-weights and peft's own class. It then stops with an error (`Can't find a checkpoint index` on resume,
-a missing `pytorch_model.bin` for `load_best_model_at_end`) rather than train on without the adapter.
+weights and peft's own class. It then stops with an error on resume (`Can't find a checkpoint index`)
+and for `load_best_model_at_end` (a missing `pytorch_model.bin`), except that for an adapter not named
+"default" (saved in a subfolder) it only logs "Could not locate the best model" and keeps the last weights.
 
 `LoRATrainer` is the drop-in that closes that gap: resume and best-model restore load the adapter, and
 DDP runs without `find_unused_parameters` (every trainable LoRA weight is used in every step, so the
