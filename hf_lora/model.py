@@ -223,7 +223,8 @@ class LoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside the block: outputs equal the model without adapters. Nested blocks,
+        """Run the base model inside the block: outputs equal the model without adapters (after a PiSSA/OLoRA
+        init: the residual weights that init left, as in peft). Nested blocks,
         or a block inside disable_adapters(), leave the adapters disabled as they found them."""
         if any(layer.adapters_disabled for _, layer in self.lora_layers()):
             yield  # already disabled (and unmerged): whoever disabled them enables them
@@ -305,7 +306,9 @@ class LoRAModel(nn.Module):
         return self._unload(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the original base model."""
+        """Remove every adapter without merging and return the base model (its original class and modules).
+        After a PiSSA/OLoRA init its weights are the residual that init left, as in peft; save_pretrained(...,
+        path_initial_model_for_weight_conversion=...) gives an adapter against the original weights."""
         for _, layer in self.lora_layers():
             layer.unmerge()
         return self._unload(keep_trained_copies=False)
