@@ -479,10 +479,10 @@ def _attach(
     _check_tied_targets(model, config, targets, warn=False)  # before the model is touched
     # Checkpointing switched on before wrapping (peft's idiom): the frozen embeddings' output must require
     # grad, as _set_gradient_checkpointing arranges when it is switched on after.
-    if (
-        getattr(model, "is_gradient_checkpointing", False)
-        and getattr(model, "main_input_name", None) != "input_ids"
-    ):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # the name in transformers 5
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and getattr(model, "main_input_name", None) != "input_ids":
         model.enable_input_require_grads()
     for p in model.parameters():
         p.requires_grad_(False)
