@@ -175,7 +175,7 @@ class LoRAConfig:
             raise ValueError(f"{source}: {e}") from None
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"  # not sort_keys: pattern order is meaning
 
 
 def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

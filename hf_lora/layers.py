@@ -82,11 +82,26 @@ def svd_init(
         V, S, Uh = torch.linalg.svd(W, full_matrices=False)
         Vr, Sr, Uhr = V[:, :r], S[:r] / scaling, Uh[:r]
     else:
-        Vr, Sr, Ur = torch.svd_lowrank(W, r, niter=niter)
-        Sr, Uhr = Sr / scaling, Ur.T
+        Vr, Sr, Uhr = randomized_svd(W, r, niter)
+        Sr = Sr / scaling
     A = torch.diag(Sr.sqrt()) @ Uhr  # (r, in)
     B = Vr @ torch.diag(Sr.sqrt())  # (out, r)
     return A, B, W - scaling * B @ A
+
+
+def randomized_svd(W: torch.Tensor, r: int, niter: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """torch.svd_lowrank's algorithm (Halko et al.: a random range, `niter` power iterations), drawn from
+    a generator of its own with a fixed seed: loading a "pissa_niter_<n>" adapter repeats its init, and
+    must leave the very residual in the base that training saw (peft's draw from the global RNG does not:
+    its reload is off by a few 1e-2). Returns (U_r, S_r, Vh_r)."""
+    g = torch.Generator(device=W.device).manual_seed(seed)
+    Q = torch.linalg.qr(
+        W @ torch.randn(W.shape[1], r, generator=g, dtype=W.dtype, device=W.device)
+    ).Q  # (out, r)
+    for _ in range(niter):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (r, r), (r,), (r, in)
+    return Q @ U, S, Vh
 
 
 def qr_init(

@@ -304,7 +304,9 @@ def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, to
     """Write one adapter's two files; each lands whole or not at all."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = save_safetensors_bytes(tensors, metadata=SAFETENSORS_METADATA)
-    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # Not sort_keys: the first rank_pattern/alpha_pattern key that matches a module wins, so their order is
+    # meaning (to_dict already orders the top-level keys as peft does).
+    config_bytes = (json.dumps(config, indent=2) + "\n").encode()
     atomic_write_files({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: config_bytes})
 
 
@@ -760,9 +762,12 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     own = model.state_dict(keep_vars=True)
     given = {_normalise_key(k): k for k in files.tensors}
     current = model.peft_config[adapter_name]
+    must_match = _RELOAD_MUST_MATCH
+    if _moves_base_weights(files.config) or _moves_base_weights(current):
+        must_match += ("init_lora_weights",)  # PiSSA/OLoRA factors go with the base residual their init left
     problems = [
         f"{field}={getattr(files.config, field)!r} (the loaded adapter has {getattr(current, field)!r})"
-        for field in _RELOAD_MUST_MATCH
+        for field in must_match
         if getattr(files.config, field) != getattr(current, field)
     ]
     problems += [f"missing {k}" for k in keymap if k not in given and not k.endswith(".bias")]

@@ -420,6 +420,40 @@ def test_reloading_in_place_refuses_another_scaling(tmp_path):
     assert torch.equal(logits(other, "gpt2"), before), "the model is left alone"
 
 
+@pytest.mark.parametrize(("saved_init", "loaded_init"), [("pissa", True), (True, "olora")])
+def test_reloading_in_place_refuses_an_init_that_moves_base_weights_differently(
+    tmp_path, saved_init, loaded_init
+):
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    saved = get_lora_model(make_model("llama"), LoRAConfig(**fields, init_lora_weights=saved_init))
+    saved.save_pretrained(tmp_path / "a")
+    other = get_lora_model(make_model("llama"), LoRAConfig(**fields, init_lora_weights=loaded_init))
+    before = logits(other, "llama")
+    with pytest.raises(AdapterFormatError, match="init_lora_weights="):
+        other.load_adapter(tmp_path / "a", "default")
+    assert torch.equal(logits(other, "llama"), before)
+
+
+def test_pattern_order_survives_the_file(tmp_path):
+    # The first alpha_pattern/rank_pattern key that matches wins (in peft too): sorted keys in the file
+    # made layer 0's q_proj take the second key's alpha on reload.
+    patterns = dict(alpha_pattern={"q_proj": 32, r"layers\.0\.self_attn\.q_proj": 2})
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **patterns)
+    ours = get_lora_model(make_model("llama"), LoRAConfig(**fields))
+    randomise_B(ours)
+    assert ours.get_submodule("model.layers.0.self_attn.q_proj").lora_scaling["default"] == 8.0
+    ours.save_pretrained(tmp_path)
+    assert list(json.loads((tmp_path / CONFIG_NAME).read_text())["alpha_pattern"]) == list(
+        patterns["alpha_pattern"]
+    )
+    expected = logits(ours, "llama")
+    for loaded in (
+        LoRAModel.from_pretrained(make_model("llama"), tmp_path),
+        PeftModel.from_pretrained(make_model("llama"), tmp_path),
+    ):
+        torch.testing.assert_close(logits(loaded, "llama"), expected, rtol=0, atol=1e-5)
+
+
 def test_reloading_in_place_advises_a_replacement_the_model_allows(tmp_path):
     """The only adapter cannot be deleted ("use unload()"): the advice was delete_adapter('default')."""
     ours, _ = trained("gpt2", CASES[0][1])

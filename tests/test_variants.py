@@ -160,6 +160,22 @@ def test_pissa_residual_plus_adapter_is_the_original_weight(kind):
     assert max((merged[k] - original[k]).abs().max().item() for k in original) <= 1e-5
 
 
+def test_a_pissa_niter_adapter_reloads_exactly_whatever_the_rng_state(tmp_path):
+    # Loading repeats the randomised SVD on the base: it must draw what the init drew, or the residual
+    # left in the base differs from the one the adapter was trained against.
+    fields = dict(r=3, lora_alpha=6, target_modules=TARGETS["llama"], init_lora_weights="pissa_niter_2")
+    torch.manual_seed(1)
+    model = get_lora_model(make_model("llama"), LoRAConfig(**fields))
+    randomise_B(model)
+    model.save_pretrained(tmp_path)
+    base = make_model("llama")
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    loaded = LoRAModel.from_pretrained(base, tmp_path)
+    assert torch.equal(torch.get_rng_state(), state), "the init does not draw from the global generator"
+    torch.testing.assert_close(logits(loaded, "llama"), logits(model, "llama"), rtol=0, atol=1e-6)
+
+
 def snapshot(model):
     return type(model), {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
 
