@@ -228,7 +228,23 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             raise TargetModulesError(message)
         logger.warning("%s It has no effect.", message)
     _check_rank_fits_init(model, config, found)
+    if strict_patterns and (clashes := _peft_suffix_clashes(config, found)):
+        logger.warning(
+            "LoRA on %s, whose name ends with a modules_to_save name (%s) though not on a dot boundary: peft "
+            "matches modules_to_save by plain suffix and fails to load this adapter (it would wrap the LoRA "
+            "layer). hf_lora loads it; to keep the files loadable by peft, leave them out "
+            "(exclude_modules=%r).",
+            ", ".join(p for p, _ in clashes),
+            ", ".join(sorted({m for _, m in clashes})),
+            [p.rsplit(".", 1)[-1] for p, _ in clashes],
+        )
     return found
+
+
+def _peft_suffix_clashes(config: LoRAConfig, targets: list[str]) -> list[tuple[str, str]]:
+    """(target, modules_to_save name) pairs where peft's plain suffix match would take the LoRA target
+    for a module to save in full (DistilBERT's pre_classifier for "classifier")."""
+    return [(p, m) for p in targets for m in config.modules_to_save or () if p.endswith(m)]
 
 
 def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:

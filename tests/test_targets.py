@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import MLP, make_model
 from transformers import AutoConfig, AutoModel
 
@@ -69,6 +70,20 @@ def test_modules_to_save_matches_on_a_dot_boundary():
         make_model("distilbert"), LoRAConfig(r=2, target_modules=["q_lin"], modules_to_save=["classifier"])
     )
     assert [p for p, _ in model.saved_modules()] == ["classifier"]
+
+
+def test_a_target_peft_would_take_for_a_module_to_save_is_flagged(tmp_path, caplog):
+    # DistilBERT with task_type SEQ_CLS and all-linear: LoRA on pre_classifier, which peft's plain suffix
+    # match of "classifier" wraps as a module to save: peft cannot load the file. Following the advice can.
+    fields = dict(r=2, task_type="SEQ_CLS", target_modules="all-linear")
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        get_lora_model(make_model("distilbert"), LoRAConfig(**fields))
+    assert "exclude_modules=['pre_classifier']" in caplog.text
+    caplog.clear()
+    model = get_lora_model(make_model("distilbert"), LoRAConfig(**fields, exclude_modules=["pre_classifier"]))
+    assert "plain suffix" not in caplog.text
+    model.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(make_model("distilbert"), tmp_path)  # loads
 
 
 ERRORS = [
