@@ -148,6 +148,10 @@ class LoRAConfig:
             raise ValueError(
                 f"{source}: peft_type is {peft_type!r}; hf_lora loads only LoRA adapters (peft_type 'LORA')."
             )
+        if data.get("init_lora_weights") == "eva":
+            # EVA only chooses the initial A (from activations) and leaves the base weights alone, and the
+            # ranks it settled on are in rank_pattern: the saved A and B are a plain LoRA.
+            data = {**data, "init_lora_weights": True, "eva_config": None}
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs, unsupported, unknown = {}, [], []
         for key, value in data.items():

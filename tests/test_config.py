@@ -95,3 +95,32 @@ def test_scaling_follows_patterns_and_rslora():
     assert cfg.scaling_for("model.layers.1.self_attn.v_proj") == 4.0
     assert cfg.scaling_for("model.layers.0.self_attn.q_proj") == 0.25
     assert LoRAConfig(r=16, lora_alpha=8, use_rslora=True).scaling_for("x") == 2.0
+
+
+def test_an_eva_adapter_loads_as_the_plain_lora_it_is(tmp_path):
+    # EVA picks the initial A from activations; saved, it is a plain LoRA whose ranks are in rank_pattern.
+    import torch
+    from peft import EvaConfig, PeftModel, get_peft_model, initialize_lora_eva_weights
+    from tiny_models import batch_for, make_model
+
+    from hf_lora import LoRAModel
+
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva", eva_config=EvaConfig(rho=2.0)
+    )
+    ref = get_peft_model(make_model("llama"), config, low_cpu_mem_usage=True)
+    g = torch.Generator().manual_seed(0)
+    initialize_lora_eva_weights(
+        ref, dataloader=[{"input_ids": torch.randint(1, 128, (4, 16), generator=g)} for _ in range(4)]
+    )
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=g)
+    ref.save_pretrained(tmp_path)
+    batch = batch_for("llama")
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(make_model("llama"), tmp_path)(**batch).logits
+        ours = LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+        torch.testing.assert_close(ours(**batch).logits, expected, rtol=0, atol=1e-5)
+    assert ours.peft_config["default"].init_lora_weights is True
