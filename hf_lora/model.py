@@ -224,8 +224,8 @@ class LoRAModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside the block: outputs equal the model without adapters (after a PiSSA/OLoRA
-        init: the residual weights that init left, as in peft). Nested blocks,
-        or a block inside disable_adapters(), leave the adapters disabled as they found them."""
+        init: the residual weights that init left, as in peft). Nested blocks, or a block inside
+        disable_adapters(), leave the adapters disabled as they found them."""
         if any(layer.adapters_disabled for _, layer in self.lora_layers()):
             yield  # already disabled (and unmerged): whoever disabled them enables them
             return
@@ -261,8 +261,9 @@ class LoRAModel(nn.Module):
     ) -> None:
         """Fold the active adapters into the base weights (idempotent; `unmerge_adapter` undoes it).
         `safe_merge=True` checks every merged weight for NaN/inf before writing it; on such an error the
-        adapters this call merged are unmerged again (the weights are back, up to rounding). A target whose weight another module shares (a tied output
-        head) gets its own copy first, so the other module stays as it was."""
+        adapters this call merged are unmerged again (the weights are back, up to rounding). A target whose
+        weight another module shares (a tied output head) gets its own copy first, so the other module
+        stays as it was."""
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
