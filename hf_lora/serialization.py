@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_write_files
 from .config import LoRAConfig
-from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError
+from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, TargetModulesError
 from .layers import LoRALayer, ModulesToSave
 from .model import (
     DEFAULT_ADAPTER,
@@ -637,8 +637,9 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
         targets = resolve_targets(model, config, strict_patterns=False)
     except ValueError as e:
         raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
-    saved = resolve_modules_to_save(model, config)
+    saved = _resolve_saved_leniently(model, config, files.source)
     modules = dict(base_modules(model))
+    keys = _without_foreign_base_layer_keys(keys, modules, targets, files.source)
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
@@ -678,6 +679,8 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
         if key in keys and tuple(files.tensors[keys[key]].shape) != shape:
             got = tuple(files.tensors[keys[key]].shape)
             problems.append(f"{key} has shape {got}, the model needs {shape}")
+    if not problems:
+        problems += _base_weights_under_merged_adapters(modules, files, keys)
     if problems:
         raise AdapterFormatError(
             f"adapter {files.source} does not fit {type(model).__name__}: "
@@ -687,6 +690,76 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     return LoadPlan(
         config=config.replace(modules_to_save=_saved_names(config, saved)), targets=targets, saved=saved
     )
+
+
+def _resolve_saved_leniently(model: nn.Module, config: LoRAConfig, source: str) -> list[str]:
+    """`resolve_modules_to_save`, ignoring names that match no module on a dot boundary: peft matches them
+    as plain suffixes ("layernorm" takes `input_layernorm`) or ignores them (its add_adapter writes
+    ["classifier", "score"] for any classifier), and saves what it wrapped; `_plan_load` then loads the
+    file's tensors of such modules as modules saved in full. Creating an adapter stays strict (typos)."""
+    saved: list[str] = []
+    for name in config.modules_to_save or []:
+        try:
+            saved += resolve_modules_to_save(model, config.replace(modules_to_save=[name]))
+        except TargetModulesError:
+            logger.info(
+                "%s: modules_to_save name %r matches no module by name; the adapter file's tensors decide "
+                "what is loaded in full (peft matches such names as plain suffixes, or ignores them)",
+                source,
+                name,
+            )
+    return saved
+
+
+def _base_layer_key(key: str) -> tuple[str, str] | None:
+    """(module path, tensor name) of a file key for a tensor of peft's `<path>.base_layer`, the module a
+    LoRA layer wraps; here a LoRA layer is that module itself, so the tensor is its `<path>.<name>`."""
+    path, sep, leaf = key.removeprefix(PREFIX).rpartition(".base_layer.")
+    return (path, leaf) if key.startswith(PREFIX) and sep and "." not in leaf else None
+
+
+def _lora_paths(modules: dict[str, nn.Module], targets: list[str]) -> set[str]:
+    """Modules that are LoRA layers once the adapter is attached: its targets and other adapters' layers."""
+    return set(targets) | {p for p, m in modules.items() if isinstance(m, LoRALayer)}
+
+
+def _without_foreign_base_layer_keys(
+    keys: dict[str, str], modules: dict[str, nn.Module], targets: list[str], source: str
+) -> dict[str, str]:
+    """Drop `<path>.base_layer.*` tensors of modules that will not be LoRA layers. peft's bias="lora_only"
+    trains the biases of every LoRA layer, so an adapter saved beside others holds theirs too; on a model
+    without LoRA on those modules peft has no base_layer to load them into and ignores them, as we do."""
+    lora = _lora_paths(modules, targets)
+    foreign = sorted(
+        k for k in keys if (split := _base_layer_key(k)) and split[0] in modules and split[0] not in lora
+    )
+    if foreign:
+        logger.info(
+            "%s: ignoring tensors of modules without LoRA layers (as peft does; an adapter saved beside "
+            "others with bias='lora_only' has their biases): %s",
+            source,
+            _few(foreign),
+        )
+    return {k: v for k, v in keys.items() if k not in foreign}
+
+
+def _base_weights_under_merged_adapters(
+    modules: dict[str, nn.Module], files: AdapterFiles, keys: dict[str, str]
+) -> list[str]:
+    """A different base weight would be copied over a weight that other adapters are merged into, and
+    unmerging them would then leave a wrong weight."""
+    problems = []
+    for key, file_key in keys.items():
+        split = _base_layer_key(key)
+        module = modules.get(split[0]) if split and split[1] == "weight" else None
+        if isinstance(module, LoRALayer) and module.merged_adapters:
+            weight = module.weight.detach()
+            if not torch.equal(weight, files.tensors[file_key].to(device=weight.device, dtype=weight.dtype)):
+                problems.append(
+                    f"{key} differs from {split[0]}.weight, into which adapters {module.merged_adapters} are "
+                    "merged; unmerge_adapter() first, then load it"
+                )
+    return problems
 
 
 def _saved_names(config: LoRAConfig, saved: list[str]) -> list[str] | None:
@@ -704,7 +777,11 @@ def _inside(path: str, roots: list[str]) -> bool:
 def _expected_shapes(
     modules: dict[str, nn.Module], config: LoRAConfig, targets: list[str], saved: list[str]
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """file key -> (shape, required) for the adapter `config` creates."""
+    """file key -> (shape, required) for the adapter `config` creates.
+
+    peft's files may also hold a LoRA layer's base tensors as `<path>.base_layer.weight` (an adapted output
+    head, by save_embedding_layers="auto") and `.bias` (bias="lora_only"/"all"); peft loads them into the
+    base layer, and so does `_copy_tensors` where they differ from the model's (a resized vocabulary)."""
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
     for path in targets:
         m = modules[path]
@@ -714,8 +791,11 @@ def _expected_shapes(
         out[f"{PREFIX}{path}.lora_B.weight"] = ((n_out, r), True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
-        if config.bias != "none" and getattr(m, "bias", None) is not None:
-            out[f"{PREFIX}{path}.base_layer.bias"] = (tuple(m.bias.shape), False)
+    for path in sorted(_lora_paths(modules, targets)):
+        for leaf in ("weight", "bias"):
+            t = getattr(modules[path], leaf, None)
+            if isinstance(t, nn.Parameter):
+                out[f"{PREFIX}{path}.base_layer.{leaf}"] = (tuple(t.shape), False)
     for path in saved:
         for k, v in modules[path].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = (tuple(v.shape), True)
@@ -742,13 +822,27 @@ def _normalise_key(key: str) -> str:
 def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> None:
     keymap = adapter_key_map(model, adapter_name)
     own = model.state_dict(keep_vars=True)
+    lora = {path for path, _ in model.lora_layers()}
     with torch.no_grad():
         for key, tensor in files.tensors.items():
             own_key = keymap.get(_normalise_key(key))
-            if own_key is None:
-                continue
-            target = own[own_key]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            if own_key is not None:
+                target = own[own_key]
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            elif (split := _base_layer_key(_normalise_key(key))) and split[0] in lora:
+                _copy_base_tensor(
+                    own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source
+                )
+
+
+def _copy_base_tensor(target: torch.Tensor, tensor: torch.Tensor, name: str, source: str) -> None:
+    """A LoRA layer's base tensor from the file (peft's `<path>.base_layer.<name>`): peft loads it, so a
+    different one (a resized vocabulary) replaces the model's; a weight tied to the input embeddings
+    changes them too, as in peft."""
+    tensor = tensor.to(device=target.device, dtype=target.dtype)
+    if not torch.equal(target, tensor):
+        logger.info("%s: loading %s from the adapter file (it differs from the model's)", source, name)
+        target.copy_(tensor)
 
 
 # Fields that change what the same A and B compute: a reload in place must agree on them.
@@ -779,8 +873,9 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     problems += [
         f"unexpected {k}"
         for k in given
-        if k not in keymap and not _unchanged_base_tensors(own, files, [given[k]])
+        if k not in keymap and not _unchanged_base_tensors(own, files, [given[k]]) and not _base_layer_key(k)
     ]
+    problems += _base_layer_problems(model, files, given)
     if problems:
         replace = (
             f"or delete_adapter({adapter_name!r}) first"
@@ -799,6 +894,24 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
         layer.merge([adapter_name])
     model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)
     model.set_adapter(model.active_adapters)
+
+
+def _base_layer_problems(model: LoRAModel, files: AdapterFiles, given: dict[str, str]) -> list[str]:
+    """Reloading in place: peft's `<path>.base_layer.*` tensors must fit the model's base tensors
+    (`_copy_tensors` loads those of LoRA layers; those of other modules are ignored, as in peft)."""
+    modules = dict(base_modules(model))
+    problems = []
+    for key in given:
+        split = _base_layer_key(key)
+        if split is None or split[0] not in modules:
+            problems += [f"unexpected {key}"] if split else []
+            continue
+        mine = getattr(modules[split[0]], split[1], None)
+        if not isinstance(mine, torch.Tensor):
+            problems.append(f"unexpected {key}")
+        elif (got := tuple(files.tensors[given[key]].shape)) != tuple(mine.shape):
+            problems.append(f"{key} has shape {got}, the model needs {tuple(mine.shape)}")
+    return problems
 
 
 def _few(items: list[str], n: int = 4) -> str:

@@ -603,3 +603,146 @@ def test_card_of_an_adapter_in_a_subfolder_loads_it_from_there(tmp_path):
     for snippet in ('LoRAModel.from_pretrained(base, "alice/two", subfolder="other")',
                     'PeftModel.from_pretrained(base, "alice/two", subfolder="other")'):  # fmt: skip
         assert snippet in sub
+
+
+def _peft_logits_and_ours(directory: Path, kind: str, subfolder: str | None = None):
+    """Logits of a fresh base model with the adapter in `directory` loaded by peft and by hf_lora."""
+    ref = PeftModel.from_pretrained(make_model(kind), directory, subfolder=subfolder)
+    ours = LoRAModel.from_pretrained(make_model(kind), directory, subfolder=subfolder)
+    return logits(ref, kind), logits(ours, kind), ours
+
+
+HEAD_CASES = [
+    ("llama", dict(r=4, target_modules=["q_proj", "lm_head"])),
+    ("gpt2", dict(r=4, target_modules=["c_attn", "lm_head"])),  # lm_head is tied to the input embeddings
+    ("llama", dict(r=4, target_modules=["q_proj", "lm_head"], use_dora=True)),
+]
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["same-head", "changed-head"])
+@pytest.mark.parametrize(("kind", "fields"), HEAD_CASES, ids=["llama", "gpt2-tied", "llama-dora"])
+def test_a_peft_adapter_on_the_output_head_loads_with_the_head_weight_peft_saved(
+    tmp_path, caplog, kind, fields, changed
+):
+    """peft's save_embedding_layers="auto" writes `lm_head.base_layer.weight` when lm_head is a target. The
+    same weight as the model's is ignored; a different one (a resized vocabulary) replaces the head's weight
+    as peft loads it, and the input embeddings with it when they are tied."""
+    ref = get_peft_model(make_model(kind), LoraConfig(**fields))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        if changed:
+            ref.base_model.model.lm_head.base_layer.weight.add_(0.05)
+    ref.save_pretrained(tmp_path)
+    with safe_open(tmp_path / WEIGHTS_NAME, "pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()  # noqa: SIM118
+    with caplog.at_level("INFO", logger="hf_lora"):
+        theirs, mine, ours = _peft_logits_and_ours(tmp_path, kind)
+    assert (mine - theirs).abs().max().item() <= 1e-5
+    assert ("lm_head.weight from the adapter file" in caplog.text) == changed
+    if kind == "gpt2":
+        assert ours.transformer.wte.weight is ours.lm_head.weight
+
+
+def test_an_output_head_weight_of_another_vocabulary_size_is_refused(tmp_path):
+    base = make_model("llama")
+    base.resize_token_embeddings(base.config.vocab_size + 8)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])).save_pretrained(tmp_path)
+    with pytest.raises(AdapterFormatError, match=r"lm_head.base_layer.weight has shape \(\d+, 64\)"):
+        LoRAModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+def test_a_different_head_weight_is_refused_while_another_adapter_is_merged_into_it(tmp_path):
+    fields = dict(r=4, target_modules=["q_proj", "lm_head"])
+    ref = get_peft_model(make_model("llama"), LoraConfig(**fields))
+    with torch.no_grad():
+        ref.base_model.model.lm_head.base_layer.weight.add_(0.05)
+    ref.save_pretrained(tmp_path)
+    ours = get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules=["lm_head"]))
+    randomise_B(ours)
+    ours.merge_adapter()
+    with pytest.raises(AdapterFormatError, match="unmerge"):
+        ours.load_adapter(tmp_path, adapter_name="other")
+    assert ours.adapters == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        # peft matches "layernorm" as a plain suffix: input_layernorm and post_attention_layernorm are saved
+        ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["layernorm"])),
+        # peft ignores names that match no module ("score" on BERT); its add_adapter writes such lists
+        ("bert", dict(r=4, target_modules=["query"], modules_to_save=["classifier", "score"])),
+    ],
+    ids=["llama-suffix", "bert-missing-name"],
+)
+def test_a_peft_adapter_with_modules_to_save_names_peft_matches_loosely_loads(tmp_path, kind, fields):
+    """Loading is lenient where peft is: the file's tensors decide what is saved in full. Creating an
+    adapter with such names stays an error (a typo)."""
+    ref = get_peft_model(make_model(kind), LoraConfig(**fields))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path / "peft")
+    theirs, mine, ours = _peft_logits_and_ours(tmp_path / "peft", kind)
+    assert (mine - theirs).abs().max().item() <= 1e-5
+    ours.save_pretrained(tmp_path / "ours")  # and back: peft loads what we save
+    again = PeftModel.from_pretrained(make_model(kind), tmp_path / "ours")
+    assert (logits(again, kind) - theirs).abs().max().item() <= 1e-5
+    with pytest.raises(hf_lora.TargetModulesError, match="modules_to_save names"):
+        get_lora_model(make_model(kind), LoRAConfig(**fields))
+
+
+def _peft_lora_only_second_adapter(directory: Path):
+    """peft's bias="lora_only" trains the biases of every LoRA layer, so a second adapter's file also holds
+    the biases of the first adapter's layers (`query.base_layer.bias`)."""
+    ref = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query"]))
+    ref.add_adapter("second", LoraConfig(r=2, target_modules=["key"], bias="lora_only"))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name or name.endswith("base_layer.bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(directory)
+    with safe_open(directory / "second" / WEIGHTS_NAME, "pt") as f:
+        assert any(k.endswith("query.base_layer.bias") for k in f.keys())  # noqa: SIM118
+
+
+def test_a_lora_only_adapter_with_biases_of_modules_it_does_not_adapt_loads_as_in_peft(tmp_path):
+    """On a model without LoRA on those modules peft has no `base_layer` to load them into, so it ignores
+    them; so do we."""
+    _peft_lora_only_second_adapter(tmp_path)
+    theirs, mine, _ = _peft_logits_and_ours(tmp_path, "bert", subfolder="second")
+    assert (mine - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_lora_only_adapter_loaded_beside_the_adapter_of_those_modules_sets_their_biases_as_in_peft(
+    tmp_path,
+):
+    """Loaded next to an adapter with LoRA on those modules, peft loads their biases; so do we."""
+    _peft_lora_only_second_adapter(tmp_path)
+    ref = PeftModel.from_pretrained(make_model("bert"), tmp_path)
+    ref.load_adapter(tmp_path / "second", adapter_name="second")
+    ours = LoRAModel.from_pretrained(make_model("bert"), tmp_path)
+    ours.load_adapter(tmp_path / "second", adapter_name="second")
+    for model in (ref, ours):
+        model.set_adapter("second")
+    assert (logits(ours, "bert") - logits(ref, "bert")).abs().max().item() <= 1e-5
+
+
+def test_reloading_a_peft_adapter_with_base_tensors_in_place_matches_peft(tmp_path):
+    """The Trainer's resume path reloads in place: peft's extra base tensors load there too."""
+    fields = dict(r=4, target_modules=["c_attn", "lm_head"], bias="lora_only")
+    ref = get_peft_model(make_model("gpt2"), LoraConfig(**fields))
+    ref.save_pretrained(tmp_path / "start")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name or name.endswith("base_layer.bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+        ref.base_model.model.lm_head.base_layer.weight.add_(0.05)
+    ref.save_pretrained(tmp_path / "trained")
+    ours = LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "start", is_trainable=True)
+    ours.load_adapter(tmp_path / "trained", adapter_name="default", is_trainable=True)
+    theirs = PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "trained")
+    assert (logits(ours, "gpt2") - logits(theirs, "gpt2")).abs().max().item() <= 1e-5
