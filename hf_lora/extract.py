@@ -21,7 +21,7 @@ from torch import nn
 from .config import LoRAConfig
 from .errors import TargetModulesError
 from .model import DEFAULT_ADAPTER, LoRAModel, get_lora_model
-from .targets import linear_modules, resolve_targets
+from .targets import in_modules_to_save, linear_modules, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,7 @@ def extract_lora(
     shared = {k: aliases[id(p)] for k, p in base_params.items() if len(aliases[id(p)]) > 1}
     linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
-        target_modules = sorted(path for path in linear_paths if f"{path}.weight" in changed)
-        if not target_modules:
-            raise TargetModulesError(
-                "no Linear/Conv1D weight differs between the two models: nothing to extract."
-            )
+        target_modules = _changed_linears(linear_paths, changed, modules_to_save)
     config = LoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, modules_to_save=modules_to_save)
     targets = resolve_targets(base_model, config)
 
@@ -132,6 +128,25 @@ def extract_lora(
             r,
         )
     return (model, report) if return_report else model
+
+
+def _changed_linears(
+    linear_paths: set[str], changed: set[str], modules_to_save: list[str] | None
+) -> list[str]:
+    """The default targets: every Linear/Conv1D whose weight changed, but those saved in full (a module is
+    either a LoRA layer or a copy, and `modules_to_save` says which)."""
+    updated = sorted(path for path in linear_paths if f"{path}.weight" in changed)
+    if not updated:
+        raise TargetModulesError(
+            "no Linear/Conv1D weight differs between the two models: nothing to extract."
+        )
+    targets = [path for path in updated if not in_modules_to_save(path, modules_to_save)]
+    if not targets:
+        raise TargetModulesError(
+            f"every Linear/Conv1D whose weight changed ({_few(updated)}) is in modules_to_save={modules_to_save!r}, "
+            "which copies it whole: none is left for LoRA to extract. Leave some of them out of modules_to_save."
+        )
+    return targets
 
 
 def _common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,3 +221,32 @@ def test_a_tied_output_head_can_be_targeted():
     batch = batch_for("gpt2")
     with torch.no_grad():
         assert (model(**batch).logits - tuned(**batch).logits).abs().max().item() <= 1e-4
+
+
+def test_modules_saved_in_full_are_left_out_of_the_default_targets(caplog):
+    """The warning advises saving Linears whose bias changed in full; following it failed with
+    "target_modules=[...] matches no module": the default targets still named those Linears."""
+    base = make_model("gpt2")
+    tuned = copy.deepcopy(base)
+    linears = [f"transformer.h.{i}.{name}" for i in (0, 1) for name in ("attn.c_attn", "mlp.c_fc")]
+    with torch.no_grad():
+        for path in linears:
+            tuned.get_submodule(path).weight.add_(0.01 * torch.randn_like(tuned.get_submodule(path).weight))
+        tuned.get_submodule(linears[0]).bias.add_(0.1)
+        tuned.transformer.ln_f.weight.add_(0.1)
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        hf_lora.extract_lora(copy.deepcopy(base), tuned, r=4)
+    assert f"save {linears[0]}, transformer.ln_f in full with modules_to_save" in caplog.text
+    caplog.clear()
+    saved = [linears[0], "transformer.ln_f"]
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        model = hf_lora.extract_lora(copy.deepcopy(base), tuned, r=64, modules_to_save=saved)
+    assert not caplog.records
+    assert sorted(path for path, _ in model.lora_layers()) == sorted(linears[1:])
+    batch = batch_for("gpt2")
+    with torch.no_grad():
+        assert (model(**batch).logits - tuned(**batch).logits).abs().max().item() <= 1e-4
+    with pytest.raises(
+        TargetModulesError, match=r"none is left for LoRA to extract\. Leave some of them out"
+    ):
+        hf_lora.extract_lora(copy.deepcopy(base), tuned, r=4, modules_to_save=[*linears, "transformer.ln_f"])
