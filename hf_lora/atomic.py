@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 _TMP_PREFIX = ".hf_lora-"
+# Temporary files are staged in this folder inside the target folder: on its file system (so the rename is
+# atomic), and skipped by every huggingface_hub upload (its DEFAULT_IGNORE_PATTERNS), so neither a crash nor
+# an upload running during a save (Trainer.push_to_hub, hub_strategy="every_save") ever sends one.
+STAGING_DIR = Path(".cache") / "huggingface"
 # Temporary files of writers on other hosts or in other pid namespaces (containers sharing a volume) are
 # not judged by pid: theirs may match a live or a dead process here. They are removed only once this old.
 _FOREIGN_STALE_AFTER_S = 24 * 3600
@@ -30,10 +34,10 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
 
     Every new file is written and fsynced before the first rename, so files saved together (an adapter's
     weights and config) change together: a crash leaves the old set or the new one, short of the instant
-    between two renames. The temporary files live beside the target *directory* (so a crash leaves nothing
-    inside it, for a folder that is uploaded as a whole) where that is the same file system, else beside
-    the file; the directories are fsynced after the renames, so the new files survive a power cut.
-    Temporary files of writers that were killed are removed on the next write.
+    between two renames. The temporary files are staged in the target folder's `STAGING_DIR`, which
+    uploads skip (the parent folder is no place for them: a Trainer checkpoint's parent is the output
+    folder that Trainer.push_to_hub uploads); the directories are fsynced after the renames, so the new
+    files survive a power cut. Temporary files of writers that were killed are removed on the next write.
     """
     todo = {path: data for path, data in files.items() if not _holds(path, data)}
     staged: list[tuple[str, Path]] = []
@@ -54,9 +58,12 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
         for tmp, _ in staged:  # those not renamed yet
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        for directory in dict.fromkeys(path.parent for path in todo):
+            _remove_empty_staging(directory)
         raise
     for directory in dict.fromkeys(path.parent for path in todo):
         _fsync_dir(directory)
+        _remove_empty_staging(directory)
 
 
 def _holds(path: Path, data: bytes) -> bool:
@@ -68,12 +75,14 @@ def _holds(path: Path, data: bytes) -> bool:
 def _stage(path: Path, data: bytes, tmp_dirs: tuple[Path, ...]) -> str:
     """A fsynced temporary file holding `data`, with the mode `path` should get, in the first of tmp_dirs
     where one can be made."""
+    error: OSError | None = None
     for tmp_dir in tmp_dirs:
         _remove_stale(tmp_dir)
         try:
             prefix = f"{_TMP_PREFIX}{os.getpid()}-{_writer_id()}-{path.parent.name}.{path.name}."
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_dir)
-        except OSError:
+        except OSError as e:
+            error = e
             continue
         try:
             with os.fdopen(fd, "wb") as f:
@@ -86,17 +95,26 @@ def _stage(path: Path, data: bytes, tmp_dirs: tuple[Path, ...]) -> str:
                 os.unlink(tmp)
             raise
         return tmp
-    raise OSError(f"cannot create a temporary file to write {path}")
+    # The error a plain write would raise (PermissionError for a read-only folder), naming the target.
+    code = error.errno if error is not None else errno.EIO
+    raise OSError(code, f"{os.strerror(code)}: cannot write {path}", str(path))
 
 
 def _temp_dirs(directory: Path) -> tuple[Path, ...]:
-    """Where to try the temporary file: the parent of `directory` only if a rename from there can work
-    (a mount point's parent is another file system: the whole file would be written there, maybe filling
-    a small root file system, only for the rename to fail)."""
+    """Where to try the temporary file: the folder's STAGING_DIR, else the folder itself."""
+    staging = directory / STAGING_DIR
     with contextlib.suppress(OSError):
-        if os.stat(directory.parent).st_dev == os.stat(directory).st_dev:
-            return directory.parent, directory
+        staging.parent.mkdir(exist_ok=True)  # not parents=True: a missing folder stays an error
+        staging.mkdir(exist_ok=True)
+        return staging, directory
     return (directory,)
+
+
+def _remove_empty_staging(directory: Path) -> None:
+    """Leave no empty `.cache/huggingface` behind (one that holds anything else stays)."""
+    with contextlib.suppress(OSError):
+        (directory / STAGING_DIR).rmdir()
+        (directory / STAGING_DIR.parent).rmdir()
 
 
 def _mode_for(path: Path) -> int:

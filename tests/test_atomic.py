@@ -1,13 +1,15 @@
-"""hf_lora.atomic: where temporary files go and which mode new files get."""
+"""hf_lora.atomic: where temporary files go, which mode new files get, and the errors a write raises."""
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from hf_lora import atomic
 from hf_lora.atomic import atomic_write, atomic_write_files
@@ -26,31 +28,33 @@ def test_umask_is_read_without_setting_it(monkeypatch):
         os.umask(old)
 
 
-def test_temporary_file_is_written_beside_the_folder_on_the_same_file_system(tmp_path, monkeypatch):
+def test_temporary_files_are_staged_where_uploads_never_look(tmp_path, monkeypatch):
+    """A Trainer checkpoint's parent is the output folder that Trainer.push_to_hub uploads (also while a
+    save runs, with hub_strategy="every_save"): temporary files staged there were uploaded, partial after a
+    crash. They are staged in the folder's .cache/huggingface, which huggingface_hub never uploads."""
     renames = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(Path(src)), real_replace(src, dst)))
-    (tmp_path / "out").mkdir()
-    atomic_write(tmp_path / "out" / "a.json", b"{}")
-    assert [p.parent for p in renames] == [tmp_path], "outside the folder, so a crash leaves nothing in it"
-    assert (tmp_path / "out" / "a.json").read_bytes() == b"{}"
+    out = tmp_path / "out"
+    out.mkdir()
+    atomic_write(out / "a.json", b"{}")
+    [staged] = renames
+    assert staged.parent == out / atomic.STAGING_DIR
+    rel = staged.relative_to(out).as_posix()
+    assert not list(filter_repo_objects([rel], ignore_patterns=DEFAULT_IGNORE_PATTERNS)), "skipped by uploads"
+    assert (out / "a.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"], "the empty staging folder is removed"
 
 
-def test_a_folder_that_is_a_mount_point_gets_its_temporary_file_inside(monkeypatch):
-    """/dev/shm is its own file system: writing the file under /dev first would only end in EXDEV."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK) and os.stat(shm).st_dev != os.stat("/dev").st_dev):
-        pytest.skip("needs a writable /dev/shm mounted apart from /dev")
-    renames = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(Path(src)), real_replace(src, dst)))
-    target = shm / f"hf_lora-test-{uuid.uuid4().hex}.json"
-    try:
-        atomic_write(target, b"[1]")
-        assert target.read_bytes() == b"[1]"
-    finally:
-        target.unlink(missing_ok=True)
-    assert [p.parent for p in renames] == [shm], "one rename, from inside the mounted folder"
+def test_a_folder_we_may_not_write_raises_what_a_plain_write_would(tmp_path, monkeypatch):
+    """PermissionError naming the file (it was a bare OSError, or named an internal temporary path)."""
+
+    def mkstemp(*args, **kwargs):  # a read-only folder, for a test run as root too
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(PermissionError, match=r"Permission denied: cannot write .*out/a\.json"):
+        atomic_write(tmp_path / "out" / "a.json", b"{}")
 
 
 def test_files_saved_together_are_all_written_before_the_first_rename(tmp_path, monkeypatch):
@@ -64,7 +68,7 @@ def test_files_saved_together_are_all_written_before_the_first_rename(tmp_path, 
 
     def replace(src, dst):
         if not staged_at_first_rename:
-            staged_at_first_rename.extend(sorted(p.read_bytes() for p in tmp_path.glob(".hf_lora-*.tmp")))
+            staged_at_first_rename.extend(sorted(p.read_bytes() for p in tmp_path.rglob(".hf_lora-*.tmp")))
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
@@ -79,14 +83,15 @@ def test_files_saved_together_are_all_written_before_the_first_rename(tmp_path, 
 def test_temporary_files_of_other_hosts_are_not_judged_by_pid(tmp_path):
     """A writer in another container sharing the volume has a pid that means nothing here: its file in
     progress must survive our cleanup (it did, and that save then failed); an old one is removed."""
-    (tmp_path / "out").mkdir()
+    staging = tmp_path / "out" / atomic.STAGING_DIR
+    staging.mkdir(parents=True)
     dead_pid = 2**22 + 12345  # above any pid_max: dead here
-    live_elsewhere = tmp_path / f".hf_lora-{dead_pid}-0ther0ne-jobA.w.bin.abc.tmp"
-    old_elsewhere = tmp_path / f".hf_lora-{dead_pid}-0ther0ne-jobA.c.json.def.tmp"
-    dead_here = tmp_path / f".hf_lora-{dead_pid}-{atomic._writer_id()}-jobB.w.bin.ghi.tmp"
+    live_elsewhere = staging / f".hf_lora-{dead_pid}-0ther0ne-jobA.w.bin.abc.tmp"
+    old_elsewhere = staging / f".hf_lora-{dead_pid}-0ther0ne-jobA.c.json.def.tmp"
+    dead_here = staging / f".hf_lora-{dead_pid}-{atomic._writer_id()}-jobB.w.bin.ghi.tmp"
     for p in (live_elsewhere, old_elsewhere, dead_here):
         p.write_bytes(b"partial")
     day_ago = time.time() - 25 * 3600
     os.utime(old_elsewhere, (day_ago, day_ago))
     atomic_write(tmp_path / "out" / "a.json", b"{}")
-    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == [live_elsewhere.name]
+    assert sorted(p.name for p in staging.glob("*.tmp")) == [live_elsewhere.name]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import randomise_B
@@ -327,8 +328,10 @@ def _save_forever(directory: str, seed: int) -> None:
 def _check_adapter_dir(directory: Path) -> None:
     model = LoRAModel.from_pretrained(MLP(), directory)
     assert model.get_nb_trainable_parameters()[1] > 0
-    stray = [p.name for p in directory.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
-    assert not stray, f"temporary files inside the adapter folder: {stray}"
+    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
+    uploaded = list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    stray = [f for f in uploaded if f.endswith(".tmp") or f.startswith(".")]
+    assert not stray, f"temporary files an upload of the adapter folder would take: {stray}"
 
 
 @pytest.mark.parametrize(
@@ -349,11 +352,11 @@ def test_sigkill_during_save_pretrained_never_damages_the_adapter(tmp_path, kill
         child.join()
         assert child.exitcode == -signal.SIGKILL
         _check_adapter_dir(directory)
-    leftovers = list(tmp_path.glob(".hf_lora-*.tmp"))
+    leftovers = list(tmp_path.rglob(".hf_lora-*.tmp"))
     get_lora_model(
         MLP(), LoRAConfig(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"])
     ).save_pretrained(directory)
-    assert len(list(tmp_path.glob(".hf_lora-*.tmp"))) == 0, (
+    assert len(list(tmp_path.rglob(".hf_lora-*.tmp"))) == 0, (
         f"stale temp files of killed writers removed ({len(leftovers)} were left)"
     )
 

@@ -245,7 +245,7 @@ def test_weights_and_config_are_both_written_before_either_replaces_the_old(tmp_
 
     def replace(src, dst):
         if Path(dst).name in (WEIGHTS_NAME, CONFIG_NAME) and not staged:
-            staged.extend(p.name for p in tmp_path.glob(".hf_lora-*.tmp"))
+            staged.extend(p.name for p in tmp_path.rglob(".hf_lora-*.tmp"))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
