@@ -15,8 +15,10 @@ save all but "default"). Bad input exits with status 2 and one line saying why.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 from .errors import LoRAError
 
 EXIT_BAD_INPUT = 2
+_CHECKPOINT = re.compile(r"checkpoint-\d+")  # transformers' PREFIX_CHECKPOINT_DIR, and the step
 SUBFOLDER_HELP = (
     "the adapter in this subfolder of ADAPTER (an adapter saved beside others, not named 'default')"
 )
@@ -251,11 +254,22 @@ def _push(args: argparse.Namespace) -> None:
     from huggingface_hub.errors import HfHubHTTPError
 
     from .hub import ADAPTER_FILES, _http_error, owners_cards
-    from .serialization import list_adapters, read_adapter
+    from .serialization import read_adapter
 
     folder = Path(args.adapter_dir)
-    for _, subfolder in list_adapters(folder) or [(None, None)]:  # refuse to upload what does not load
+    if not folder.is_dir():
+        raise ValueError(
+            f"{folder} is not a local folder: push uploads an adapter saved on this machine "
+            "(to copy a Hub repo, `hf-lora pull` it first)."
+        )
+    subfolders = _pushed_subfolders(folder)
+    for subfolder in subfolders:  # refuse to upload what does not load
         read_adapter(folder, subfolder=subfolder, advice=_advice())
+    files = [
+        glob.escape(f"{subfolder}/{name}" if subfolder else name)
+        for subfolder in subfolders
+        for name in ADAPTER_FILES
+    ]
     api = HfApi(token=args.token)
     try:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -266,13 +280,33 @@ def _push(args: argparse.Namespace) -> None:
             repo_id=args.repo_id,
             folder_path=folder,
             revision=args.revision,
-            allow_patterns=[f"*{name}" for name in ADAPTER_FILES],
+            allow_patterns=files,
             ignore_patterns=keep or None,
             commit_message=args.message or "Upload LoRA adapter (hf_lora)",
         )
     except HfHubHTTPError as e:
         raise _http_error(e, args.repo_id) from None
     print(f"pushed {folder} to {args.repo_id}: {info.commit_url}")
+
+
+def _pushed_subfolders(folder: Path) -> list[str | None]:
+    """The adapters a push uploads: the root one (None) and those in subfolders, but a Trainer's
+    checkpoint-*/ folders (Trainer.push_to_hub leaves them out too)."""
+    from .serialization import list_adapters
+
+    found = [sub for _, sub in list_adapters(folder)]
+    checkpoints = sorted((sub for sub in found if sub and _CHECKPOINT.fullmatch(sub)), key=_step)
+    pushed = [sub for sub in found if sub not in checkpoints]
+    if checkpoints and not pushed:
+        raise ValueError(
+            f"{folder} holds only Trainer checkpoints ({', '.join(checkpoints)}), no adapter of its own: push "
+            f"the checkpoint you mean, e.g. `hf-lora push {folder / checkpoints[-1]} REPO_ID`."
+        )
+    return pushed or [None]  # (no adapter at all: read_adapter says so)
+
+
+def _step(checkpoint: str) -> int:
+    return int(checkpoint.rsplit("-", 1)[1])
 
 
 def _pull(args: argparse.Namespace) -> None:

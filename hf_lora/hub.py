@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .atomic import pid_alive
+from .atomic import _FOREIGN_STALE_AFTER_S, _writer_id, pid_alive
 from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
 from .model_card import CARD_NAME, MARKER
 from .serialization import CONFIG_NAME, PICKLE_WEIGHTS_NAMES
@@ -171,7 +172,7 @@ def push_adapter_to_hub(
         raise _http_error(e, repo_id) from None
 
     _remove_stale_push_dirs()
-    with tempfile.TemporaryDirectory(prefix=f"{_PUSH_TMP_PREFIX}{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=_push_dir_prefix()) as tmp:
         model.save_pretrained(
             tmp,
             selected_adapters=selected_adapters,
@@ -237,10 +238,15 @@ def download_adapter(
 
 
 def owners_cards(folder: Path, repo_id: str, revision: str | None, token: str | bool | None) -> list[str]:
-    """The cards (README.md at the root or in an adapter's subfolder) of `folder` whose counterpart in the
-    repo its owner wrote: a push must leave those as they are."""
-    cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME)]
+    """The cards (README.md at the root or in an adapter's subfolder) of `folder` that hf_lora generated and
+    whose counterpart in the repo its owner wrote: a push must leave those as they are. A card the user
+    wrote locally is theirs to upload."""
+    cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME) if _is_generated(p)]
     return [card for card in cards if _remote_readme_is_users(repo_id, card, revision, token)]
+
+
+def _is_generated(card: Path) -> bool:
+    return MARKER in card.read_text(encoding="utf-8", errors="replace")
 
 
 def _remote_readme_is_users(
@@ -250,7 +256,7 @@ def _remote_readme_is_users(
         path = hf_hub_download(repo_id, filename, revision=revision, token=token)
     except (EntryNotFoundError, RevisionNotFoundError):
         return False
-    return MARKER not in Path(path).read_text(encoding="utf-8", errors="replace")
+    return not _is_generated(Path(path))
 
 
 def _http_error(e: HfHubHTTPError, repo_id: str) -> Exception:
@@ -296,9 +302,21 @@ def network_cause(e: BaseException | None) -> BaseException | None:
     return None
 
 
+def _push_dir_prefix() -> str:
+    return f"{_PUSH_TMP_PREFIX}{os.getpid()}-{_writer_id()}-"
+
+
 def _remove_stale_push_dirs() -> None:
-    """Temporary push directories of processes that were killed mid-push."""
+    """Temporary push directories of processes killed mid-push: of this host and pid namespace, by the pid
+    in the name; others' (a container sharing /tmp, where the pid means another process), by age."""
     for d in Path(tempfile.gettempdir()).glob(f"{_PUSH_TMP_PREFIX}*"):
-        pid = d.name.removeprefix(_PUSH_TMP_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        pid, writer, *_ = [*d.name.removeprefix(_PUSH_TMP_PREFIX).split("-", 2), "", ""]
+        try:
+            if writer == _writer_id():
+                stale = pid.isdigit() and not pid_alive(int(pid))
+            else:
+                stale = time.time() - d.stat().st_mtime > _FOREIGN_STALE_AFTER_S
+        except OSError:  # removed meanwhile
+            continue
+        if stale:
             shutil.rmtree(d, ignore_errors=True)

@@ -204,6 +204,68 @@ def test_push_keeps_a_card_the_owner_wrote(on_disk, hub_server, hub_repo_id):
     assert "adapter_model.safetensors" in api.list_repo_files(hub_repo_id)
 
 
+def test_push_uploads_an_edited_card_the_user_wrote(on_disk, tmp_path, hub_server, hub_repo_id):
+    """Only a card hf_lora generated gives way to the owner's card on the Hub; the user's own local card, once
+    edited, was never uploaded again ("No files have been modified")."""
+    from huggingface_hub import hf_hub_download
+
+    token = hub_server.tokens["alice"]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((on_disk / "adapter" / name).read_bytes())
+    for version in ("v1", "v2"):
+        (folder / "README.md").write_text(f"# My adapter {version}\n")
+        hf_lora_cli("push", str(folder), hub_repo_id, "--token", token)
+        card = Path(hf_hub_download(hub_repo_id, "README.md", token=token)).read_text()
+        assert card == f"# My adapter {version}\n"
+
+
+def test_push_of_a_trainer_output_dir_leaves_its_checkpoints_out(on_disk, tmp_path, hub_server, hub_repo_id):
+    """allow_patterns=["*adapter_config.json", ...] matched at any depth: every checkpoint-*/ adapter (and any
+    README.md) was uploaded too."""
+    from huggingface_hub import HfApi
+
+    out = tmp_path / "output_dir"
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn"]))
+    model.add_adapter("other", LoRAConfig(r=2, target_modules=["c_attn"]))
+    randomise_B(model)
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-10"):
+        model.save_pretrained(folder)
+    (out / "notes").mkdir()
+    (out / "notes" / "README.md").write_text("# scratch\n")
+    token = hub_server.tokens["alice"]
+    hf_lora_cli("push", str(out), hub_repo_id, "--token", token)
+    uploaded = sorted(HfApi(token=token).list_repo_files(hub_repo_id))
+    assert uploaded == [".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors",
+                        "other/README.md", "other/adapter_config.json", "other/adapter_model.safetensors"]  # fmt: skip
+
+    only = tmp_path / "only_checkpoints"
+    for step in (2, 10):
+        model.save_pretrained(only / f"checkpoint-{step}", selected_adapters=["default"])
+    proc = hf_lora_cli("push", str(only), hub_repo_id, "--token", token, ok=False)
+    assert_exits_2_with_one_line(
+        proc, "push", f"push the checkpoint you mean, e.g. `hf-lora push {only}/checkpoint-10"
+    )
+
+
+@pytest.mark.parametrize("source", ["/no/such/adapter/folder", "HUB_REPO"])
+def test_push_takes_a_local_folder_only(on_disk, hub_server, hub_repo_id, source):
+    """A missing folder was taken for a Hub id: `push alice/src alice/dst` downloaded alice/src, created an
+    empty alice/dst on the Hub, then failed."""
+    from huggingface_hub import HfApi
+
+    token = hub_server.tokens["alice"]
+    if source == "HUB_REPO":
+        source = f"{hub_repo_id}-src"
+        hf_lora_cli("push", str(on_disk / "adapter"), source, "--token", token)
+    proc = hf_lora_cli("push", source, hub_repo_id, "--token", token, ok=False)
+    assert_exits_2_with_one_line(proc, "push", f"{source} is not a local folder")
+    assert not HfApi(token=token).repo_exists(hub_repo_id), (
+        "no repo is created for a push that cannot be done"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [

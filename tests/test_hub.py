@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -225,6 +227,34 @@ def test_push_killed_mid_commit_leaves_the_remote_at_its_previous_commit(hub_ser
                    env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
     assert not list(tmp.glob("hf_lora-push-*")), "the next push cleaned it up"
     assert api.repo_info(hub_repo_id).sha != before.oid
+
+
+def test_a_push_removes_only_the_temporary_folders_it_can_tell_are_stale(
+    hub_server, hub_repo_id, tmp_path, monkeypatch
+):
+    """Another container sharing /tmp has pids of its own: its push in progress was removed when the same pid
+    was not alive here. A pid is judged only for this host and pid namespace; others' folders by age."""
+    from hf_lora.atomic import _writer_id
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(exited.stdout)
+    here, elsewhere = _writer_id(), "0123abcd"
+    folders = {
+        f"hf_lora-push-{dead}-{here}-killed": False,
+        f"hf_lora-push-{os.getpid()}-{here}-running": True,
+        f"hf_lora-push-{dead}-{elsewhere}-running": True,
+        f"hf_lora-push-{dead}-{elsewhere}-old": False,
+    }
+    for name in folders:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"x")
+    day_ago = time.time() - 25 * 3600
+    os.utime(tmp_path / f"hf_lora-push-{dead}-{elsewhere}-old", (day_ago, day_ago))
+    hf_lora.push_adapter_to_hub(adapter_model(), hub_repo_id, token=hub_server.tokens["alice"])
+    assert {name: (tmp_path / name).exists() for name in folders} == folders
 
 
 def test_pull_fetches_an_older_peft_adapters_pickled_weights(hub_server, hub_repo_id, tmp_path):
