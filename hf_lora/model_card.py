@@ -154,11 +154,21 @@ def write_model_card(
     card_data: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> bool:
-    """Write README.md (and the loss curve) unless the user wrote their own README. True if written."""
+    """Write README.md (and the loss curve) unless the user wrote their own README. True if written.
+    A training summary that transformers.Trainer wrote there is kept in the card (`_merge_summary`)."""
     card_path = directory / CARD_NAME
-    if card_path.exists() and MARKER not in card_path.read_text(encoding="utf-8", errors="replace"):
-        logger.info("%s was written by hand; leaving it as it is", card_path)
-        return False
+    summary = None
+    if card_path.exists():
+        text = card_path.read_text(encoding="utf-8", errors="replace")
+        if MARKER not in text:
+            if not _is_trainer_summary(text):
+                logger.info("%s was written by hand; leaving it as it is", card_path)
+                return False
+            summary = ModelCard(text)
+            card_data = {
+                **{k: v for k, v in summary.data.to_dict().items() if k not in _OWN_KEYS},
+                **(card_data or {}),
+            }
     if log_history is None:
         log_history = _trainer_log(directory)
     curve = None
@@ -175,44 +185,52 @@ def write_model_card(
         loss_curve=curve,
         tensors=tensors,
     )
+    if summary is not None:
+        text = _merge_summary(text, summary)
     atomic_write(card_path, text.encode())
     return True
 
 
 _OWN_KEYS = ("base_model", "library_name", "pipeline_tag", "tags")  # what the adapter card sets itself
+# What transformers.Trainer.create_model_card writes (TrainingSummary): not a card the user wrote.
+_TRAINER_SUMMARY_SIGNS = ("generated_from_trainer", "the information the Trainer had access to")
+
+
+def _is_trainer_summary(text: str) -> bool:
+    return any(sign in text for sign in _TRAINER_SUMMARY_SIGNS)
+
+
+def _merge_summary(card_text: str, summary: ModelCard) -> str:
+    """The adapter card with a Trainer summary's tags added and its text as a section."""
+    card = ModelCard(card_text)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(summary.data.tags or [])]))
+    body = re.sub(r"^(#+) ", r"#\1 ", summary.text.strip(), flags=re.M)  # its headings one level down
+    card.text = f"{card.text.rstrip()}\n\n## Training summary (transformers.Trainer)\n\n{body}\n"
+    return str(card)
 
 
 def update_trainer_card(model: LoRAModel, directory: Path) -> bool:
     """After `Trainer.create_model_card` (and so `Trainer.push_to_hub`) wrote its training summary over
-    the adapter's README.md, write the adapter's card again with the summary kept: its metadata (datasets,
-    license, model-index, tags) in the front matter and its text as a section. Only the root adapter
-    ("default") has its card there; otherwise the summary stays as it is. True if written."""
+    README.md: the root adapter's card again, with the summary kept (its metadata in the front matter, its
+    text as a section). Without a root adapter ("default"; the others live in subfolders) the summary
+    stays, marked as a peft-format adapter repo as peft marks it. True if the card was written."""
     from .serialization import adapter_state_dict  # serialization imports this module
 
-    if "default" not in model.peft_config:
-        return False
     card_path = directory / CARD_NAME
-    draft = ModelCard.load(card_path) if card_path.is_file() else None
-    if draft is not None and MARKER in draft.content:
-        draft = None  # our own card, not a Trainer's summary: just regenerate it
-    card_data = {k: v for k, v in draft.data.to_dict().items() if k not in _OWN_KEYS} if draft else {}
-    if card_path.exists():  # write_model_card keeps a README it did not write: this one is replaced
-        card_path.unlink()
-    write_model_card(
+    if "default" not in model.peft_config:
+        if card_path.is_file() and _is_trainer_summary(text := card_path.read_text(encoding="utf-8")):
+            card = ModelCard(text)
+            card.data.library_name = "peft"
+            card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "lora", "hf_lora", "peft"]))
+            atomic_write(card_path, str(card).encode())
+        return False
+    return write_model_card(
         model,
         directory,
         "default",
         log_history=getattr(model, "_card_log_history", None),
-        card_data=card_data,
         tensors=adapter_state_dict(model, "default"),
     )
-    if draft is not None:
-        card = ModelCard.load(card_path)
-        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(draft.data.tags or [])]))
-        body = re.sub(r"^(#+) ", r"#\1 ", draft.text.strip(), flags=re.M)  # its headings one level down
-        card.text = f"{card.text.rstrip()}\n\n## Training summary (transformers.Trainer)\n\n{body}\n"
-        atomic_write(card_path, str(card).encode())
-    return True
 
 
 def _trainer_log(directory: Path) -> list[dict[str, Any]] | None:

@@ -28,6 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import LoRAModel
+from .model_card import MARKER
 from .serialization import CONFIG_NAME, adapter_dir
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,15 @@ class LoRATrainer(transformers.Trainer):
 
     def create_model_card(self, *args, **kwargs) -> None:
         # Its summary replaces README.md, and the model's create_or_update_model_card writes the adapter's
-        # card again around it: with the run's metrics, as at save time.
+        # card again around it: with the run's metrics, as at save time. transformers calls that only
+        # where README.md was a peft card already (not before the first save, nor without a root adapter).
         with self._card_log():
-            return super().create_model_card(*args, **kwargs)
+            super().create_model_card(*args, **kwargs)
+            target = self.accelerator.unwrap_model(self.model)
+            card = Path(self.args.output_dir) / "README.md"
+            ours = card.is_file() and MARKER in card.read_text(encoding="utf-8", errors="replace")
+            if isinstance(target, LoRAModel) and self.is_world_process_zero() and not ours:
+                target.create_or_update_model_card(self.args.output_dir)
 
     @contextlib.contextmanager
     def _card_log(self) -> Iterator[None]:

@@ -190,6 +190,34 @@ def test_trainer_model_card_keeps_the_adapter_card_and_the_summary(tmp_path, tra
     assert ("| step | loss |" in card) is (trainer_class is LoRATrainer)  # the run's metrics
 
 
+def test_trainer_summaries_become_peft_cards_before_a_save_and_without_a_root_adapter(tmp_path):
+    # transformers calls the model back only where README.md already was a peft card: before the first
+    # save, or with adapters in subfolders only, the repo's card said library_name: transformers.
+    trainer = LoRATrainer(model=lora_gpt2(), args=args(tmp_path / "a"), train_dataset=dataset())
+    trainer.create_model_card()
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "library_name: peft" in card and "hf_lora model card" in card and "Training summary" in card
+
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4), adapter_name="news")
+    trainer = LoRATrainer(model=model, args=args(tmp_path / "b"), train_dataset=dataset())
+    trainer.save_model()
+    trainer.create_model_card()
+    assert "library_name: peft" in (tmp_path / "b" / "README.md").read_text()
+    assert "hf_lora model card" in (tmp_path / "b" / "news" / "README.md").read_text()
+
+
+def test_a_save_keeps_a_trainer_summary_it_finds_but_not_a_hand_written_readme(tmp_path):
+    trainer = Trainer(model=lora_gpt2(), args=args(tmp_path), train_dataset=dataset())
+    trainer.create_model_card()  # before any save: the plain Trainer's summary alone
+    assert "library_name: transformers" in (tmp_path / "README.md").read_text()
+    trainer.save_model()  # the summary is not a hand-written README: the adapter card takes it in
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and "hf_lora model card" in card and "Training summary" in card
+    (tmp_path / "README.md").write_text("# my notes\n")
+    trainer.save_model()
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"
+
+
 def test_gradient_checkpointing_switched_on_before_wrapping_trains_a_vision_model():
     # peft's idiom: checkpointing first, then the adapter. A model whose input is not input_ids needs
     # its (frozen) embedding output to require grad for reentrant checkpointing.
