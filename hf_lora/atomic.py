@@ -11,6 +11,7 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 _TMP_PREFIX = ".hf_lora-"
@@ -64,6 +65,27 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
     for directory in dict.fromkeys(path.parent for path in todo):
         _fsync_dir(directory)
         _remove_empty_staging(directory)
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (flock on the folder itself: no lock file is left behind), so
+    that the files one writer saves there together (an adapter's weights, config and card) are not mixed
+    with another process's saving into the same folder at the same time. Where flock is missing
+    (Windows) or the file system refuses it, writers are not serialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _holds(path: Path, data: bytes) -> bool:

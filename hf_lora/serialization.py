@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import atomic_write_files
+from .atomic import atomic_write_files, folder_lock
 from .config import LoRAConfig
 from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, TargetModulesError
 from .layers import LoRALayer, ModulesToSave
@@ -246,17 +246,18 @@ def save_pretrained(
         log_history = getattr(model, "_card_log_history", None)
     for name in names:
         directory = adapter_dir(root, name)
-        write_adapter(directory, configs[name], tensors[name])
-        if model_card:
-            write_model_card(
-                model,
-                directory,
-                name,
-                repo_id=repo_id,
-                log_history=log_history,
-                card_data=card_data,
-                tensors=tensors[name],
-            )
+        with folder_lock(directory):  # another process saving here at the same time: one set, not a mix
+            write_adapter(directory, configs[name], tensors[name])
+            if model_card:
+                write_model_card(
+                    model,
+                    directory,
+                    name,
+                    repo_id=repo_id,
+                    log_history=log_history,
+                    card_data=card_data,
+                    tensors=tensors[name],
+                )
     logger.info("saved adapter(s) %s to %s", names, root)
 
 

@@ -361,6 +361,46 @@ def test_sigkill_during_save_pretrained_never_damages_the_adapter(tmp_path, kill
     )
 
 
+def _save_in_rounds(r: int, directory: str, barrier, rounds: int) -> None:
+    torch.set_num_threads(1)
+    model = get_lora_model(MLP(), LoRAConfig(r=r, target_modules=["fc1", "fc2"]))
+    for _ in range(rounds):
+        barrier.wait()
+        model.save_pretrained(directory)
+        barrier.wait()
+        barrier.wait()
+
+
+def test_two_processes_saving_into_one_folder_leave_one_of_their_adapters_whole(tmp_path):
+    """Two writers at once (e.g. every rank of a job saving): weights, config and card must all be one
+    writer's (a mix, r=4 config beside r=8 weights, came out in about one round in six)."""
+    directory = tmp_path / "adapter"
+    rounds = 25
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3)
+    workers = [ctx.Process(target=_save_in_rounds, args=(r, str(directory), barrier, rounds)) for r in (4, 8)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(rounds):
+            barrier.wait()
+            barrier.wait()  # both saves done
+            config_r = json.loads((directory / "adapter_config.json").read_text())["r"]
+            weights_r = load_file(directory / "adapter_model.safetensors")[
+                "base_model.model.fc1.lora_A.weight"
+            ].shape[0]
+            card_r = int((directory / "README.md").read_text().split("| rank `r` | ")[1].split()[0])
+            assert config_r == weights_r == card_r, (config_r, weights_r, card_r)
+            for f in directory.iterdir():
+                if f.is_file():
+                    f.unlink()
+            barrier.wait()
+    finally:
+        barrier.abort()
+        for w in workers:
+            w.join(timeout=30)
+
+
 def _run(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
