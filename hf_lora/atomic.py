@@ -41,6 +41,14 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
     files survive a power cut. Temporary files of writers that were killed are removed on the next write.
     """
     todo = {path: data for path, data in files.items() if not _holds(path, data)}
+    for path in todo:  # a rename would replace a read-only file, which a plain write refuses
+        with contextlib.suppress(FileNotFoundError):
+            if not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+                raise PermissionError(
+                    errno.EACCES,
+                    f"{path} is read-only; make it writable (chmod u+w) to replace it",
+                    str(path),
+                )
     staged: list[tuple[str, Path]] = []
     try:
         for path, data in todo.items():

@@ -95,3 +95,13 @@ def test_temporary_files_of_other_hosts_are_not_judged_by_pid(tmp_path):
     os.utime(old_elsewhere, (day_ago, day_ago))
     atomic_write(tmp_path / "out" / "a.json", b"{}")
     assert sorted(p.name for p in staging.glob("*.tmp")) == [live_elsewhere.name]
+
+
+def test_a_read_only_file_is_not_replaced(tmp_path):
+    """A plain write refuses a file its owner made read-only (to keep it); a rename would not."""
+    target = tmp_path / "adapter_config.json"
+    target.write_bytes(b"kept")
+    target.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only"):
+        atomic_write_files({tmp_path / "w.bin": b"new", target: b"replaced"})
+    assert target.read_bytes() == b"kept" and not (tmp_path / "w.bin").exists(), "nothing written"
