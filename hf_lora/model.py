@@ -89,7 +89,7 @@ class LoRAModel(nn.Module):
         targets = resolve_targets(self, config)
         saved = resolve_modules_to_save(self, config)
         _inject(self, adapter_name, config, targets, saved)
-        self.set_adapter(self._active)  # new adapter inactive; trainable flags follow the active ones
+        self._activate(self._active)  # new adapter inactive; trainable flags follow the active ones
 
     def add_weighted_adapter(
         self,
@@ -172,17 +172,24 @@ class LoRAModel(nn.Module):
                 wrapper.modules_to_save[adapter_name].load_state_dict(
                     wrapper.modules_to_save[owner].state_dict()
                 )
-        self.set_adapter(self._active)
+        self._activate(self._active)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make these adapters the active ones (and the only trainable ones, unless in inference mode)."""
+        """Make these adapters the active ones (and the only trainable ones, unless in inference mode).
+        Merged adapters are unmerged first, as in peft: one that stays merged whatever is active would stay
+        in the weights, and a merged one does not train."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        if any(set(layer.merged_adapters) - set(names) for _, layer in self.lora_layers()):
-            # A merged adapter stays in the weights whatever is active: unmerge it, as peft does.
+        if any(layer.merged_adapters for _, layer in self.lora_layers()):
             logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
             self.unmerge_adapter()
+        self._activate(names)
+
+    def _activate(self, names: Sequence[str]) -> None:
+        """Active adapters and trainable flags, merged weights left as they are (callers that keep the
+        active set, or keep merged adapters active)."""
+        names = tuple(names)
         self._active = names
         for _, layer in self.lora_layers():
             layer.set_active(names)
@@ -217,7 +224,10 @@ class LoRAModel(nn.Module):
                 _set_submodule(self, path, wrapper.original_module)
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
-        self.set_adapter(remaining)
+        if any(set(layer.merged_adapters) - set(remaining) for _, layer in self.lora_layers()):
+            self.set_adapter(remaining)  # unmerges
+        else:
+            self._activate(remaining)  # adapters merged and still active stay merged
 
     # ---- enabling, merging, unloading ---------------------------------------------------------
 

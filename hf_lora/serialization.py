@@ -613,7 +613,7 @@ def _load_new_adapter(model: LoRAModel, adapter_name: str, files: AdapterFiles, 
     except Exception:
         model.delete_adapter(adapter_name)
         raise
-    model.set_adapter(model.active_adapters)
+    model._activate(model.active_adapters)
 
 
 def _check_materialised(model: nn.Module) -> None:
@@ -894,7 +894,7 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     for layer in merged:
         layer.merge([adapter_name])
     model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)
-    model.set_adapter(model.active_adapters)
+    model._activate(model.active_adapters)
 
 
 def _base_layer_problems(model: LoRAModel, files: AdapterFiles, given: dict[str, str]) -> list[str]:

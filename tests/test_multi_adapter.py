@@ -301,6 +301,21 @@ def test_switching_adapters_while_one_is_merged_unmerges_it_first(caplog):
         assert (model(**batch_for("gpt2")).logits - want_b).abs().max().item() <= 1e-5
 
 
+def test_setting_the_merged_adapter_active_again_unmerges_it_so_it_trains():
+    # peft unmerges on every set_adapter; a merged adapter computes nothing in forward, so it cannot train
+    model = three_adapters()
+    model.merge_adapter()
+    model.set_adapter("default")
+    assert not any(layer.merged_adapters for _, layer in model.lora_layers())
+    model.train()
+    model(**batch_for("gpt2")).loss.backward()
+    assert all(layer.lora_A["default"].grad is not None for _, layer in model.lora_layers())
+    model.eval()
+    model.merge_adapter()
+    model.add_adapter("d", LoRAConfig(r=2, target_modules=["c_attn"]))  # adding one leaves the merge alone
+    assert model.transformer.h[0].attn.c_attn.merged_adapters == ["default"]
+
+
 def test_base_biases_train_only_with_the_one_adapter_that_owns_them():
     """Biases are the base model's, shared by every adapter: one adapter may train them (as in peft), only
     while it is active, and training another adapter leaves them, and that adapter's outputs, alone."""
