@@ -228,6 +228,11 @@ def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
             first_loss[name] = model(**batch).loss.item()
         saved_mb[name] = saved.mb
 
+    loss_diff = {
+        key: loss_difference(models[ours], models[theirs], batch, s)
+        for key, (ours, theirs) in compared(models).items()
+    }
+
     steps = {name: W.make_step(m, batch, s.amp, peft_masks=name == PEFT_MASKS) for name, m in models.items()}
     timings = interleaved(steps, s.warmup, s.reps, s.device)
     tokens = s.batch * s.seq
@@ -254,11 +259,34 @@ def train_step(w: W.Workload, s: Settings) -> dict[str, Any]:
             "hf_lora/peft paired": paired_ratio(hf, pf),
             "hf_lora/full": ratio(hf, full),
             "peft/full": ratio(pf, full),
-            "loss_diff_hf_lora_vs_peft": abs(first_loss[ours] - first_loss[theirs]),
+            "loss_diff_hf_lora_vs_peft": loss_diff[key],
         }
     del models, steps
     cleanup()
     return out
+
+
+def loss_difference(ours: torch.nn.Module, theirs: torch.nn.Module, batch: dict, s: Settings) -> float:
+    """|loss of hf_lora - loss of peft| for one seeded training forward of copies of the two models whose
+    B is random (at B = 0, as created, the adapters add nothing and any LoRA path would agree), hf_lora
+    drawing peft's dropout masks: a check that the timed models compute the same thing."""
+    import hf_lora
+
+    a, b = copy.deepcopy(ours), copy.deepcopy(theirs)
+    W.randomise_B(a)
+    W.copy_lora_weights(a, b)
+    losses = []
+    for model in (a, b):
+        model.train()
+        torch.manual_seed(W.SEED + 3)
+        with (
+            torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.amp == "bf16"),
+            hf_lora.peft_dropout_masks(),
+        ):
+            losses.append(model(**batch).loss.item())
+    del a, b
+    cleanup()
+    return abs(losses[0] - losses[1])
 
 
 # ---- 2. peak_memory (one subprocess per configuration) ---------------------------------------------
@@ -352,6 +380,9 @@ def peak_memory(w: W.Workload, s: Settings) -> dict[str, Any]:
             )
             if "cuda_max_allocated_mb" in runs[0]:
                 entry["variants"][v]["cuda"] = summary([x["cuda_max_allocated_mb"] for x in runs])
+            entry["variants"][v]["processes"] = (
+                runs  # every worker's own numbers (ru_maxrss_mb, peft_imported, ...)
+            )
         vs = entry["variants"]
         for key, (ours, theirs) in compared(vs).items():
             hf, pf, full = vs[ours], vs[theirs], vs["full"]

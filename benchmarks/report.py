@@ -158,8 +158,9 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
         "One training step (forward + backward + AdamW step + zero_grad), median [min–max] over the "
         "interleaved rounds; ratios are ratios of medians, and in parentheses the median of the "
         "per-round ratios (each round runs the two back to back). Loss Δ: |loss of hf_lora − loss "
-        "of peft| for the same seeded forward before training, dropout included (hf_lora drawing "
-        "peft's masks for this check); it should be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a "
+        "of peft| for the same seeded forward of copies of the two models with random B (so that the "
+        "adapters change the output), dropout included (hf_lora drawing peft's masks for this check); "
+        "it should be ~0. FLOPs LoRA/full: the model-FLOPs ratio of a "
         "LoRA step to a full fine-tuning step "
         "(4·N vs 6·N plus attention, see README), about the lowest LoRA/full time ratio that better "
         "LoRA layers alone can reach: the frozen model's forward and input gradients remain.",
@@ -230,7 +231,8 @@ def section_train_step(entries: dict[str, Any], goals: list[list[str]]) -> list[
     if saved_rows:
         out += [
             "Activations saved for backward by one training forward (MB; distinct storages that "
-            "autograd keeps, parameters excluded; `torch.autograd.graph.saved_tensors_hooks`). This is "
+            "autograd keeps, parameters excluded; `torch.autograd.graph.saved_tensors_hooks`; under "
+            "bf16 autocast the bf16 copies autocast makes of the weights are counted too). This is "
             "deterministic, and shows how much of the peak-memory difference the libraries' saved "
             "tensors explain.",
             "",

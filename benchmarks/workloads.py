@@ -262,7 +262,7 @@ def build_variants(
         a, b = n_trainable(ours[p]), n_trainable(models[v])
         if a != b:
             raise RuntimeError(f"{w.name}: hf_lora trains {a:,} parameters but peft trains {b:,}")
-    return models
+    return {v: models[v] for v in variants}  # in the order asked for: the interleaved rounds run it
 
 
 # ---- batches and steps ---------------------------------------------------------------------------------
