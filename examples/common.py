@@ -49,17 +49,34 @@ def is_main_process() -> bool:
 
 def parse_with_presets(parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict]):
     """Parse the command line. A preset flag (`--tiny`, `--quick`) changes the defaults, so flags given
-    explicitly still win (`--quick --max-steps 50` keeps the 50); the first preset given wins. The
-    global `--batch-size` must split evenly over the processes."""
+    explicitly still win (`--quick --max-steps 50` keeps the 50). Presets do not combine: giving two is
+    an error, so the flags recorded (results.json) always say which settings ran. The global
+    `--batch-size` must split evenly over the processes."""
     args = parser.parse_args(argv)
-    for name, defaults in presets.items():
-        if getattr(args, name):
-            parser.set_defaults(**defaults)
-            args = parser.parse_args(argv)
-            break
+    given = [name for name in presets if getattr(args, name)]
+    if len(given) > 1:
+        parser.error(f"{' and '.join('--' + name for name in given)} are presets: give one of them at most")
+    if given:
+        parser.set_defaults(**presets[given[0]])
+        args = parser.parse_args(argv)
     if args.batch_size % world_size():
         parser.error(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
     return args
+
+
+def check_range(parser: argparse.ArgumentParser, args: argparse.Namespace, flag: str, low=None, high=None,
+                *, low_open: bool = False, high_open: bool = False) -> None:  # fmt: skip
+    """`parser.error` naming `flag` and the allowed range unless low <= value <= high (low < value, value <
+    high with `low_open`, `high_open`). An optional flag that was not given (None) passes."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
+        bounds += [f"{'<' if high_open else '<='} {high}"] if high is not None else []
+        parser.error(f"argument {flag}: must be {' and '.join(bounds)}, got {value}")
 
 
 def no_accelerator() -> bool:

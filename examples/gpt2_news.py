@@ -30,6 +30,7 @@ from typing import Any
 
 from common import (
     Timer,
+    check_range,
     clean_text,
     count_params,
     dataset_file,
@@ -66,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", default="gpt2", help="Hub id, local directory, or smollm2 / tiny (default: gpt2)"
@@ -107,8 +108,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help=f"small, fast settings: {PRESETS['quick']}")
     g.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
     g.add_argument("-v", "--verbose", action="store_true")
+    return p
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = parse_with_presets(p, argv, PRESETS)
+    # out-of-range values would otherwise fail deep inside the data preparation or the Trainer
+    check_range(p, args, "--eval-fraction", 0, 1, low_open=True, high_open=True)
+    for flag in ("--max-rows", "--eval-blocks", "--block-size", "--batch-size", "--evals", "--logging-steps",
+                 "--rank", "--max-new-tokens"):  # fmt: skip
+        check_range(p, args, flag, 1)
+    check_range(p, args, "--samples", 0)
+    check_range(p, args, "--epochs", 0, low_open=True)
     if args.push_to_hub and not (args.compare or args.mode == "lora"):
         p.error("--push-to-hub uploads the LoRA adapter: use it with --mode lora or --compare")
     return args
@@ -156,6 +168,8 @@ def to_blocks(docs: list[str], tokenizer, block_size: int) -> list[list[int]]:
     We do not use the eos token as separator because GPT-2's pad token IS its eos, and the collator
     masks pad tokens out of the labels: the model would never learn where a document ends.
     """
+    if not docs:
+        return []
     ids = tokenizer([d + "\n" for d in docs], add_special_tokens=False)["input_ids"]
     stream = [t for doc in ids for t in doc]
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
@@ -189,7 +203,9 @@ class RunResult:
     mode: str
     trainable_params: int
     total_params: int
-    train_seconds: float
+    train_seconds: float  # training steps only: the evaluations on the way are in eval_seconds
+    eval_seconds: float
+    evaluations: int
     train_tokens: int
     eval_loss_before: float
     eval_loss_after: float
@@ -202,6 +218,7 @@ class RunResult:
 
     @property
     def tokens_per_second(self) -> float:
+        """Training throughput: tokens trained on per second of training, evaluation not counted."""
         return self.train_tokens / self.train_seconds
 
 
@@ -246,7 +263,8 @@ def training_args(args: argparse.Namespace, mode: str, steps: int):
 
 
 def train_one(mode: str, base_model, tokenizer, train, evaluation, args: argparse.Namespace, steps: int):
-    """Train a copy of the base model with LoRA or in full; return it and the trainer that trained it."""
+    """Train a copy of the base model with LoRA or in full; return it, the trainer that trained it and
+    how long `trainer.train()` took (the evaluations it runs on the way included)."""
     from transformers import DataCollatorForLanguageModeling
 
     import hf_lora
@@ -307,6 +325,9 @@ def run(mode, base_model, tokenizer, train, evaluation, prompts, args, steps) ->
     log.info("==== %s: %d steps x %d blocks x %d tokens ====", mode, steps, args.batch_size, args.block_size)
     model, trainer, seconds = train_one(mode, base_model, tokenizer, train, evaluation, args, steps)
     peak = peak_memory_bytes()
+    # trainer.train() also evaluated (before the first step and every eval_steps): take that time out,
+    # so the train time and tokens/s measure training alone
+    eval_runtimes = [e["eval_runtime"] for e in trainer.state.log_history if "eval_runtime" in e]
     trainable, total = count_params(model)
     evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
     saved = save(mode, model, trainer, args)
@@ -314,7 +335,9 @@ def run(mode, base_model, tokenizer, train, evaluation, prompts, args, steps) ->
         mode=mode,
         trainable_params=trainable,
         total_params=total,
-        train_seconds=seconds,
+        train_seconds=seconds - sum(eval_runtimes),
+        eval_seconds=sum(eval_runtimes),
+        evaluations=len(eval_runtimes),
         train_tokens=steps * args.batch_size * args.block_size,
         eval_loss_before=evals[0],
         eval_loss_after=evals[-1],
@@ -352,8 +375,9 @@ def summarize(
     names = run_names(args)
     rows = [
         ["trainable params", *(params_cell(r.trainable_params, r.total_params) for r in results)],
-        ["train time", *(human_seconds(r.train_seconds) for r in results)],
-        ["tokens/s (all processes)", *(f"{r.tokens_per_second:,.0f}" for r in results)],
+        ["train time (without evaluation)", *(human_seconds(r.train_seconds) for r in results)],
+        ["training tokens/s (all processes)", *(f"{r.tokens_per_second:,.0f}" for r in results)],
+        ["evaluation time", *(f"{human_seconds(r.eval_seconds)} ({r.evaluations} evaluations)" for r in results)],
         ["eval loss before -> after", *(f"{r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f}" for r in results)],
         ["perplexity before -> after",
          *(f"{perplexity(r.eval_loss_before):.2f} -> {perplexity(r.eval_loss_after):.2f}" for r in results)],
@@ -405,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     base_model, tokenizer = load_causal_lm(args.model)
+    positions = getattr(base_model.config, "max_position_embeddings", None)
+    if positions and args.block_size > positions:
+        build_parser().error(f"argument --block-size: must be <= {positions} for {args.model} (its "
+                             f"max_position_embeddings), got {args.block_size}")  # fmt: skip
     train, evaluation, eval_docs = build_datasets(args, tokenizer)
     steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * len(train) // args.batch_size))
 

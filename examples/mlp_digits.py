@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import human_bytes, print_table, seed_everything, setup_logging
+from common import check_range, human_bytes, print_table, seed_everything, setup_logging
 from torch import nn
 
 log = logging.getLogger("mlp_digits")
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="fewer epochs: for smoke tests")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    for flag in ("--hidden", "--base-epochs", "--lora-epochs", "--rank"):
+        check_range(p, args, flag, 1)
+    check_range(p, args, "--others", 0, 1)
     if args.tiny:
         args.lora_epochs = min(args.lora_epochs, 4)
     return args

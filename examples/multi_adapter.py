@@ -27,11 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
+    check_range,
     clean_text,
     dataset_file,
     disk_size,
     human_bytes,
     load_causal_lm,
+    parse_with_presets,
     pick_column,
     print_table,
     read_csv_rows,
@@ -43,6 +45,8 @@ import hf_lora
 
 TASKS = {"news": "guardian", "reviews": "rotten_tomatoes"}
 PROMPTS = {"news": "Government announces", "reviews": "The film is"}
+# --tiny fills in whatever you do not set yourself: `--tiny --steps 20` keeps the 20
+PRESETS = {"tiny": dict(model="tiny", steps=8, batch_size=4)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,10 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--output-dir", type=Path, default=Path("runs/multi_adapter"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="tiny random model, few steps: a smoke test")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.model, args.steps, args.batch_size = "tiny", 8, 4
+    p.add_argument(
+        "--tiny", action="store_true", help=f"tiny random model, few steps: a smoke test {PRESETS['tiny']}"
+    )
+    args = parse_with_presets(p, argv, PRESETS)
+    for flag in ("--steps", "--batch-size", "--max-length", "--r"):
+        check_range(p, args, flag, 1)
     return args
 
 
@@ -118,6 +124,8 @@ def main(argv=None) -> None:
     setup_logging()
     seed_everything(args.seed)
     model, tokenizer = load_causal_lm(args.model)
+    # what one fully fine-tuned copy keeps: every weight of the base model (measured before LoRA is added)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
     data = {task: load_texts(name) for task, name in TASKS.items()}
 
     # One adapter per task on the same base. The first call makes the model a LoRAModel.
@@ -166,10 +174,8 @@ def main(argv=None) -> None:
 
     # 4. What it costs on disk: two adapters vs two full models.
     model.save_pretrained(args.output_dir)
-    adapters = disk_size(args.output_dir)
-    full = sum(
-        p.numel() * p.element_size() for p in model.get_base_model().parameters() if not p.requires_grad
-    )
+    # just the files this run wrote (the folder may hold older ones)
+    adapters = sum(disk_size(args.output_dir / task / "adapter_model.safetensors") for task in TASKS)
     print_table(
         "Storage for two tasks",
         ["what", "size"],

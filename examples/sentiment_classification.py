@@ -3,8 +3,8 @@
 The DistilBERT/IMDb tutorial, with hf_lora. The same pretrained encoder, the same data and the same
 classification head initialisation are fine-tuned with
 
-* LoRA on the attention's query and value projections (+ the new classification head, which
-  `task_type="SEQ_CLS"` trains in full),
+* LoRA on the attention's query and value projections (+ the new classification head, trained in full
+  as `modules_to_save`: BERT's classifier, DistilBERT's pre_classifier and classifier),
 * only the last 2 transformer layers (+ the head), everything else frozen,
 * every weight (full fine-tuning),
 
@@ -32,6 +32,7 @@ from typing import Any
 
 from common import (
     Timer,
+    check_range,
     count_params,
     dataset_file,
     disk_size,
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", default="minilm", help="Hub id, local directory, or minilm / tiny (default: minilm)"
@@ -94,7 +95,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--target-modules", nargs="+", help="default: the architecture's (BERT: query value)")
     p.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
     p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = parse_with_presets(p, argv, PRESETS)
+    check_range(p, args, "--test-fraction", 0, 1, low_open=True, high_open=True)
+    for flag in ("--train-size", "--test-size", "--max-length", "--batch-size", "--last-layers", "--rank"):
+        check_range(p, args, flag, 1)  # --last-layers' upper bound (the model's layers) is checked in main
+    check_range(p, args, "--epochs", 0, low_open=True)
     if args.labels is None and args.dataset == "rotten_tomatoes":
         args.labels = ["rotten", "fresh"]  # negative = 0, positive = 1, as in IMDb
     return args
@@ -117,12 +127,24 @@ def load_data(args: argparse.Namespace):
         columns = list(rows[0]) if rows else []
         text_col = pick_column(columns, args.text_column, ["text", "review", "sentence"], "text")
         label_col = pick_column(columns, args.label_column, ["label", "category", "sentiment"], "label")
-        names = args.labels or sorted({r[label_col] for r in rows})
+        found = sorted({r[label_col] for r in rows})
+        missing = [name for name in args.labels or [] if name not in found]
+        if missing:
+            build_parser().error(
+                f"argument --labels: {', '.join(map(repr, missing))} not in column {label_col!r} of "
+                f"{path.name}; its values are {', '.join(map(repr, found[:20]))}{' ...' if len(found) > 20 else ''}"
+            )
+        names = args.labels or found
         ids = {name: i for i, name in enumerate(names)}
         examples = [{"text": r[text_col], "label": ids[r[label_col]]} for r in rows if r[label_col] in ids]
         log.info("%s: %d rows, %d with labels %s", path.name, len(rows), len(examples), names)
         random.Random(args.seed).shuffle(examples)  # a fixed split: the same test set every run
         n_test = round(len(examples) * args.test_fraction)
+        if not 0 < n_test < len(examples):
+            build_parser().error(
+                f"argument --test-fraction: {args.test_fraction} of {len(examples)} examples leaves no "
+                f"{'test' if n_test == 0 else 'training'} examples"
+            )
         test, train = Dataset.from_list(examples[:n_test]), Dataset.from_list(examples[n_test:])
     train = sample(train, args.train_size, args.seed)
     test = sample(test, args.test_size, args.seed)
@@ -147,7 +169,7 @@ def tokenize(dataset, tokenizer, max_length: int):
 
 
 def with_lora(model, args: argparse.Namespace):
-    """LoRA on the architecture's default targets (query/value); SEQ_CLS also trains the new head."""
+    """LoRA on the architecture's default targets (query/value), and the new head trained in full."""
     import hf_lora
 
     config = hf_lora.LoRAConfig(
@@ -155,7 +177,11 @@ def with_lora(model, args: argparse.Namespace):
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target_modules(args.target_modules),  # None: the architecture's defaults
-        task_type="SEQ_CLS",  # adds the classifier to modules_to_save: it starts random, it must learn
+        task_type="SEQ_CLS",
+        # The head starts random, so it must learn. SEQ_CLS alone adds only modules named `classifier` or
+        # `score` (matched on dot boundaries): DistilBERT's new `pre_classifier` would stay random and
+        # frozen. So name every module of the head.
+        modules_to_save=head_module_names(model),
     )
     return hf_lora.get_lora_model(model, config)
 
@@ -179,6 +205,16 @@ def transformer_layers(model):
         except AttributeError:
             continue
     raise SystemExit(f"error: cannot find the transformer layers of {type(model).__name__}")
+
+
+def head_module_names(model) -> list[str]:
+    """The modules on top of the encoder that have weights: ['classifier'] for BERT, ['pre_classifier',
+    'classifier'] for DistilBERT. All newly initialised by from_pretrained."""
+    return [
+        name
+        for name, module in model.named_children()
+        if module is not model.base_model and any(True for _ in module.parameters())
+    ]
 
 
 def head_modules(model):
@@ -289,6 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     base_model, tokenizer = load_sequence_classifier(args.model, num_labels=len(label_names))
     base_model.config.id2label = dict(enumerate(label_names))
     base_model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    n_layers = len(transformer_layers(base_model))
+    if "last-layers" in args.methods and args.last_layers > n_layers:
+        build_parser().error(
+            f"argument --last-layers: must be >= 1 and <= {n_layers} ({args.model} has {n_layers} layers), "
+            f"got {args.last_layers}"
+        )
     train, test = tokenize(train, tokenizer, args.max_length), tokenize(test, tokenizer, args.max_length)
 
     results = [train_and_test(m, base_model, tokenizer, train, test, args) for m in args.methods]

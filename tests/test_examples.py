@@ -105,6 +105,8 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     assert "60 non-empty distinct documents" in proc.stderr, "empty and duplicate rows were dropped"
     for line in (
         "| trainable params",
+        "| train time (without evaluation)",
+        "| evaluation time",
         "| perplexity before -> after",
         "| saved to disk",
         "greedy generations",
@@ -116,6 +118,9 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     assert lora["eval_loss_before"] == pytest.approx(full["eval_loss_before"]), "same data, same start"
     for run in (lora, full):
         assert run["eval_loss_after"] < run["eval_loss_before"]
+        # trainer.train() evaluated before the first step, at step 3 and at step 6: timed apart from training
+        assert run["evaluations"] == 3 and run["eval_seconds"] > 0 and run["train_seconds"] > 0
+        assert run["tokens_per_second"] == pytest.approx(run["train_tokens"] / run["train_seconds"])
     assert lora["trainable_params"] < full["trainable_params"] / 20
     assert lora["saved_bytes"] < full["saved_bytes"] / 20
 
@@ -208,7 +213,64 @@ def test_sentiment_classification_three_methods(tmp_path, reviews_csv):
 
     model = hf_lora.LoRAModel.from_pretrained(tiny_sequence_classifier(2)[0], out)
     assert model.peft_config["default"].task_type == "SEQ_CLS"
-    assert any(name.endswith("classifier") for name, _ in model.saved_modules()), "the head is in the adapter"
+    saved = {name.split(".")[-1] for name, _ in model.saved_modules()}
+    # DistilBERT's head is pre_classifier + classifier, both new: both train and are saved (SEQ_CLS alone
+    # would add only `classifier` and leave pre_classifier random and frozen)
+    assert {"pre_classifier", "classifier"} <= saved, saved
+
+
+# ---- bad flags: a clear argparse error naming the flag and what it allows ------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("gpt2_news.py", ["--eval-fraction", "1"], "--eval-fraction: must be > 0 and < 1, got 1.0"),
+        ("gpt2_news.py", ["--eval-fraction", "1.5"], "--eval-fraction: must be > 0 and < 1"),
+        ("gpt2_news.py", ["--evals", "0"], "--evals: must be >= 1, got 0"),
+        ("gpt2_news.py", ["--quick", "--tiny"], "--tiny and --quick are presets: give one of them at most"),
+        ("sentiment_classification.py", ["--last-layers", "0"], "--last-layers: must be >= 1, got 0"),
+        ("sentiment_classification.py", ["--train-size", "0"], "--train-size: must be >= 1, got 0"),
+        ("sentiment_classification.py", ["--test-fraction", "0"], "--test-fraction: must be > 0 and < 1"),
+        ("multi_adapter.py", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        ("mlp_digits.py", ["--hidden", "0"], "--hidden: must be >= 1, got 0"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v if v.endswith(".py") else "",
+)
+def test_bad_flags_are_argparse_errors(script, flags, message, capsys):
+    module = __import__(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("gpt2_news.py", ["--block-size", "512"], "--block-size: must be <= 256 for tiny"),
+        (
+            "sentiment_classification.py",
+            ["--labels", "good", "bad"],
+            "--labels: 'good', 'bad' not in column 'label' of reviews.csv; its values are 'neg', 'pos'",
+        ),
+        ("sentiment_classification.py", ["--last-layers", "4"], "--last-layers: must be >= 1 and <= 3"),
+    ],
+    ids=["block-size", "labels", "last-layers"],
+)
+def test_flags_checked_against_the_model_and_data(tmp_path, reviews_csv, script, flags, message):
+    """Limits only the model or the data know: checked before any training, with the same kind of error."""
+    cmd = [sys.executable, str(EXAMPLES / script), "--tiny", "--dataset", str(reviews_csv), *flags,
+           "--output-dir", str(tmp_path)]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_explicit_flags_win_over_tiny():
+    import multi_adapter
+
+    args = multi_adapter.parse_args(["--tiny", "--steps", "20", "--batch-size", "2"])
+    assert (args.model, args.steps, args.batch_size) == ("tiny", 20, 2)
 
 
 # ---- mlp_digits -----------------------------------------------------------------------------------
