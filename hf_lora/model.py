@@ -85,11 +85,17 @@ class LoRAModel(nn.Module):
             raise AdapterStateError(
                 f"an adapter named {adapter_name!r} exists already; delete_adapter() it or choose another name."
             )
+        if config.task_type is None and (task := self._task_type()):
+            config = config.replace(task_type=task)  # as peft's task models: each new adapter gets the head
         config = _prepare_config(self, config)
         targets = resolve_targets(self, config)
         saved = resolve_modules_to_save(self, config)
         _inject(self, adapter_name, config, targets, saved)
         self._activate(self._active)  # new adapter inactive; trainable flags follow the active ones
+
+    def _task_type(self) -> str | None:
+        """The task of a model whose adapters train a task head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS)."""
+        return next((c.task_type for c in self.peft_config.values() if c.task_type in TASK_HEADS), None)
 
     def add_weighted_adapter(
         self,
@@ -223,7 +229,9 @@ class LoRAModel(nn.Module):
             if not wrapper.modules_to_save:
                 _set_submodule(self, path, wrapper.original_module)
         del self.peft_config[adapter_name]
-        remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        remaining = [n for n in self._active if n != adapter_name] or [
+            sorted(self.peft_config)[0]
+        ]  # peft's pick
         if any(set(layer.merged_adapters) - set(remaining) for _, layer in self.lora_layers()):
             self.set_adapter(remaining)  # unmerges
         else:

@@ -641,6 +641,7 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     saved = _resolve_saved_leniently(model, config, files.source)
     modules = dict(base_modules(model))
     keys = _without_foreign_base_layer_keys(keys, modules, targets, files.source)
+    keys = _without_other_wrappers_keys(model, keys, saved, files.source)
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
@@ -742,6 +743,27 @@ def _without_foreign_base_layer_keys(
             _few(foreign),
         )
     return {k: v for k, v in keys.items() if k not in foreign}
+
+
+def _without_other_wrappers_keys(
+    model: nn.Module, keys: dict[str, str], saved: list[str], source: str
+) -> dict[str, str]:
+    """Drop `<path>.original_module.*` tensors of modules this adapter does not save in full: peft's
+    bias="all" writes every parameter named bias, also the unused original head of a module another
+    adapter saved in full; peft ignores them on load, and so do we."""
+    modules = {path for path, _ in model.named_modules()}
+    other = []
+    for k in keys:
+        path, sep, _ = k.removeprefix(PREFIX).partition(".original_module.")
+        if sep and path in modules and path not in saved:
+            other.append(k)
+    if other:
+        logger.info(
+            "%s: ignoring tensors of modules another adapter saves in full (as peft does): %s",
+            source,
+            _few(other),
+        )
+    return {k: v for k, v in keys.items() if k not in other}
 
 
 def _base_weights_under_merged_adapters(

@@ -454,3 +454,22 @@ def test_deleting_a_merged_adapter_leaves_the_others_merged_as_if_alone(order):
     model.unmerge_adapter()
     for ours, expected in zip(c_attn_weights(model), original, strict=True):
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_a_task_models_new_adapter_gets_the_head_and_deleting_the_active_one_picks_as_peft():
+    # peft's task models give every added adapter the task head; after deleting the active adapter both
+    # libraries activate the first remaining name in sorted order.
+    base = make_model("bert")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model = get_lora_model(base, LoRAConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    for m, config in (
+        (model, LoRAConfig(r=2, target_modules=["value"])),
+        (ref, LoraConfig(r=2, target_modules=["value"])),
+    ):
+        m.add_adapter("zz", config)
+        m.add_adapter("aa", config)
+    assert model.peft_config["zz"].modules_to_save == ["classifier", "score"]
+    assert "zz" in model.classifier.modules_to_save
+    model.delete_adapter("default")
+    ref.delete_adapter("default")
+    assert model.active_adapters == ["aa"] == sorted(ref.peft_config)[:1]  # peft's rule (tuners_utils)

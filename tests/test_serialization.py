@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference import copy_lora_weights, randomise_B
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models import batch_for, make_model
 
 import hf_lora
@@ -746,3 +746,20 @@ def test_reloading_a_peft_adapter_with_base_tensors_in_place_matches_peft(tmp_pa
     ours.load_adapter(tmp_path / "trained", adapter_name="default", is_trainable=True)
     theirs = PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "trained")
     assert (logits(ours, "gpt2") - logits(theirs, "gpt2")).abs().max().item() <= 1e-5
+
+
+def test_a_bias_all_file_with_another_adapters_original_head_bias_loads_as_in_peft(tmp_path):
+    # peft's bias="all" saves every parameter named bias, the original head of a module another adapter
+    # saved in full too (classifier.original_module.bias); peft ignores it on load.
+    base = make_model("bert")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query"], bias="all"))
+    ref.add_adapter("other", LoraConfig(r=2, target_modules=["value"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B.default" in name or (name.endswith(".bias") and "modules_to_save" not in name):
+                p.add_(0.05)
+    ref.save_pretrained(tmp_path, selected_adapters=["default"])
+    assert "base_model.model.classifier.original_module.bias" in load_file(tmp_path / WEIGHTS_NAME)
+    expected = logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path), "bert")
+    ours = LoRAModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(ours, "bert"), expected, rtol=0, atol=1e-5)
