@@ -257,8 +257,11 @@ def test_weighted_adapter_takes_the_saved_head_of_its_owner():
 
 
 def test_a_head_another_adapter_saves_in_full_is_not_a_lora_target():
-    """LoRA on a module another adapter trains in full would go when that copy goes (delete_adapter)."""
-    model = get_lora_model(make_model("bert"), LoRAConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    """LoRA on a module another adapter trains in full would go when that copy goes (delete_adapter).
+    (Without task_type: on a task model, a new adapter gets the task head itself, as in peft.)"""
+    model = get_lora_model(
+        make_model("bert"), LoRAConfig(r=4, target_modules=["query"], modules_to_save=["classifier"])
+    )
     with pytest.raises(hf_lora.TargetModulesError, match="classifier, which another adapter trains"):
         model.add_adapter("c", LoRAConfig(r=4, target_modules=["value", "classifier"]))
     model.add_adapter("b", LoRAConfig(r=4, target_modules="all-linear"))
