@@ -109,7 +109,7 @@ def _stage(path: Path, data: bytes, tmp_dirs: tuple[Path, ...]) -> str:
     for tmp_dir in tmp_dirs:
         _remove_stale(tmp_dir)
         try:
-            prefix = f"{_TMP_PREFIX}{os.getpid()}-{_writer_id()}-{path.parent.name}.{path.name}."
+            prefix = f"{_TMP_PREFIX}{writer_tag()}{path.parent.name}.{path.name}."
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_dir)
         except OSError as e:
             error = e
@@ -177,16 +177,26 @@ def _writer_id() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def writer_tag() -> str:
+    """`<pid>-<writer id>-`: what the names of this process's temporary files and folders start with
+    (after their own prefix), for `left_by_dead_writer` to judge."""
+    return f"{os.getpid()}-{_writer_id()}-"
+
+
+def left_by_dead_writer(path: Path, tagged_name: str) -> bool:
+    """Whether the temporary file or folder `path`, whose name (without its prefix) `tagged_name` starts
+    with a `writer_tag()`, was left by a writer that died: here, by the pid; elsewhere, by age."""
+    pid, writer, *_ = [*tagged_name.split("-", 2), "", ""]
+    if writer == _writer_id():
+        return pid.isdigit() and not pid_alive(int(pid))
+    return time.time() - path.stat().st_mtime > _FOREIGN_STALE_AFTER_S
+
+
 def _remove_stale(directory: Path) -> None:
-    """Temporary files of writers that died: here, by the pid in the name; elsewhere, by age."""
+    """Temporary files of writers that died."""
     with contextlib.suppress(OSError):
         for tmp in directory.glob(f"{_TMP_PREFIX}*.tmp"):
-            pid, writer, *_ = [*tmp.name.removeprefix(_TMP_PREFIX).split("-", 2), "", ""]
-            if writer == _writer_id():
-                stale = pid.isdigit() and not pid_alive(int(pid))
-            else:
-                stale = time.time() - tmp.stat().st_mtime > _FOREIGN_STALE_AFTER_S
-            if stale:
+            if left_by_dead_writer(tmp, tmp.name.removeprefix(_TMP_PREFIX)):
                 tmp.unlink(missing_ok=True)
 
 

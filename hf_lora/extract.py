@@ -21,7 +21,7 @@ from torch import nn
 from .config import LoRAConfig
 from .errors import TargetModulesError
 from .model import DEFAULT_ADAPTER, LoRAModel, get_lora_model
-from .targets import in_modules_to_save, linear_modules, resolve_targets
+from .targets import in_modules_to_save, linear_modules, resolve_targets, shared_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,8 @@ def extract_lora(
     changed = {k for k, p in base_params.items() if not torch.equal(*_common_precision(p, ft_params[k]))}
     # A parameter shared by several modules (GPT-2's lm_head.weight is transformer.wte.weight) is listed
     # once by named_parameters(); every module that uses it must carry the change.
-    aliases: dict[int, list[str]] = {}
-    for name, p in base_model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    shared = {k: aliases[id(p)] for k, p in base_params.items() if len(aliases[id(p)]) > 1}
+    aliases = shared_parameters(base_model)
+    shared = {k: aliases[id(p)] for k, p in base_params.items() if id(p) in aliases}
     linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
         target_modules = _changed_linears(linear_paths, changed, modules_to_save)

@@ -7,13 +7,13 @@ anything downloaded before). Tokens are handed to `huggingface_hub` and never wr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +29,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .atomic import _FOREIGN_STALE_AFTER_S, _writer_id, pid_alive
+from .atomic import left_by_dead_writer, writer_tag
 from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
-from .model_card import CARD_NAME, MARKER
+from .model_card import CARD_NAME, is_generated_card
 from .serialization import CONFIG_NAME, PICKLE_WEIGHTS_NAMES
 
 if TYPE_CHECKING:
@@ -241,12 +241,8 @@ def owners_cards(folder: Path, repo_id: str, revision: str | None, token: str | 
     """The cards (README.md at the root or in an adapter's subfolder) of `folder` that hf_lora generated and
     whose counterpart in the repo its owner wrote: a push must leave those as they are. A card the user
     wrote locally is theirs to upload."""
-    cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME) if _is_generated(p)]
+    cards = [p.relative_to(folder).as_posix() for p in folder.rglob(CARD_NAME) if is_generated_card(p)]
     return [card for card in cards if _remote_readme_is_users(repo_id, card, revision, token)]
-
-
-def _is_generated(card: Path) -> bool:
-    return MARKER in card.read_text(encoding="utf-8", errors="replace")
 
 
 def _remote_readme_is_users(
@@ -256,7 +252,7 @@ def _remote_readme_is_users(
         path = hf_hub_download(repo_id, filename, revision=revision, token=token)
     except (EntryNotFoundError, RevisionNotFoundError):
         return False
-    return not _is_generated(Path(path))
+    return not is_generated_card(Path(path))
 
 
 def _http_error(e: HfHubHTTPError, repo_id: str) -> Exception:
@@ -303,20 +299,13 @@ def network_cause(e: BaseException | None) -> BaseException | None:
 
 
 def _push_dir_prefix() -> str:
-    return f"{_PUSH_TMP_PREFIX}{os.getpid()}-{_writer_id()}-"
+    return f"{_PUSH_TMP_PREFIX}{writer_tag()}"
 
 
 def _remove_stale_push_dirs() -> None:
-    """Temporary push directories of processes killed mid-push: of this host and pid namespace, by the pid
-    in the name; others' (a container sharing /tmp, where the pid means another process), by age."""
+    """Temporary push directories of processes killed mid-push (by atomic's rule: a pid is judged only on
+    this host and pid namespace, others' folders by age)."""
     for d in Path(tempfile.gettempdir()).glob(f"{_PUSH_TMP_PREFIX}*"):
-        pid, writer, *_ = [*d.name.removeprefix(_PUSH_TMP_PREFIX).split("-", 2), "", ""]
-        try:
-            if writer == _writer_id():
-                stale = pid.isdigit() and not pid_alive(int(pid))
-            else:
-                stale = time.time() - d.stat().st_mtime > _FOREIGN_STALE_AFTER_S
-        except OSError:  # removed meanwhile
-            continue
-        if stale:
-            shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if left_by_dead_writer(d, d.name.removeprefix(_PUSH_TMP_PREFIX)):
+                shutil.rmtree(d, ignore_errors=True)

@@ -28,7 +28,7 @@ from .config import TASK_HEADS, LoRAConfig
 from .errors import AdapterStateError
 from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
 from .loss import chunked_cross_entropy
-from .targets import default_target_modules, resolve_modules_to_save, resolve_targets
+from .targets import default_target_modules, resolve_modules_to_save, resolve_targets, shared_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -560,10 +560,8 @@ def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str]
     """A target whose weight another module shares (an output head tied to the input embeddings): PiSSA
     and OLoRA would move part of the shared weight into the adapter, changing the other module too, so
     they are refused; merging unties it first (`_untie_merge_targets`)."""
-    names: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(pname)
-    tied = [path for path in targets if len(names.get(id(model.get_submodule(path).weight), ())) > 1]
+    shared = shared_parameters(model)
+    tied = [path for path in targets if id(model.get_submodule(path).weight) in shared]
     if not tied:
         return
     if _moves_base_weights(config):
@@ -656,11 +654,9 @@ def _untie_if_replaced(model: nn.Module) -> None:
 def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
     """Give each LoRA layer about to merge an adapter, whose weight another module shares, a copy of its
     own: merging into the shared weight would change the input embeddings of a tied output head too."""
-    shared: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        shared[id(p)] = shared.get(id(p), 0) + 1
+    shared = shared_parameters(model)
     for path, layer in model.lora_layers():
-        if shared.get(id(layer.weight), 0) > 1 and any(n in layer.lora_A for n in names):
+        if id(layer.weight) in shared and any(n in layer.lora_A for n in names):
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
             logger.warning(
                 "%s shared its weight with another module (tied embeddings); it now has its own copy, so that "

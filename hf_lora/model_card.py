@@ -49,6 +49,11 @@ _CLASS_SUFFIXES = {  # model class name suffix -> task_type, when the config doe
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
 
 
+def is_generated_card(path: Path) -> bool:
+    """Whether the README at `path` is one hf_lora wrote (it carries the marker line); False if absent."""
+    return path.is_file() and MARKER in path.read_text(encoding="utf-8", errors="replace")
+
+
 def template_path() -> Path:
     """`model_cards/adapter_card.md`: shipped inside the wheel as `hf_lora.model_cards`, read from the
     source tree otherwise."""

@@ -132,6 +132,15 @@ def layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None
     return None
 
 
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> all its names, for the parameters several modules share (tied input and output
+    embeddings), which `named_parameters()` lists once."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {key: all_names for key, all_names in names.items() if len(all_names) > 1}
+
+
 def in_modules_to_save(path: str, modules_to_save: Iterable[str] | None) -> bool:
     """True if `path` is, or lies inside, a module named in `modules_to_save` (dot boundary match)."""
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in modules_to_save or ())

@@ -28,7 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import LoRAModel
-from .model_card import MARKER
+from .model_card import is_generated_card
 from .serialization import CONFIG_NAME, adapter_dir
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class LoRATrainer(transformers.Trainer):
             super().create_model_card(*args, **kwargs)
             target = self.accelerator.unwrap_model(self.model)
             card = Path(self.args.output_dir) / "README.md"
-            ours = card.is_file() and MARKER in card.read_text(encoding="utf-8", errors="replace")
-            if isinstance(target, LoRAModel) and self.is_world_process_zero() and not ours:
+            if isinstance(target, LoRAModel) and self.is_world_process_zero() and not is_generated_card(card):
                 target.create_or_update_model_card(self.args.output_dir)
 
     @contextlib.contextmanager
