@@ -184,9 +184,12 @@ def _info(args: argparse.Namespace) -> None:
     n_params = sum(t.numel() for t in tensors.values())
     n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     kinds = {"lora_A": 0, "lora_B": 0, "lora_magnitude_vector": 0, "other": 0}
+    layers = set()
     for key in tensors:
-        kinds[next((k for k in kinds if f".{k}" in key), "other")] += 1
-    layers = sorted({k.removeprefix(PREFIX).rsplit(".lora_A", 1)[0] for k in tensors if ".lora_A" in k})
+        kind = re.search(r"\.(?:lora_embedding_|lora_)(A|B)\b|\.(lora_magnitude_vector)", key)
+        kinds["other" if kind is None else kind[2] or f"lora_{kind[1]}"] += 1
+        if kind is not None and kind[1] == "A":
+            layers.add(key[: kind.start()])
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     peft_ok = all(k.startswith(PREFIX) for k in tensors) and files.raw_config.get("peft_type") == "LORA"
     print(f"adapter:      {files.source}")

@@ -2,7 +2,9 @@
 
 A LoRA layer is the original `nn.Linear` / GPT-2 `Conv1D` object with its class swapped for a subclass
 that adds the adapter (loralib's approach): the base `weight`/`bias` stay the same Parameter objects
-under the same names, nothing is copied, and `unload()` swaps the class back. Adapters are keyed by name
+under the same names, nothing is copied, and `unload()` swaps the class back. An `nn.Embedding` is a
+lookup in a (num_embeddings, dim) table, i.e. a Linear from one-hot rows with its weight stored (in, out)
+as Conv1D's is: the same layer serves it, with the update looked up in A.T instead of multiplied. Adapters are keyed by name
 (`lora_A["default"]`), so several can live side by side.
 
 Training and inference go through `_LoRAFunction`, a fused autograd function: the scaled LoRA update is
@@ -70,6 +72,17 @@ def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         else:
             nn.init.zeros_(B)
+
+
+def init_embedding_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
+    """peft's (and loralib's) embedding init, whatever the init named: A zeros, B standard normal (the
+    update starts at zero); False: both standard normal."""
+    with torch.no_grad():
+        if init is False:
+            A.normal_()
+        else:
+            A.zero_()
+        B.normal_()
 
 
 def svd_init(
@@ -465,7 +478,10 @@ class LoRALayer(nn.Module):
         )
         A = torch.empty(r, self.in_features_, dtype=dtype, device=w.device)
         B = torch.empty(self.out_features_, r, dtype=dtype, device=w.device)
-        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+        if isinstance(self, nn.Embedding):  # as in peft: PiSSA/OLoRA/orthogonal do not apply to embeddings
+            if init is not None:
+                init_embedding_lora_(A, B, init)
+        elif isinstance(init, str) and init.startswith(("pissa", "olora")):
             niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
             with torch.no_grad():
                 a, b, residual = (
@@ -658,6 +674,8 @@ class LoRALayer(nn.Module):
     def _lora_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """What adapter `name` adds to `result` (the reference computation, op for op as peft does it),
         in the adapter's dtype."""
+        if isinstance(self, nn.Embedding):
+            return self._embedding_update(result, x, name)
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.dtype)
         p = self.lora_dropout[name]
@@ -681,6 +699,28 @@ class LoRALayer(nn.Module):
             base = result if self.bias is None else result - self.bias
         return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * s
 
+    def _embedding_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """peft's Embedding: the token ids looked up in A.T, a second (num_embeddings, r) table, times B.T;
+        no dropout (there is no input to drop). A scale the base applies to its lookups (Gemma's scaled
+        embeddings) applies to the update too. DoRA rescales per embedding dimension."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scaling[name]
+        after_A = F.embedding(
+            x, A.T, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )  # (..., r)
+        update = (after_A @ B.T) * s  # (..., dim)
+        embed_scale = _embed_scale(self)
+        if name in self.lora_magnitude:
+            W = self._weight_oi().to(A.dtype)  # (dim, num_embeddings)
+            norm = weight_norm(W, s * (B @ A).detach()).detach()  # (dim,)
+            scale = self.lora_magnitude[name] / norm
+            update = scale * update
+            if embed_scale is not None:
+                update = update * embed_scale.to(update.dtype)
+            return (scale - 1) * result + update  # result + this = scale * result + scaled update, as peft
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        return update
+
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
         if self.merged_adapters:  # a merged adapter would be in every row, "__base__" ones included
@@ -700,7 +740,7 @@ class LoRALayer(nn.Module):
         return result
 
     def __reduce_ex__(self, protocol: int):
-        if type(self) in (LoRALinear, LoRAConv1D):
+        if type(self) in (LoRALinear, LoRAConv1D, LoRAEmbedding):
             return super().__reduce_ex__(protocol)
         # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
         return (_rebuild_lora_layer, (self._lora_base_class, self.__dict__.copy()))
@@ -718,7 +758,16 @@ class LoRAConv1D(LoRALayer, Conv1D):
     """GPT-2's `Conv1D` (a Linear with its weight stored (in, out)) with LoRA adapters."""
 
 
-_LAYER_CLASSES: dict[type, type[LoRALayer]] = {nn.Linear: LoRALinear, Conv1D: LoRAConv1D}
+class LoRAEmbedding(LoRALayer, nn.Embedding):
+    """An `nn.Embedding` with LoRA adapters (peft's `lora_embedding_A`/`_B`): A (r, num_embeddings),
+    B (dim, r), the weight (num_embeddings, dim) laid out (in, out)."""
+
+
+_LAYER_CLASSES: dict[type, type[LoRALayer]] = {
+    nn.Linear: LoRALinear,
+    Conv1D: LoRAConv1D,
+    nn.Embedding: LoRAEmbedding,
+}
 
 
 def lora_layer_class(base_cls: type[nn.Module]) -> type[LoRALayer]:
@@ -779,6 +828,16 @@ class ModulesToSave(nn.Module):
             return getattr(self.current(), name)
 
 
+def _embed_scale(module: nn.Module) -> torch.Tensor | None:
+    """The scalar an embedding multiplies its lookups by (`embed_scale`, e.g. Gemma3's), as peft reads it."""
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale, device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
 def _rows_for_batch(rows: Sequence[str], batch: int) -> Sequence[str]:
     """Adapter names per row; `generate` repeats each row k times for beams / several sequences."""
     if len(rows) == batch:
@@ -790,7 +849,7 @@ def _rows_for_batch(rows: Sequence[str], batch: int) -> Sequence[str]:
 
 
 def make_lora_layer(module: nn.Module) -> LoRALayer:
-    """Turn a Linear/Conv1D into a LoRA layer in place (no adapters yet). Idempotent."""
+    """Turn a Linear/Conv1D/Embedding into a LoRA layer in place (no adapters yet). Idempotent."""
     if isinstance(module, LoRALayer):
         return module
     base_cls = type(module)
@@ -802,7 +861,7 @@ def make_lora_layer(module: nn.Module) -> LoRALayer:
     module.lora_scaling, module.lora_dropout = {}, {}
     module.active_adapters, module.merged_adapters = (), []
     module.adapters_disabled = False
-    module.fan_in_fan_out = isinstance(module, Conv1D)
+    module.fan_in_fan_out = isinstance(module, (Conv1D, nn.Embedding))
     module._row_adapters = None
     module._fused = base_cls in (nn.Linear, Conv1D)
     module._lora_base_class = base_cls

@@ -1,11 +1,12 @@
 """Adapter files in peft's format: `adapter_config.json` + `adapter_model.safetensors` (+ a README.md card).
 
-Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, modules saved in full
+Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (an embedding's:
+`.lora_embedding_A` / `.lora_embedding_B`), modules saved in full
 under their plain path, biases of LoRA layers under `<path>.base_layer.bias`: exactly what peft writes
 and reads, so adapters move freely between the two libraries.
 
-Saving never damages what is on disk: each file is written to a temporary file beside the target
-directory and renamed over the old one (atomic on POSIX), and an unchanged config is not rewritten, so
+Saving never damages what is on disk: each file is written to a temporary file in the target
+directory's `.cache/huggingface/` and renamed over the old one (atomic on POSIX), and an unchanged config is not rewritten, so
 re-saving a training adapter is a single atomic rename. Loading checks everything (file integrity,
 keys, shapes) before the model is touched, and refuses pickle files unless asked explicitly.
 """
@@ -72,8 +73,9 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
     for path, layer in model.lora_layers():
         if adapter_name in layer.lora_A:
             lora_paths.add(path)
-            keys[f"{PREFIX}{path}.lora_A.weight"] = f"{path}.lora_A.{adapter_name}"
-            keys[f"{PREFIX}{path}.lora_B.weight"] = f"{path}.lora_B.{adapter_name}"
+            a_key, b_key = lora_file_keys(layer)
+            keys[f"{PREFIX}{path}.{a_key}"] = f"{path}.lora_A.{adapter_name}"
+            keys[f"{PREFIX}{path}.{b_key}"] = f"{path}.lora_B.{adapter_name}"
             if adapter_name in layer.lora_magnitude:
                 keys[f"{PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude.{adapter_name}"
     for path, wrapper in model.saved_modules():
@@ -96,6 +98,14 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
             elif config.bias == "all" and not _inside_saved(model, path):
                 keys[f"{PREFIX}{path}.bias"] = f"{path}.bias"
     return keys
+
+
+def lora_file_keys(module: nn.Module) -> tuple[str, str]:
+    """peft's names for a layer's A and B: a Linear's are the weights of two Linears, an Embedding's two
+    bare Parameters."""
+    if isinstance(module, nn.Embedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
 
 
 def _wrapper_bias_keys(path: str, adapter_name: str) -> dict[str, str]:
@@ -265,12 +275,13 @@ def as_plain_lora(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], initial: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A PiSSA/OLoRA adapter as a plain LoRA against the original weights: with W = W_res + s B0 A0 at the
-    start, the trained model is W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0], a LoRA of rank 2r."""
+    start, the trained model is W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0], a LoRA of rank 2r. (The
+    same holds for embeddings, which PiSSA/OLoRA leave alone: their A0 is zero.)"""
     out = dict(tensors)
     for key, t in tensors.items():
-        if key.endswith("lora_A.weight"):
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
             out[key] = torch.cat([t, initial[key]], dim=0)
-        elif key.endswith("lora_B.weight"):
+        elif key.endswith(("lora_B.weight", "lora_embedding_B")):
             out[key] = torch.cat([t, -initial[key]], dim=1)
     grow = 2**0.5 if config["use_rslora"] else 2  # keep alpha / r (or alpha / sqrt(r)) unchanged at rank 2r
     config = config | {
@@ -293,7 +304,7 @@ def adapter_config(model: LoRAModel, adapter_name: str) -> dict[str, Any]:
     config = model.peft_config[adapter_name]
     d = config.to_dict()
     d["inference_mode"] = True
-    if any(layer.fan_in_fan_out and adapter_name in layer.lora_A for _, layer in model.lora_layers()):
+    if any(isinstance(layer, Conv1D) and adapter_name in layer.lora_A for _, layer in model.lora_layers()):
         d["fan_in_fan_out"] = True
     if config.task_type is None:
         base = model._lora_base_class
@@ -808,10 +819,11 @@ def _expected_shapes(
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
     for path in targets:
         m = modules[path]
-        n_in, n_out = m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1]
+        n_in, n_out = m.weight.shape if isinstance(m, (Conv1D, nn.Embedding)) else m.weight.shape[::-1]
         r = config.rank_for(path)
-        out[f"{PREFIX}{path}.lora_A.weight"] = ((r, n_in), True)
-        out[f"{PREFIX}{path}.lora_B.weight"] = ((n_out, r), True)
+        a_key, b_key = lora_file_keys(m)
+        out[f"{PREFIX}{path}.{a_key}"] = ((r, n_in), True)
+        out[f"{PREFIX}{path}.{b_key}"] = ((n_out, r), True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
     for path in sorted(_lora_paths(modules, targets)):
@@ -838,6 +850,7 @@ def _normalise_key(key: str) -> str:
     """Older peft files carry the adapter name in keys (`lora_A.default.weight`,
     `classifier.modules_to_save.default.weight`); map them to today's names."""
     key = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)
+    key = re.sub(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$", r".\1", key)
     key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", key)
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 

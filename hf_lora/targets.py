@@ -62,8 +62,10 @@ TARGET_MODULES: dict[str, list[str]] = {
     "mpt": ["Wqkv"],
 }
 
-# Module types a LoRA layer can wrap. Conv1D is GPT-2's transposed Linear (weight stored as (in, out)).
+# Module types "all-linear" takes. Conv1D is GPT-2's transposed Linear (weight stored as (in, out)).
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+# Module types a LoRA layer can wrap: embeddings too, when named (as in peft, "all-linear" leaves them).
+LORA_TYPES: tuple[type[nn.Module], ...] = (*LINEAR_TYPES, nn.Embedding)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -193,7 +195,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             continue
         if path in wrapped:  # another adapter trains it in full: LoRA on top would be lost with that copy
             saved_by_others.append(path)
-        elif isinstance(module, LINEAR_TYPES):
+        elif isinstance(module, LORA_TYPES):
             found.append(path)
         else:
             unsupported.append(f"{path} ({type(module).__name__})")
@@ -207,7 +209,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     if unsupported:
         raise TargetModulesError(
             f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"
-            f"{' ...' if len(unsupported) > 5 else ''}. Only nn.Linear and Conv1D are supported; "
+            f"{' ...' if len(unsupported) > 5 else ''}. Only nn.Linear, Conv1D and nn.Embedding are supported; "
             f"name the projections inside them instead. {describe_candidates(model)}."
         )
     if not found:

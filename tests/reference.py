@@ -22,6 +22,12 @@ def copy_lora_weights(ours: hf_lora.LoRAModel, ref, adapter: str = "default") ->
             if adapter not in layer.lora_A:
                 continue
             twin = inner.get_submodule(path)
+            if adapter in layer.lora_magnitude:
+                twin.lora_magnitude_vector[adapter].weight.copy_(layer.lora_magnitude[adapter])
+            if adapter in twin.lora_embedding_A:  # peft's Embedding holds bare Parameters
+                twin.lora_embedding_A[adapter].copy_(layer.lora_A[adapter])
+                twin.lora_embedding_B[adapter].copy_(layer.lora_B[adapter])
+                continue
             twin.lora_A[adapter].weight.copy_(layer.lora_A[adapter])
             twin.lora_B[adapter].weight.copy_(layer.lora_B[adapter])
         for path, wrapper in ours.saved_modules():
@@ -31,9 +37,13 @@ def copy_lora_weights(ours: hf_lora.LoRAModel, ref, adapter: str = "default") ->
 
 
 def randomise_B(model: hf_lora.LoRAModel, seed: int = 0) -> None:
-    """B starts at zero, which would hide any error in the LoRA path: give it values."""
+    """B starts at zero, which would hide any error in the LoRA path: give it values. (An embedding's A
+    starts at zero instead: it gets values too.)"""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in model.lora_layers():
             for B in layer.lora_B.values():
                 B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+            if isinstance(layer, torch.nn.Embedding):
+                for A in layer.lora_A.values():
+                    A.copy_(torch.randn(A.shape, generator=g))

@@ -93,6 +93,15 @@ def test_info(on_disk):
     assert "r / alpha:    4 / 8" in out and "-> 4 layers" in out and "peft format:  yes" in out
 
 
+def test_info_counts_embedding_adapters(tmp_path):
+    model = get_lora_model(
+        make_model("gpt2"), LoRAConfig(r=2, target_modules=["wte", "c_attn"], use_dora=True)
+    )
+    model.save_pretrained(tmp_path)
+    out = hf_lora_cli("info", str(tmp_path)).stdout
+    assert "-> 3 layers" in out and "(3 A, 3 B, 3 DoRA magnitudes, 0 other)" in out
+
+
 def test_merge_gives_a_plain_model_with_the_adapter_folded_in(on_disk, tmp_path):
     hf_lora_cli("merge", str(on_disk / "base"), str(on_disk / "adapter"), str(tmp_path / "merged"))
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")

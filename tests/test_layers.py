@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 from transformers.pytorch_utils import Conv1D
 
 from hf_lora import layers
 from hf_lora.layers import (
     LoRAConv1D,
+    LoRAEmbedding,
     LoRALinear,
     _lanes,
     _LoRAFunction,
@@ -348,3 +352,127 @@ def test_make_and_unmake_keep_the_same_parameters():
         and set(dict(plain.named_parameters())) == {"weight", "bias"}
     )
     assert type(make_lora_layer(Conv1D(3, 4))) is LoRAConv1D
+
+
+# ---- embeddings -------------------------------------------------------------------------------------
+
+
+class Lookup(nn.Module):
+    """A model that is one embedding table (plain or Gemma3's scaled one), so that the layer is compared
+    with peft's `lora.Embedding` on its own."""
+
+    def __init__(self, scaled: bool = False):
+        super().__init__()
+        self.emb = (
+            Gemma3TextScaledWordEmbedding(50, 16, padding_idx=0, embed_scale=4.0)
+            if scaled
+            else nn.Embedding(50, 16, padding_idx=0)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+
+EMBEDDING_CASES = {
+    "plain": dict(scaled=False, use_dora=False),
+    "dora": dict(scaled=False, use_dora=True),
+    "gemma3-scaled": dict(scaled=True, use_dora=False),
+    "gemma3-scaled-dora": dict(scaled=True, use_dora=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", EMBEDDING_CASES)
+def test_embedding_layer_matches_peft(case, dtype):
+    """Output, gradients (A, B, DoRA magnitude), merged weight and unmerge, against peft's lora.Embedding,
+    with random A and B (peft's init leaves A at zero) and a padding row in the batch."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_lora import LoRAConfig, get_lora_model
+    from tests.reference import copy_lora_weights
+
+    scaled, use_dora = EMBEDDING_CASES[case]["scaled"], EMBEDDING_CASES[case]["use_dora"]
+    torch.manual_seed(0)
+    base = Lookup(scaled).to(dtype)
+    fields = dict(r=4, lora_alpha=8, target_modules=["emb"], use_dora=use_dora)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    layer = ours.emb
+    with torch.no_grad():
+        layer.lora_A["default"].normal_()
+        layer.lora_B["default"].normal_(std=0.1)
+    copy_lora_weights(ours, ref)
+    if use_dora:  # the magnitude depends on A and B: take peft's, computed from the same factors
+        ref.base_model.model.emb.lora_magnitude_vector["default"].weight.data.mul_(1.5)
+        layer.lora_magnitude["default"].data.copy_(
+            ref.base_model.model.emb.lora_magnitude_vector["default"].weight
+        )
+    ids = torch.tensor([[0, 3, 7, 3], [49, 0, 1, 2]])
+    grad = torch.linspace(-1, 1, 2 * 4 * 16).view(2, 4, 16)
+
+    out_ref, out = ref(ids), ours(ids)
+    assert out.dtype == out_ref.dtype == dtype
+    assert torch.allclose(out.float(), out_ref.float(), rtol=1e-6, atol=1e-6)
+    assert (out.float() - base_output(ours, ids).float()).abs().max() > 0.1, "the adapter changes the output"
+    out_ref.backward(grad.to(dtype)), out.backward(grad.to(dtype))
+    twin = ref.base_model.model.emb
+    pairs = [
+        (layer.lora_A["default"], twin.lora_embedding_A["default"]),
+        (layer.lora_B["default"], twin.lora_embedding_B["default"]),
+    ]
+    if use_dora:
+        pairs.append((layer.lora_magnitude["default"], twin.lora_magnitude_vector["default"].weight))
+    for mine, theirs in pairs:
+        assert mine.grad is not None and torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(layer.lora_A["default"].grad[:, 0] == 0), "no gradient for the padding row"
+
+    w0 = layer.weight.detach().clone()
+    ours.merge_adapter(), ref.merge_adapter()
+    if dtype == torch.float32:
+        assert torch.equal(layer.weight, twin.base_layer.weight)
+    else:  # peft rounds an embedding's delta to bf16 before adding it; we round once, as peft's Linear does
+        assert torch.allclose(layer.weight.float(), twin.base_layer.weight.float(), rtol=1e-2, atol=1e-2)
+        if not use_dora:
+            assert torch.equal(layer.weight, (w0.float() + layer.delta_weight("default")).to(dtype))
+    ours.merge_adapter()  # idempotent
+    assert torch.allclose(
+        ours(ids).float(), out.detach().float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5
+    )
+    ours.unmerge_adapter()
+    assert torch.allclose(layer.weight.float(), w0.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def base_output(model, ids):
+    with model.disable_adapter():
+        return model(ids)
+
+
+@pytest.mark.parametrize(
+    ("init", "a_zero"), [(True, True), ("gaussian", True), ("pissa", True), (False, False)]
+)
+def test_embedding_init_is_peft_s(init, a_zero):
+    """A zeros and B standard normal for any init but False (peft's rule: PiSSA/OLoRA leave embeddings and
+    their weights alone); False: both standard normal."""
+    layer = make_lora_layer(nn.Embedding(2000, 256))
+    w0 = layer.weight.detach().clone()
+    layer.add_adapter("default", r=8, scaling=1.0, dropout=0.1, init=init)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    assert A.shape == (8, 2000) and B.shape == (256, 8) and torch.equal(layer.weight, w0)
+    assert bool(torch.all(A == 0)) is a_zero
+    for t in (B,) if a_zero else (A, B):
+        assert abs(t.std().item() - 1) < 0.1 and abs(t.mean().item()) < 0.1
+
+
+def test_embedding_layer_has_no_dropout_and_pickles():
+    """peft applies no dropout to embeddings (there is no input to drop), whatever lora_dropout says."""
+    layer = make_lora_layer(nn.Embedding(30, 8))
+    layer.add_adapter("default", r=2, scaling=1.0, dropout=0.9, init=False)
+    layer.set_active(["default"])
+    layer.train()
+    ids = torch.arange(30)
+    assert torch.equal(layer(ids), layer(ids))
+    expected = layer.weight + (layer.lora_A["default"].T @ layer.lora_B["default"].T)
+    assert torch.allclose(layer(ids), expected, atol=1e-6)
+    again = pickle.loads(pickle.dumps(layer))
+    assert type(again) is LoRAEmbedding and torch.equal(again(ids), layer(ids))
+    assert type(unmake_lora_layer(layer)) is nn.Embedding

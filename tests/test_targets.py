@@ -108,3 +108,14 @@ def test_errors_name_the_problem_and_the_choices(make, fields, message, hint):
     assert not isinstance(model, hf_lora.LoRAModel), "a failed call leaves the model untouched"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_embeddings_are_targets_when_named_but_not_in_all_linear():
+    """As in peft: an nn.Embedding named in target_modules gets LoRA; "all-linear" leaves embeddings out."""
+    model = get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    assert sorted(p for p, _ in model.lora_layers())[0] == "model.embed_tokens"
+    assert isinstance(model.get_submodule("model.embed_tokens"), torch.nn.Embedding)
+    linear = get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules="all-linear"))
+    assert not any(isinstance(layer, torch.nn.Embedding) for _, layer in linear.lora_layers())
+    with pytest.raises(TargetModulesError, match=r"Only nn\.Linear, Conv1D and nn\.Embedding are supported"):
+        get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules=["input_layernorm"]))

@@ -210,6 +210,31 @@ def test_pissa_olora_rank_above_a_layers_size_is_refused_before_the_model_is_tou
 
 def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model(tmp_path):
     fields = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="pissa")
+    _check_pissa_conversion(tmp_path, fields)
+
+
+def test_pissa_conversion_keeps_an_embedding_target_right(tmp_path):
+    """PiSSA leaves an embedding's weight alone (peft too) and its A starts at zero, so [B, -B0] @ [A; A0]
+    is its trained update at rank 2r as well. (peft's conversion skips lora_embedding_* and writes a file
+    whose embedding tensors have rank r under a config of rank 2r: it cannot load.)"""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights="pissa")
+    base = make_model("llama")
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    assert torch.equal(ours.model.embed_tokens.weight, make_model("llama").model.embed_tokens.weight)
+    ours.save_pretrained(tmp_path / "init")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    trained = logits(ours, "llama")
+    ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    for load in (LoRAModel.from_pretrained, PeftModel.from_pretrained):
+        stock = load(make_model("llama"), tmp_path / "plain")
+        assert (logits(stock, "llama") - trained).abs().max().item() <= 1e-4
+
+
+def _check_pissa_conversion(tmp_path, fields):
     base = make_model("llama")
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
     ours = get_lora_model(base, LoRAConfig(**fields))
@@ -242,10 +267,10 @@ def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model
     assert (logits(reloaded, "llama") - logits(make_model("llama"), "llama")).abs().max().item() <= 1e-4
 
 
-def test_loraplus_param_groups_equal_peft():
-    fields = dict(
-        r=4, target_modules=TARGETS["gpt2"], use_dora=True, bias="lora_only", modules_to_save=["ln_f"]
-    )
+@pytest.mark.parametrize("targets", [TARGETS["gpt2"], ["wte", *TARGETS["gpt2"]]], ids=["linear", "embedding"])
+def test_loraplus_param_groups_equal_peft(targets):
+    """An embedding's A and B go to their own group (loraplus_lr_embedding), as in peft."""
+    fields = dict(r=4, target_modules=targets, use_dora=True, bias="lora_only", modules_to_save=["ln_f"])
     base = make_model("gpt2")
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
     ours = get_lora_model(base, LoRAConfig(**fields))
@@ -265,5 +290,9 @@ def test_loraplus_param_groups_equal_peft():
     names = {id(p): n for n, p in ours.named_parameters()}
     fast = [names[id(p)] for g in opt.param_groups if g["lr"] == 16e-3 for p in g["params"]]
     assert fast and all("lora_B" in n or "magnitude" in n or "bias" in n or "ln_f" in n for n in fast)
+    slow = sorted(names[id(p)] for g in opt.param_groups if g["lr"] == 1e-6 for p in g["params"])
+    assert slow == (
+        ["transformer.wte.lora_A.default", "transformer.wte.lora_B.default"] if "wte" in targets else []
+    )
     with pytest.raises(ValueError, match="ratio"):
         hf_lora.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=0.5)
