@@ -1,4 +1,5 @@
-"""Exception types. Each also derives from the built-in a caller would naturally catch."""
+"""Exception types, each also deriving from the built-in a caller would naturally catch, and `few()` for
+the lists their messages quote."""
 
 
 class LoRAError(Exception):
@@ -23,3 +24,10 @@ class AdapterStateError(LoRAError, RuntimeError):
 
 class HubAccessError(LoRAError, PermissionError):
     """The Hub refused the credentials (bad or missing token, or no write access to that namespace)."""
+
+
+def few(names: list[str], n: int = 6) -> str:
+    """At most `n` names for a message, and how many more there are (never "and 1 more")."""
+    if len(names) <= n:
+        return ", ".join(names)
+    return ", ".join(names[: n - 1]) + f" and {len(names) - n + 1} more"

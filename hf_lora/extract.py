@@ -19,9 +19,16 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .errors import TargetModulesError
+from .errors import TargetModulesError, few
 from .model import DEFAULT_ADAPTER, LoRAModel, get_lora_model
-from .targets import in_modules_to_save, linear_modules, resolve_targets, shared_parameters
+from .targets import (
+    LORA_TYPES,
+    base_modules,
+    in_modules_to_save,
+    linear_modules,
+    resolve_targets,
+    shared_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +54,8 @@ def extract_lora(
     """Make `base_model` (in place) a LoRAModel whose adapter reproduces `finetuned_model`'s weight updates.
 
     `target_modules=None` takes every Linear/Conv1D whose weight changed. Modules in `modules_to_save` are
-    copied whole from the fine-tune (e.g. a retrained head). Changed parameters the adapter cannot hold
-    (norms, embeddings, ...) are named in a warning, with the modules_to_save that would keep them; that
+    copied whole from the fine-tune (e.g. a retrained head). Changed parameters the adapter does not hold
+    (norms, embeddings that are not targets, ...) are named in a warning, with the modules_to_save that would keep them; that
     includes an output head tied to a changed input embedding (GPT-2's lm_head and wte).
     """
     ft_params = dict(finetuned_model.named_parameters())
@@ -68,6 +75,7 @@ def extract_lora(
     linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
         target_modules = _changed_linears(linear_paths, changed, modules_to_save)
+    wrappable = {path for path, m in base_modules(base_model) if isinstance(m, LORA_TYPES)}
     config = LoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, modules_to_save=modules_to_save)
     targets = resolve_targets(base_model, config)
 
@@ -116,7 +124,7 @@ def extract_lora(
                 p.copy_(trained.get_parameter(name))
                 covered.add(f"{path}.{name}")
     if missed := sorted({name for k in changed for name in shared.get(k, [k])} - covered):
-        _warn_missed(missed, linear_paths, shared)
+        _warn_missed(missed, wrappable, shared)
     for row in report:
         logger.info(
             "%s: rank %d update, %.2f%% of its energy kept at r=%d",
@@ -141,7 +149,7 @@ def _changed_linears(
     targets = [path for path in updated if not in_modules_to_save(path, modules_to_save)]
     if not targets:
         raise TargetModulesError(
-            f"every Linear/Conv1D whose weight changed ({_few(updated)}) is in modules_to_save={modules_to_save!r}, "
+            f"every Linear/Conv1D whose weight changed ({few(updated)}) is in modules_to_save={modules_to_save!r}, "
             "which copies it whole: none is left for LoRA to extract. Leave some of them out of modules_to_save."
         )
     return targets
@@ -156,24 +164,22 @@ def _common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     return a.to(low), b.to(low)
 
 
-def _warn_missed(missed: list[str], linear_paths: set[str], shared: dict[str, list[str]]) -> None:
-    """Name the changed parameters the adapter leaves out, and what would keep them. LoRA holds Linear/Conv1D
-    weights only: an untargeted Linear/Conv1D weight can be targeted; anything else (biases, norms,
-    embeddings) is kept only by saving its whole module (modules_to_save). So is a weight that another
-    module shares (a tied output head): a LoRA update of one module would leave the other at the base."""
+def _warn_missed(missed: list[str], wrappable: set[str], shared: dict[str, list[str]]) -> None:
+    """Name the changed parameters the adapter leaves out, and what would keep them. LoRA holds the weights
+    of Linear/Conv1D/Embedding modules: an untargeted one can be targeted; anything else (biases, norms) is
+    kept only by saving its whole module (modules_to_save). So is a weight that another module shares (a
+    tied output head): a LoRA update of one module would leave the other at the base."""
     tied = {name for names in shared.values() for name in names}
     owners = {name: name.rsplit(".", 1)[0] for name in missed}
     tied_owners = {owners[name] for name in missed if name in tied}
-    whole = {m for name, m in owners.items() if m not in linear_paths or not name.endswith(".weight")}
+    whole = {m for name, m in owners.items() if m not in wrappable or not name.endswith(".weight")}
     whole = sorted(whole | tied_owners, key=lambda m: (m not in tied_owners, m))  # a cut list keeps them
     targetable = sorted({m for m in owners.values() if m not in whole})
     advice = []
     if targetable:
-        advice.append(f"add {_few(targetable)} to target_modules")
+        advice.append(f"add {few(targetable)} to target_modules")
     if whole:
-        advice.append(
-            f"save {_few(whole)} in full with modules_to_save (LoRA holds no biases, norms or embeddings)"
-        )
+        advice.append(f"save {few(whole)} in full with modules_to_save (LoRA holds no biases or norms)")
     notes = [
         f" {' and '.join(names)} are one tied parameter: save every module that uses it, or those left out "
         "keep the base model's values."
@@ -187,10 +193,4 @@ def _warn_missed(missed: list[str], linear_paths: set[str], shared: dict[str, li
         ", ".join(missed[:4]),
         " and ".join(advice),
         "".join(notes),
-    )
-
-
-def _few(names: list[str], n: int = 6) -> str:
-    return (
-        ", ".join(names) if len(names) <= n else ", ".join(names[: n - 1]) + f" and {len(names) - n + 1} more"
     )

@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_write_files, folder_lock
 from .config import LoRAConfig
-from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, TargetModulesError
+from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, TargetModulesError, few
 from .layers import LoRALayer, ModulesToSave
 from .model import (
     DEFAULT_ADAPTER,
@@ -681,13 +681,13 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     missing = [k for k, (_, required) in expected.items() if required and k not in keys]
     unexpected = sorted(set(keys) - set(expected))
     if missing:
-        problems.append(f"missing tensors: {_few(missing)}")
+        problems.append(f"missing tensors: {few(missing, 4)}")
     if unexpected:
         made_for = files.raw_config.get("base_model_name_or_path") or (
             (files.raw_config.get("auto_mapping") or {}).get("base_model_class")
         )
         hint = f" (the adapter was made for {made_for!r})" if made_for else ""
-        problems.append(f"tensors for modules this model does not have{hint}: {_few(unexpected)}")
+        problems.append(f"tensors for modules this model does not have{hint}: {few(unexpected, 4)}")
     for key, (shape, _) in expected.items():
         if key in keys and tuple(files.tensors[keys[key]].shape) != shape:
             got = tuple(files.tensors[keys[key]].shape)
@@ -751,7 +751,7 @@ def _without_foreign_base_layer_keys(
             "%s: ignoring tensors of modules without LoRA layers (as peft does; an adapter saved beside "
             "others with bias='lora_only' has their biases): %s",
             source,
-            _few(foreign),
+            few(foreign, 4),
         )
     return {k: v for k, v in keys.items() if k not in foreign}
 
@@ -772,7 +772,7 @@ def _without_other_wrappers_keys(
         logger.info(
             "%s: ignoring tensors of modules another adapter saves in full (as peft does): %s",
             source,
-            _few(other),
+            few(other, 4),
         )
     return {k: v for k, v in keys.items() if k not in other}
 
@@ -919,7 +919,7 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
             else "or, to replace the model's only adapter, LoRAModel.from_pretrained(model.unload(), path)"
         )
         raise AdapterFormatError(
-            f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {_few(problems)}. "
+            f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {few(problems, 4)}. "
             f"Load it under another name, {replace}."
         )
     merged = [layer for _, layer in model.lora_layers() if adapter_name in layer.merged_adapters]
@@ -948,10 +948,6 @@ def _base_layer_problems(model: LoRAModel, files: AdapterFiles, given: dict[str,
         elif (got := tuple(files.tensors[given[key]].shape)) != tuple(mine.shape):
             problems.append(f"{key} has shape {got}, the model needs {tuple(mine.shape)}")
     return problems
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 __all__ = [

@@ -182,8 +182,15 @@ def test_a_lower_precision_fine_tune_is_compared_at_its_precision(dtype, caplog)
             "save lm_head in full with modules_to_save",
             {"modules_to_save": ["transformer.wte", "lm_head"]},
         ),
+        (  # an embedding of its own (Llama's): LoRA can hold it too, when targeted
+            "llama",
+            "model.embed_tokens.weight",
+            {},
+            "add model.embed_tokens to target_modules",
+            {"target_modules": ["model.layers.0.self_attn.q_proj", "model.embed_tokens"]},
+        ),
     ],
-    ids=["norm", "bias", "untargeted-linear", "tied-embedding", "tied-head-left-out"],
+    ids=["norm", "bias", "untargeted-linear", "tied-embedding", "tied-head-left-out", "untied-embedding"],
 )
 def test_the_warning_about_left_out_changes_gives_advice_that_works(
     kind, changed, kwargs, advice, following_it, caplog
