@@ -180,8 +180,12 @@ class LoRAModel(nn.Module):
                 )
         self._activate(self._active)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make these adapters the active ones (and the only trainable ones, unless in inference mode).
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones, and the only trainable ones: as in peft, their LoRA weights
+        and saved-module copies train from now on (`inference_mode=True` freezes them instead), also those
+        of an adapter loaded frozen (`is_trainable=False`) or created with `inference_mode=True`, and every
+        other adapter is frozen. Their configs' `inference_mode` records that (it is what keeps them
+        trainable, or frozen, when adapters are added, loaded or deleted later).
         Merged adapters are unmerged first, as in peft: one that stays merged whatever is active would stay
         in the weights, and a merged one does not train."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
@@ -190,11 +194,19 @@ class LoRAModel(nn.Module):
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
             logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
             self.unmerge_adapter()
+        self._set_inference_mode(names, inference_mode)
         self._activate(names)
+
+    def _set_inference_mode(self, names: Sequence[str], inference_mode: bool) -> None:
+        for name in names:
+            if self.peft_config[name].inference_mode != inference_mode:
+                self.peft_config[name] = self.peft_config[name].replace(inference_mode=inference_mode)
 
     def _activate(self, names: Sequence[str]) -> None:
         """Active adapters and trainable flags, merged weights left as they are (callers that keep the
-        active set, or keep merged adapters active)."""
+        active set, or keep merged adapters active). An active adapter trains unless its config is in
+        inference mode, so refreshes keep each adapter's trainability as it was (peft's add_adapter and
+        load_adapter restore it too); `set_adapter` changes it, and deleting the active adapter."""
         names = tuple(names)
         self._active = names
         for _, layer in self.lora_layers():
@@ -219,6 +231,7 @@ class LoRAModel(nn.Module):
             )
         if self.peft_config[adapter_name].bias != "none":  # the base biases it trained are frozen again
             _set_owned_biases_trainable(self, adapter_name, False)
+        was_active = adapter_name in self._active
         for _, layer in list(self.lora_layers()):
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
@@ -233,9 +246,13 @@ class LoRAModel(nn.Module):
             sorted(self.peft_config)[0]
         ]  # peft's pick
         if any(set(layer.merged_adapters) - set(remaining) for _, layer in self.lora_layers()):
-            self.set_adapter(remaining)  # unmerges
-        else:
-            self._activate(remaining)  # adapters merged and still active stay merged
+            logger.warning(
+                "adapters are merged, and %s will be the active ones: unmerging them first.", remaining
+            )
+            self.unmerge_adapter()  # else adapters merged and still active stay merged
+        if was_active:  # peft switches to the remaining ones with set_adapter: they train, even if frozen
+            self._set_inference_mode(remaining, False)
+        self._activate(remaining)
 
     # ---- enabling, merging, unloading ---------------------------------------------------------
 
@@ -511,7 +528,7 @@ def _attach(
     model.peft_config = {}
     model._active = (name,)
     _inject(model, name, config, targets, saved, initialise)
-    model.set_adapter(name)
+    model._activate((name,))  # not set_adapter: it would make an adapter created or loaded frozen trainable
     return model
 
 

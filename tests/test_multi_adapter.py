@@ -476,3 +476,76 @@ def test_a_task_models_new_adapter_gets_the_head_and_deleting_the_active_one_pic
     model.delete_adapter("default")
     ref.delete_adapter("default")
     assert model.active_adapters == ["aa"] == sorted(ref.peft_config)[:1]  # peft's rule (tuners_utils)
+
+
+def trainable_parts(model) -> set[tuple[str, str]]:
+    """(adapter, "lora" or "copy") for each trainable adapter tensor, of an hf_lora or a peft model; no base
+    weight may train."""
+    parts = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        keys = name.split(".")
+        at = next((i for i, k in enumerate(keys) if k in ("lora_A", "lora_B", "modules_to_save")), None)
+        assert at is not None, f"base weight {name} trains"
+        parts.add((keys[at + 1], "copy" if keys[at] == "modules_to_save" else "lora"))
+    return parts
+
+
+def ours_and_peft_from(path, adapter, is_trainable):
+    ours = LoRAModel.from_pretrained(make_model("gpt2"), path, adapter, is_trainable=is_trainable)
+    ref = PeftModel.from_pretrained(make_model("gpt2"), path, adapter, is_trainable=is_trainable)
+    return ours, ref
+
+
+def test_set_adapter_makes_an_adapter_loaded_or_created_frozen_trainable_as_peft(tmp_path):
+    """peft's set_adapter(name, inference_mode=False) sets requires_grad on the active adapter's LoRA weights
+    and saved-module copy, however it was loaded (is_trainable=False) or created (inference_mode=True), and
+    freezes the others; adding or loading adapters afterwards leaves that as it is."""
+    saved = dict(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    get_lora_model(make_model("gpt2"), LoRAConfig(**saved)).save_pretrained(tmp_path)
+    both = ours_and_peft_from(tmp_path, "a", is_trainable=True)
+    for m in both:
+        m.load_adapter(tmp_path, "b")  # is_trainable=False: frozen
+    assert all(trainable_parts(m) == {("a", "lora"), ("a", "copy")} for m in both)
+    for m in both:
+        m.set_adapter("b")
+    assert all(trainable_parts(m) == {("b", "lora"), ("b", "copy")} for m in both)
+    for m, config in zip(both, (LoRAConfig(**saved), LoraConfig(**saved))):
+        m.add_adapter("c", config)  # a refresh: b keeps training, a and c stay frozen
+    assert all(trainable_parts(m) == {("b", "lora"), ("b", "copy")} for m in both)
+    for m in both:
+        m.set_adapter("b", inference_mode=True)
+    assert all(trainable_parts(m) == set() for m in both)
+
+    for m in ours_and_peft_from(tmp_path, "a", is_trainable=False):
+        assert trainable_parts(m) == set()
+        m.set_adapter("a")
+        assert trainable_parts(m) == {("a", "lora"), ("a", "copy")}
+        m.train()
+        m(**batch_for("gpt2")).loss.backward()
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+    frozen = dict(saved, inference_mode=True)
+    for m in (
+        get_lora_model(make_model("gpt2"), LoRAConfig(**frozen)),
+        get_peft_model(make_model("gpt2"), LoraConfig(**frozen)),
+    ):
+        assert trainable_parts(m) == set()
+        m.set_adapter("default")
+        assert trainable_parts(m) == {("default", "lora"), ("default", "copy")}
+
+
+def test_deleting_the_active_adapter_makes_the_next_one_trainable_as_peft(tmp_path):
+    """peft switches to the remaining adapters with set_adapter, so they train even if loaded frozen;
+    deleting an inactive adapter changes no one's trainability."""
+    get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
+    both = ours_and_peft_from(tmp_path, "a", is_trainable=False)
+    for m in both:
+        m.load_adapter(tmp_path, "b")
+        m.load_adapter(tmp_path, "c")
+        m.delete_adapter("c")
+    assert all(trainable_parts(m) == set() for m in both)
+    for m in both:
+        m.delete_adapter("a")
+    assert all(m.active_adapters == ["b"] and trainable_parts(m) == {("b", "lora")} for m in both)
