@@ -205,10 +205,14 @@ def _is_trainer_summary(text: str) -> bool:
     return any(sign in text for sign in _TRAINER_SUMMARY_SIGNS)
 
 
+def _add_tags(card: ModelCard, tags: list[str]) -> None:
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+
+
 def _merge_summary(card_text: str, summary: ModelCard) -> str:
     """The adapter card with a Trainer summary's tags added and its text as a section."""
     card = ModelCard(card_text)
-    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(summary.data.tags or [])]))
+    _add_tags(card, summary.data.tags or [])
     body = re.sub(r"^(#+) ", r"#\1 ", summary.text.strip(), flags=re.M)  # its headings one level down
     card.text = f"{card.text.rstrip()}\n\n## Training summary (transformers.Trainer)\n\n{body}\n"
     return str(card)
@@ -226,7 +230,7 @@ def update_trainer_card(model: LoRAModel, directory: Path) -> bool:
         if card_path.is_file() and _is_trainer_summary(text := card_path.read_text(encoding="utf-8")):
             card = ModelCard(text)
             card.data.library_name = "peft"
-            card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "lora", "hf_lora", "peft"]))
+            _add_tags(card, ["lora", "hf_lora", "peft"])
             atomic_write(card_path, str(card).encode())
         return False
     return write_model_card(
