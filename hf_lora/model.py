@@ -1,7 +1,9 @@
 """`get_lora_model` and `LoRAModel`: a model with LoRA adapters, which is still the model it was.
 
 `get_lora_model(model, cfg)` turns the targeted Linear/Conv1D modules into LoRA layers in place and then
-gives the model object the class `LoRA<ModelClass>`, a subclass of both `LoRAModel` and its own class.
+gives the model object the class `LoRA<ModelClass>`, a subclass of both `LoRAModel` and its own class
+(`LoRA<ModelClass>` is its `__qualname__` and `repr`; its `__name__` is the model's own, see
+`_lora_model_class`).
 So a LoRA GPT-2 *is* a `GPT2LMHeadModel` (and a `PreTrainedModel`): its forward signature, `generate()`,
 `config`, gradient checkpointing and every attribute are the model's own, with no wrapper in between,
 and `transformers.Trainer` sees a model it knows, whose `save_pretrained` writes the adapter only.
@@ -439,7 +441,7 @@ class LoRAModel(nn.Module):
         return self._lora_base_class.__name__
 
     def __repr__(self) -> str:
-        return type(self).__name__ + super().__repr__()[len(self._get_name()) :]
+        return "LoRA" + super().__repr__()  # nn.Module's repr starts with _get_name(), the model's name
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Called by `Trainer.create_model_card` / `Trainer.push_to_hub` (as for a peft model) after it
@@ -732,7 +734,12 @@ def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwar
 
 def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
     """`LoRA<Base>`: LoRAModel's methods first, then the model's own. Its forward is the model's, with
-    one extra keyword, `adapter_names` (mixed batches); the visible signature stays the model's."""
+    one extra keyword, `adapter_names` (mixed batches); the visible signature stays the model's.
+
+    `LoRA<Base>` is the class's `__qualname__` (so `type(model)` shows it) while its `__name__` stays the
+    model's: transformers checks models by `__class__.__name__` against its class names (a pipeline logs
+    "The model 'LoRAGPT2LMHeadModel' is not supported for text-generation" otherwise; it lets peft's
+    wrappers through by their names, PeftModelForCausalLM and the like)."""
     if base_cls not in _MODEL_CLASSES:
         base_forward = base_cls.forward
 
@@ -746,7 +753,11 @@ def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
             with self.adapter_rows(adapter_names):
                 return run(self, *args, **kwargs)
 
-        attrs: dict[str, Any] = {"forward": forward, "__module__": base_cls.__module__}
+        attrs: dict[str, Any] = {
+            "forward": forward,
+            "__module__": base_cls.__module__,
+            "__qualname__": f"LoRA{base_cls.__name__}",
+        }
         if callable(getattr(base_cls, "generate", None)):
             base_generate = base_cls.generate
 
@@ -758,7 +769,7 @@ def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
                     return base_generate(self, *args, **kwargs)
 
             attrs["generate"] = generate
-        _MODEL_CLASSES[base_cls] = type(f"LoRA{base_cls.__name__}", (LoRAModel, base_cls), attrs)
+        _MODEL_CLASSES[base_cls] = type(base_cls.__name__, (LoRAModel, base_cls), attrs)
     return _MODEL_CLASSES[base_cls]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import pickle
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from reference import copy_lora_weights, peft_twin, randomise_B
-from tiny_models import MLP, batch_for, make_model
+from tiny_models import MLP, VOCAB, batch_for, make_model
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
 from transformers.pytorch_utils import Conv1D
 
 import hf_lora
@@ -319,6 +321,52 @@ def test_forward_signature_generate_and_attributes_are_the_models():
     ours = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     theirs = ref.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Offline: one token per word w0 ... w127 (w0 ends and pads)."""
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", eos_token="w0", pad_token="w0")
+
+
+@pytest.mark.parametrize(
+    ("task", "kind", "settings"),
+    [
+        ("text-generation", "gpt2", dict(target_modules=GPT2_ALL, task_type="CAUSAL_LM")),
+        ("text-classification", "bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
+    ],
+)
+def test_pipelines_take_the_model_without_an_error_and_give_peft_outputs(task, kind, settings):
+    """A pipeline checks `model.__class__.__name__` against its task's model classes, and logs "The model
+    'LoRAGPT2LMHeadModel' is not supported for text-generation" for other names (peft's wrappers are
+    listed by name): the class's __name__ is the model's own, its repr still says LoRA."""
+    base = make_model(kind)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, **settings))
+    model = get_lora_model(base, LoRAConfig(r=4, **settings))
+    randomise_B(model)
+    copy_lora_weights(model, ref)
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    pipeline_logger = logging.getLogger("transformers.pipelines.base")
+    pipeline_logger.addHandler(handler)
+    try:
+        pipes = [pipeline(task, model=m, tokenizer=word_tokenizer()) for m in (model, ref)]
+    finally:
+        pipeline_logger.removeHandler(handler)
+    assert not errors
+    if task == "text-generation":
+        ours, theirs = (p("w5 w6 w7 w8", max_new_tokens=6, do_sample=False) for p in pipes)
+        assert ours == theirs
+    else:
+        ours, theirs = (p("w5 w6 w7 w8") for p in pipes)
+        assert ours[0]["label"] == theirs[0]["label"] and ours[0]["score"] == pytest.approx(
+            theirs[0]["score"]
+        )
+    name = type(base).__name__
+    assert type(model).__name__ == name and repr(model).startswith(f"LoRA{name}(\n")
+    assert type(model).__qualname__ == f"LoRA{name}" and repr(type(model)).endswith(f".LoRA{name}'>")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
