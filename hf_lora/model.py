@@ -583,10 +583,11 @@ def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str]
     tied = [path for path in targets if id(model.get_submodule(path).weight) in shared]
     if not tied:
         return
-    if _moves_base_weights(config):
+    moved = [path for path in tied if not isinstance(model.get_submodule(path), nn.Embedding)]  # (left alone)
+    if moved and _moves_base_weights(config):
         raise AdapterStateError(
             f"init_lora_weights={config.init_lora_weights!r} moves part of each targeted weight into the "
-            f"adapter, but {tied} share their weight with another module (tied input/output embeddings), which "
+            f"adapter, but {moved} share their weight with another module (tied input/output embeddings), which "
             "would change too. Leave them out (exclude_modules), or untie them first."
         )
     if warn:

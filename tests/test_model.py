@@ -154,17 +154,22 @@ def test_merge_and_unload_gives_the_plain_model_with_peft_weights(kind, settings
         assert merged.lm_head.weight is not merged.transformer.wte.weight
 
 
-def test_merging_into_a_tied_head_leaves_the_input_embeddings_alone(tmp_path):
-    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn", "lm_head"]))
+@pytest.mark.parametrize(
+    ("target", "other"), [("lm_head", "transformer.wte"), ("transformer.wte", "lm_head")]
+)
+def test_merging_into_one_of_tied_embeddings_leaves_the_other_alone(tmp_path, target, other):
+    """The output head or the input embedding that shares its weight: merged, each gets its own copy
+    (peft merges into the shared weight, so its merged model differs from its unmerged one)."""
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn", target]))
     assert model.lm_head.weight is model.transformer.wte.weight
     randomise_B(model)
-    wte = model.transformer.wte.weight.detach().clone()
+    untouched = model.get_submodule(other).weight.detach().clone()
     batch = batch_for("gpt2")
     with torch.no_grad():
         expected = model(**batch).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
-    assert torch.equal(merged.transformer.wte.weight, wte)
+    assert torch.equal(merged.get_submodule(other).weight, untouched)
     assert merged.config.tie_word_embeddings is False  # saved and reloaded, it is not tied again
     merged.save_pretrained(tmp_path)
     with torch.no_grad():
@@ -180,6 +185,9 @@ def test_pissa_on_a_tied_head_is_refused_before_the_model_is_touched():
     assert type(base) is GPT2LMHeadModel and all(
         torch.equal(base.state_dict()[k], v) for k, v in before.items()
     )
+    # PiSSA leaves embeddings alone (plain init there, as in peft): a tied input embedding is no problem
+    model = get_lora_model(base, LoRAConfig(r=4, target_modules=["c_attn", "wte"], init_lora_weights="pissa"))
+    assert torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])
 
 
 def test_safe_merge_refuses_non_finite_weights_and_merges_nothing():

@@ -187,21 +187,18 @@ def test_mixed_batch_generate_matches_peft():
         assert torch.equal(ours[i : i + 1], alone)
 
 
+@pytest.mark.parametrize("targets", [TARGETS, ["wte", "wpe", *TARGETS]], ids=["linear", "embeddings"])
 @pytest.mark.parametrize(("how", "rank"), [("cat", None), ("linear", None), ("svd", 3), ("svd", None)])
-def test_weighted_adapters_equal_peft(how, rank):
-    fields = dict(target_modules=TARGETS)
+def test_weighted_adapters_equal_peft(how, rank, targets):
+    fields = dict(target_modules=targets)
     base = make_model("gpt2")
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, **fields))
     ref.add_adapter("b", LoraConfig(r=4, lora_alpha=16, **fields))
     model = get_lora_model(base, LoRAConfig(r=4, lora_alpha=8, **fields))
     model.add_adapter("b", LoRAConfig(r=4, lora_alpha=16, **fields))
     randomise_B(model)
-    with torch.no_grad():
-        for path, layer in model.lora_layers():
-            twin = ref.base_model.model.get_submodule(path)
-            for name in ("default", "b"):
-                twin.lora_A[name].weight.copy_(layer.lora_A[name])
-                twin.lora_B[name].weight.copy_(layer.lora_B[name])
+    copy_lora_weights(model, ref, "default")
+    copy_lora_weights(model, ref, "b")
     weights = [0.7, -0.4]
     model.add_weighted_adapter(["default", "b"], weights, "mix", combination_type=how, svd_rank=rank)
     ref.add_weighted_adapter(["default", "b"], weights, "mix", combination_type=how, svd_rank=rank)
@@ -216,6 +213,34 @@ def test_weighted_adapters_equal_peft(how, rank):
     assert model.active_adapter == "default" and not any(
         p.requires_grad for n, p in model.named_parameters() if n.endswith(".mix")
     )
+
+
+def test_mixed_batches_with_embedding_adapters_match_peft():
+    """Each row gets its adapter's embedding update too (or none, for "__base__")."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"])
+    base = make_model("gpt2")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ref.add_adapter("b", LoraConfig(**fields))
+    model = get_lora_model(base, LoRAConfig(**fields))
+    model.add_adapter("b", LoRAConfig(**fields))
+    randomise_B(model)
+    copy_lora_weights(model, ref, "default")
+    copy_lora_weights(model, ref, "b")
+    model.eval(), ref.eval()
+    ids = batch_for("gpt2")["input_ids"]
+    ids = torch.cat([ids, ids.flip(0)])  # (4, T)
+    rows = ["default", "b", "__base__", "default"]
+    with torch.no_grad():
+        ours = model(input_ids=ids, adapter_names=rows).logits
+        torch.testing.assert_close(ours, ref(input_ids=ids, adapter_names=rows).logits, rtol=0, atol=1e-6)
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[i : i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[i : i + 1]).logits
+            torch.testing.assert_close(ours[i : i + 1], alone, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra", [dict(use_rslora=True), dict(init_lora_weights="pissa")])
