@@ -648,42 +648,51 @@ def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     return config.replace(**changes) if changes else config
 
 
-def _untie_if_replaced(model: nn.Module) -> None:
-    """A trained copy of a tied output head (modules_to_save=["lm_head"]) is no longer the embedding:
-    record that in the config, or saving and reloading the merged model would tie them again."""
+def _untie_if_replaced(model: nn.Module, untied: bool = False) -> None:
+    """Modules that shared one weight no longer do (`untied`: a merge gave one its own copy; or a trained
+    copy of a tied output head replaced it): record that in the config, which transformers ties by on
+    save, load and tie_weights(), or the merged update would be dropped. With the flag off, no module may
+    share a weight any more: save_pretrained would keep one of them and the reload fill the others from a
+    weight they no longer equal (T5's encoder/decoder embed_tokens from `shared`), so each gets a copy."""
     config = getattr(model, "config", None)
-    get_in, get_out = (
-        getattr(model, "get_input_embeddings", None),
-        getattr(model, "get_output_embeddings", None),
-    )
-    if not (
-        config is not None
-        and getattr(config, "tie_word_embeddings", False)
-        and callable(get_in)
-        and callable(get_out)
-    ):
+    if config is None or not getattr(config, "tie_word_embeddings", False):
         return
-    emb_in, emb_out = get_in(), get_out()
-    if emb_in is not None and emb_out is not None and emb_in.weight is not emb_out.weight:
-        config.tie_word_embeddings = False
-        logger.info(
-            "the output head was trained separately from the input embeddings: tie_word_embeddings=False"
+    if not untied:
+        get_in, get_out = (
+            getattr(model, "get_input_embeddings", None),
+            getattr(model, "get_output_embeddings", None),
         )
+        emb_in = get_in() if callable(get_in) else None
+        emb_out = get_out() if callable(get_out) else None
+        untied = emb_in is not None and emb_out is not None and emb_in.weight is not emb_out.weight
+    if not untied:
+        return
+    config.tie_word_embeddings = False
+    for names in shared_parameters(model).values():
+        for name in names[1:]:
+            path, _, leaf = name.rpartition(".")
+            module = model.get_submodule(path)
+            p = getattr(module, leaf)
+            setattr(module, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    logger.info("tied weights now differ: tie_word_embeddings=False, and each module has its own weights")
 
 
 def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
     """Give each LoRA layer about to merge an adapter, whose weight another module shares, a copy of its
-    own: merging into the shared weight would change the input embeddings of a tied output head too."""
+    own: merging into the shared weight would change the modules tied to it too (an output head and the
+    input embeddings)."""
     shared = shared_parameters(model)
+    untied = False
     for path, layer in model.lora_layers():
         if id(layer.weight) in shared and any(n in layer.lora_A for n in names):
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            untied = True
             logger.warning(
                 "%s shared its weight with another module (tied embeddings); it now has its own copy, so that "
                 "merging leaves the other module as it was.",
                 path,
             )
-    _untie_if_replaced(model)
+    _untie_if_replaced(model, untied)
 
 
 def _check_adapter_name(name: str) -> None:

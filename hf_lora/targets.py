@@ -266,9 +266,10 @@ def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[st
     if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
         return
     too_big = [
-        (path, config.rank_for(path), min(model.get_submodule(path).weight.shape))
+        (path, config.rank_for(path), min(module.weight.shape))
         for path in targets
-        if config.rank_for(path) > min(model.get_submodule(path).weight.shape)
+        if not isinstance(module := model.get_submodule(path), nn.Embedding)  # (plain init there, as in peft)
+        and config.rank_for(path) > min(module.weight.shape)
     ]
     if too_big:
         examples = ", ".join(f"{path} (r={r}, min(in, out)={n})" for path, r, n in too_big[:3])

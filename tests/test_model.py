@@ -177,6 +177,24 @@ def test_merging_into_one_of_tied_embeddings_leaves_the_other_alone(tmp_path, ta
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens", "q"], ["shared", "q"]])
+def test_merging_into_t5s_tied_embeddings_survives_saving_and_tie_weights(tmp_path, targets):
+    """T5 shares one weight among shared, encoder/decoder.embed_tokens and lm_head. After a merge unties
+    some of them, transformers must not tie them again (tie_weights(), save_pretrained + from_pretrained)."""
+    model = get_lora_model(make_model("t5"), LoRAConfig(r=4, target_modules=targets))
+    randomise_B(model)
+    batch = batch_for("t5")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        merged = model.merge_and_unload()
+        assert merged.config.tie_word_embeddings is False
+        merged.save_pretrained(tmp_path)
+        merged.tie_weights()
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-4)
+        reloaded = type(merged).from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=1e-4)
+
+
 def test_pissa_on_a_tied_head_is_refused_before_the_model_is_touched():
     base = make_model("gpt2")
     before = copy.deepcopy(base.state_dict())

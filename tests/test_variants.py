@@ -208,6 +208,19 @@ def test_pissa_olora_rank_above_a_layers_size_is_refused_before_the_model_is_tou
     get_lora_model(make_model("gpt2"), config.replace(r=64, rank_pattern={}))  # min(in, out) itself fits
 
 
+def test_pissa_with_a_small_embedding_target_is_accepted():
+    """PiSSA/OLoRA leave embeddings alone (plain init, as in peft), so their size puts no bound on r:
+    BERT's token_type_embeddings (2, 64) takes r=8 as peft does."""
+    fields = dict(r=8, target_modules=["token_type_embeddings", "query"], init_lora_weights="pissa")
+    ours = get_lora_model(make_model("bert"), LoRAConfig(**fields))
+    ref = get_peft_model(make_model("bert"), LoraConfig(**fields))
+    assert ours.bert.embeddings.token_type_embeddings.lora_A["default"].shape == (8, 2)
+    assert ref.base_model.model.bert.embeddings.token_type_embeddings.lora_embedding_A["default"].shape == (
+        8,
+        2,
+    )
+
+
 def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model(tmp_path):
     fields = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="pissa")
     _check_pissa_conversion(tmp_path, fields)
@@ -215,8 +228,8 @@ def test_pissa_converted_to_plain_lora_matches_peft_and_loads_on_the_stock_model
 
 def test_pissa_conversion_keeps_an_embedding_target_right(tmp_path):
     """PiSSA leaves an embedding's weight alone (peft too) and its A starts at zero, so [B, -B0] @ [A; A0]
-    is its trained update at rank 2r as well. (peft's conversion skips lora_embedding_* and writes a file
-    whose embedding tensors have rank r under a config of rank 2r: it cannot load.)"""
+    is its trained update at rank 2r as well. (peft's conversion leaves the embedding's tensors out of the
+    file: loaded, its embedding adapter is lost.)"""
     fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights="pissa")
     base = make_model("llama")
     ours = get_lora_model(base, LoRAConfig(**fields))
