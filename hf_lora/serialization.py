@@ -44,7 +44,7 @@ from .model import (
     _prepare_config,
 )
 from .model_card import write_model_card
-from .targets import LINEAR_TYPES, base_modules, resolve_modules_to_save, resolve_targets
+from .targets import LORA_TYPES, base_modules, resolve_modules_to_save, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -571,12 +571,13 @@ def _from_pretrained_all(
 @contextlib.contextmanager
 def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[None]:
     """Give a plain model back as it was if attaching adapters to it fails part way: its class, modules,
-    requires_grad flags (attaching freezes them all) and the base weights PiSSA/OLoRA adapters move."""
+    requires_grad flags (attaching freezes them all) and the base weights that PiSSA/OLoRA adapters move
+    or peft's files carry (`<path>.base_layer.weight`, e.g. a resized output head)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     moved = {}
-    if any(_moves_base_weights(f.config) for f in files):
+    if any(_moves_base_weights(f.config) or any(_base_layer_key(k) for k in f.tensors) for f in files):
         moved = {
-            name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LINEAR_TYPES)
+            name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LORA_TYPES)
         }
     try:
         yield

@@ -523,10 +523,17 @@ def test_all_adapters_refuses_arguments_it_would_ignore(tmp_path, given):
     assert loaded.adapters == ["default", "other"]
 
 
-def test_a_failed_load_of_all_adapters_leaves_requires_grad_as_it_was(tmp_path):
-    """Attaching the first adapter freezes the whole model; a later adapter that does not fit must not
-    leave it frozen."""
-    get_lora_model(make_model("gpt2"), LoRAConfig(r=4)).save_pretrained(tmp_path)
+@pytest.mark.parametrize("first", ["ours", "peft-with-head-weight"])
+def test_a_failed_load_of_all_adapters_leaves_requires_grad_as_it_was(tmp_path, first):
+    """Attaching the first adapter freezes the whole model (and copies in the head weight a peft file
+    carries); a later adapter that does not fit must leave the model as it was."""
+    if first == "ours":
+        get_lora_model(make_model("gpt2"), LoRAConfig(r=4)).save_pretrained(tmp_path)
+    else:
+        ref = get_peft_model(make_model("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "lm_head"]))
+        with torch.no_grad():
+            ref.base_model.model.lm_head.base_layer.weight.add_(0.05)
+        ref.save_pretrained(tmp_path)
     get_lora_model(make_model("llama"), LoRAConfig(r=4)).save_pretrained(tmp_path / "zz")  # does not fit
     base = make_model("gpt2")
     base.transformer.wte.requires_grad_(False)  # a mix of flags, each to be restored
