@@ -160,9 +160,11 @@ def push_adapter_to_hub(
     log_history: list[dict[str, Any]] | None = None,
     selected_adapters: list[str] | None = None,
     create_pr: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> CommitInfo:
     """Create the repo if needed and upload the adapter files in one commit; returns the CommitInfo
-    (`.oid`, `.commit_url`). A README.md already in the repo that hf_lora did not write is kept."""
+    (`.oid`, `.commit_url`). A README.md already in the repo that hf_lora did not write is kept.
+    `save_embedding_layers` is save_pretrained's."""
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -179,6 +181,7 @@ def push_adapter_to_hub(
             repo_id=repo_id,
             card_data=card_data,
             log_history=log_history,
+            save_embedding_layers=save_embedding_layers,
         )
         try:
             for card in owners_cards(Path(tmp), repo_id, revision, token):

@@ -604,6 +604,13 @@ class LoRALayer(nn.Module):
             W.sub_(delta)
         return W
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as the model has it without the merged adapters (itself if none are merged)."""
+        if not self.merged_adapters:
+            return self.weight
+        W = self._unmerged_weight_oi(torch.promote_types(self.weight.dtype, torch.float32))
+        return (W.T if self.fan_in_fan_out else W).to(self.weight.dtype)
+
     def _merged_dora(self, name: str) -> torch.Tensor:
         """m / ||W0 + delta|| * (W + delta), row-wise in (out, in) layout, with W0 the base weight without
         earlier merged adapters (as forward and peft take the norm), in the weight's layout; the norm is

@@ -159,6 +159,88 @@ def adapter_state_dict(
     return out
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's: targets that make "auto" save the embeddings
+
+
+def embedding_layer_tensors(
+    model: LoRAModel, adapter_name: str, save_embedding_layers: bool | str = "auto"
+) -> dict[str, torch.Tensor]:
+    """peft's `save_embedding_layers`: the base weights of the input and output embeddings, under peft's
+    keys (`<path>.base_layer.weight` for a LoRA layer, `<path>.weight` otherwise). Where the adapter targets
+    them, only LoRA layers' are written, as in peft; a module saved in full is in the file anyway. A LoRA
+    layer's weight is written without the adapters merged into it (peft writes the merged one, and its
+    reload adds them twice)."""
+    config = model.peft_config[adapter_name]
+    targeted = _embedding_is_targeted(model, config)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = targeted or _vocabulary_resized(model, config)
+        if save_embedding_layers:
+            logger.info(
+                "adapter %r: writing the base model's embedding weights too (save_embedding_layers='auto': %s); "
+                "pass save_embedding_layers=False for an adapter-only file",
+                adapter_name,
+                "it targets embed_tokens/lm_head" if targeted else "the vocabulary was resized",
+            )
+    if not save_embedding_layers:
+        return {}
+    getters = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+    layers = [get() for get in getters if callable(get)]
+    paths = {id(m): path for path, m in model.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if layer is None or isinstance(layer, ModulesToSave) or id(layer) not in paths:
+            continue
+        if isinstance(layer, LoRALayer):
+            prefix = f"{paths[id(layer)]}.base_layer."
+            weight = layer.base_weight()
+        elif targeted:
+            continue
+        else:
+            prefix, weight = f"{paths[id(layer)]}.", layer.weight
+        bias = getattr(layer, "bias", None)
+        for leaf, t in (("weight", weight), ("bias", bias)):
+            if isinstance(t, torch.Tensor):
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                out[f"{PREFIX}{prefix}{leaf}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _embedding_is_targeted(model: nn.Module, config: LoRAConfig) -> bool:
+    """peft's rule: a target list naming "embed_tokens" or "lm_head", or a regex matching a module so named."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(
+            re.fullmatch(targets, path)
+            for path, _ in base_modules(model)
+            if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", path)
+        )
+    return any(name in (targets or ()) for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocabulary_resized(model: nn.Module, config: LoRAConfig) -> bool:
+    """The model's vocab_size differs from its base model's config, found in the base model's folder or in
+    the Hub cache (peft asks the Hub; saving here never goes online)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    source = config.base_model_name_or_path
+    if vocab is None or not source:
+        return False
+    found: Any = Path(source) / "config.json"
+    if not found.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "config.json", revision=config.revision)
+        except Exception:  # not a repo id
+            return False
+        if not isinstance(found, str):
+            return False
+    try:
+        base_vocab = json.loads(Path(found).read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(base_vocab, int) and base_vocab != vocab
+
+
 def peft_only_saved_modules(model: LoRAModel, adapter_name: str) -> list[str]:
     """Modules that peft saves for this adapter's modules_to_save and ours leave in the base model.
 
@@ -220,11 +302,17 @@ def save_pretrained(
     card_data: dict[str, Any] | None = None,
     repo_id: str | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    save_embedding_layers: bool | str = "auto",
     **kwargs: Any,
 ) -> None:
     """Write each adapter in peft's layout: the adapter named "default" at the root, any other in
     `save_directory/<name>/`. Every rank must call this under FSDP2 (gathering is collective); only the
     main process writes.
+
+    `save_embedding_layers` (peft's): also write the base model's input and output embedding weights, which
+    a resized vocabulary needs (new tokens have no base weights elsewhere). "auto" does it, as peft does,
+    when the adapter targets `embed_tokens` or `lm_head`, or when the vocabulary size differs from the base
+    model's config (read from its folder or the Hub cache; nothing is downloaded).
 
     `path_initial_model_for_weight_conversion` (peft's name): for a PiSSA/OLoRA adapter, the folder where
     it was saved before training; the adapter is then written as a plain LoRA of twice the rank whose
@@ -238,7 +326,15 @@ def save_pretrained(
     if unknown := [n for n in names if n not in model.peft_config]:
         raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {model.adapters}.")
     # Gather first (collective under FSDP2: every rank takes part), then only the main process writes.
-    tensors = {name: adapter_state_dict(model, name, state_dict) for name in names}
+    if save_embedding_layers not in (True, False, "auto"):
+        raise ValueError(
+            f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}."
+        )
+    tensors = {
+        name: adapter_state_dict(model, name, state_dict)
+        | embedding_layer_tensors(model, name, save_embedding_layers)
+        for name in names
+    }
     if not is_main_process:
         return
     configs = {name: adapter_config(model, name) for name in names}
@@ -277,7 +373,8 @@ def as_plain_lora(
     """A PiSSA/OLoRA adapter as a plain LoRA against the original weights: with W = W_res + s B0 A0 at the
     start, the trained model is W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0], a LoRA of rank 2r. (The
     same holds for embeddings, which PiSSA/OLoRA leave alone: their A0 is zero.)"""
-    out = dict(tensors)
+    # the converted adapter applies to the original weights: no residual base weights go with it
+    out = {k: t for k, t in tensors.items() if not k.endswith(".base_layer.weight")}
     for key, t in tensors.items():
         if key.endswith(("lora_A.weight", "lora_embedding_A")):
             out[key] = torch.cat([t, initial[key]], dim=0)
@@ -788,7 +885,7 @@ def _base_weights_under_merged_adapters(
         split = _base_layer_key(key)
         module = modules.get(split[0]) if split and split[1] == "weight" else None
         if isinstance(module, LoRALayer) and module.merged_adapters:
-            weight = module.weight.detach()
+            weight = module.base_weight().detach()
             if not torch.equal(weight, files.tensors[file_key].to(device=weight.device, dtype=weight.dtype)):
                 problems.append(
                     f"{key} differs from {split[0]}.weight, into which adapters {module.merged_adapters} are "
@@ -867,17 +964,22 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
                 target = own[own_key]
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             elif (split := _base_layer_key(_normalise_key(key))) and split[0] in lora:
+                layer = model.get_submodule(split[0])
+                base = layer.base_weight() if split[1] == "weight" else None
                 _copy_base_tensor(
-                    own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source
+                    own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source, base
                 )
 
 
-def _copy_base_tensor(target: torch.Tensor, tensor: torch.Tensor, name: str, source: str) -> None:
+def _copy_base_tensor(
+    target: torch.Tensor, tensor: torch.Tensor, name: str, source: str, base: torch.Tensor | None = None
+) -> None:
     """A LoRA layer's base tensor from the file (peft's `<path>.base_layer.<name>`): peft loads it, so a
     different one (a resized vocabulary) replaces the model's; a weight tied to the input embeddings
-    changes them too, as in peft."""
+    changes them too, as in peft. `base`: the target without merged adapters, which is what the file's
+    tensor is compared with (`_base_weights_under_merged_adapters` has refused a different one)."""
     tensor = tensor.to(device=target.device, dtype=target.dtype)
-    if not torch.equal(target, tensor):
+    if not torch.equal(target if base is None else base, tensor):
         logger.info("%s: loading %s from the adapter file (it differs from the model's)", source, name)
         target.copy_(tensor)
 

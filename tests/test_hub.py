@@ -62,6 +62,20 @@ def test_push_then_pull_gives_identical_tensors_and_logits(hub_server, hub_repo_
     assert load_file(local / "adapter_model.safetensors").keys() == hf_lora.adapter_state_dict(model).keys()
 
 
+@pytest.mark.parametrize("save_embedding_layers", ["auto", False])
+def test_push_passes_save_embedding_layers_on(hub_server, hub_repo_id, tmp_path, save_embedding_layers):
+    """An adapter on the tied wte and lm_head: "auto" (peft's) pushes lm_head's base weight with it, False
+    an adapter-only file."""
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=["c_attn", "lm_head"]))
+    hf_lora.push_adapter_to_hub(
+        model, hub_repo_id, token=hub_server.tokens["alice"], save_embedding_layers=save_embedding_layers
+    )
+    keys = load_file(
+        hf_lora.download_adapter(hub_repo_id, tmp_path / "dl") / "adapter_model.safetensors"
+    ).keys()
+    assert ("base_model.model.lm_head.base_layer.weight" in keys) is (save_embedding_layers == "auto")
+
+
 def test_model_card_front_matter_and_snippets(hub_server, hub_repo_id):
     model = adapter_model()
     hf_lora.push_adapter_to_hub(model, hub_repo_id, token=hub_server.tokens["alice"], card_data={"license": "mit"},

@@ -87,11 +87,7 @@ def test_same_files_keys_and_config_as_peft(tmp_path, kind, fields):
         safe_open(tmp_path / "ours" / WEIGHTS_NAME, "pt") as a,
         safe_open(tmp_path / "peft" / WEIGHTS_NAME, "pt") as b,
     ):
-        # With an embedding among its targets, peft (save_embedding_layers="auto") also writes the base
-        # model's input and output embedding weights, unchanged: we leave them out, and read them.
-        peft_keys = [k for k in b.keys() if not k.endswith(".base_layer.weight")]  # noqa: SIM118
-        assert len(peft_keys) == len(b.keys()) or set(fields["target_modules"]) & {"embed_tokens", "lm_head"}
-        assert sorted(a.keys()) == sorted(peft_keys)
+        assert sorted(a.keys()) == sorted(b.keys())  # with embed_tokens targeted, its base weight too
         assert a.metadata() == {"format": "pt"} == b.metadata()
         for key in a.keys():  # noqa: SIM118 (safe_open is not iterable)
             assert a.get_tensor(key).dtype == torch.float32
@@ -609,11 +605,7 @@ def test_token_cls_and_question_answering_heads_are_trained_and_saved_as_in_peft
         safe_open(tmp_path / "ours" / WEIGHTS_NAME, "pt") as a,
         safe_open(tmp_path / "peft" / WEIGHTS_NAME, "pt") as b,
     ):
-        # With an embedding among its targets, peft (save_embedding_layers="auto") also writes the base
-        # model's input and output embedding weights, unchanged: we leave them out, and read them.
-        peft_keys = [k for k in b.keys() if not k.endswith(".base_layer.weight")]  # noqa: SIM118
-        assert len(peft_keys) == len(b.keys()) or set(fields["target_modules"]) & {"embed_tokens", "lm_head"}
-        assert sorted(a.keys()) == sorted(peft_keys)
+        assert sorted(a.keys()) == sorted(b.keys())  # with embed_tokens targeted, its base weight too
     ids = batch_for("bert")["input_ids"]
     with torch.no_grad():
         expected = ours(input_ids=ids)[0]
@@ -810,3 +802,53 @@ def test_an_embedding_adapter_with_older_peft_key_names_loads(tmp_path):
     (tmp_path / "old" / CONFIG_NAME).write_text((tmp_path / "new" / CONFIG_NAME).read_text())
     loaded = LoRAModel.from_pretrained(make_model("llama"), tmp_path / "old")
     assert (logits(loaded, "llama") - logits(ours, "llama")).abs().max().item() <= 1e-6
+
+
+def test_embedding_base_weights_are_saved_without_merged_adapters(tmp_path):
+    """With embed_tokens targeted, "auto" writes its base weight, as peft does; saved while an adapter is
+    merged into it, the file holds the weight without it (peft writes the merged one, so its reload adds
+    the adapter twice)."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    ours, _ = trained("llama", fields)
+    expected = logits(ours, "llama")
+    base_weight = ours.model.embed_tokens.weight.detach().clone()
+    ours.merge_adapter()
+    ours.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)["base_model.model.model.embed_tokens.base_layer.weight"]
+    torch.testing.assert_close(saved, base_weight, rtol=0, atol=1e-6)  # (what unmerging gives)
+    for load in (LoRAModel.from_pretrained, PeftModel.from_pretrained):
+        assert (logits(load(make_model("llama"), tmp_path), "llama") - expected).abs().max().item() <= 1e-5
+    ours.load_adapter(tmp_path, "again")  # beside the merged one: the same base weight, nothing to refuse
+    assert (logits(ours, "llama") - expected).abs().max().item() <= 1e-5
+    ours.save_pretrained(tmp_path / "small", save_embedding_layers=False)
+    assert not [k for k in load_file(tmp_path / "small" / WEIGHTS_NAME) if "base_layer" in k]
+    with pytest.raises(ValueError, match="save_embedding_layers must be True, False or 'auto'"):
+        ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
+
+
+def test_a_resized_vocabulary_is_saved_with_the_adapter(tmp_path):
+    """New tokens get new embedding rows that only the adapter's folder can carry: "auto" sees the
+    vocabulary differ from the base model's config (in its folder) and writes both embeddings, as peft."""
+    make_model("llama").save_pretrained(tmp_path / "base")
+    base = type(make_model("llama")).from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(136)  # 8 new tokens, random rows
+    model = get_lora_model(
+        base, LoRAConfig(r=4, target_modules=["q_proj"], base_model_name_or_path=str(tmp_path / "base"))
+    )
+    randomise_B(model)
+    ids = torch.tensor([[1, 130, 135, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / WEIGHTS_NAME).keys()
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
+    for load in (LoRAModel.from_pretrained, PeftModel.from_pretrained):
+        fresh = type(make_model("llama")).from_pretrained(tmp_path / "base")
+        torch.manual_seed(5)
+        fresh.resize_token_embeddings(136)  # other random rows: the file's must replace them
+        with torch.no_grad():
+            assert (
+                load(fresh, tmp_path / "adapter")(input_ids=ids).logits - expected
+            ).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path / "small", save_embedding_layers=False)
+    assert not [k for k in load_file(tmp_path / "small" / WEIGHTS_NAME) if "embed_tokens" in k]
