@@ -669,10 +669,17 @@ def _from_pretrained_all(
 def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[None]:
     """Give a plain model back as it was if attaching adapters to it fails part way: its class, modules,
     requires_grad flags (attaching freezes them all) and the base weights that PiSSA/OLoRA adapters move
-    or peft's files carry (`<path>.base_layer.weight`, e.g. a resized output head)."""
+    or the files carry (`<path>.base_layer.weight`, embeddings: save_embedding_layers)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     moved = {}
-    if any(_moves_base_weights(f.config) or any(_base_layer_key(k) for k in f.tensors) for f in files):
+    embeddings = _embedding_paths(model)
+    if any(
+        _moves_base_weights(f.config)
+        or any(
+            _base_layer_key(k) or k.removeprefix(PREFIX).rpartition(".")[0] in embeddings for k in f.tensors
+        )
+        for f in files
+    ):
         moved = {
             name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LORA_TYPES)
         }
@@ -749,13 +756,14 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
         raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
     saved = _resolve_saved_leniently(model, config, files.source)
     modules = dict(base_modules(model))
+    embeddings = _embedding_paths(model)
     keys = _without_foreign_base_layer_keys(keys, modules, targets, files.source)
     keys = _without_other_wrappers_keys(model, keys, saved, files.source)
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
     # Such tensors equal to the model's own are the copies we write for peft (`peft_only_saved_modules`).
-    expected = _expected_shapes(modules, config, targets, saved)
+    expected = _expected_shapes(modules, config, targets, saved, embeddings)
     copies: set[str] = set()
     extra = sorted(set(keys) - set(expected))
     own = model.state_dict() if extra else {}
@@ -773,7 +781,7 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
                 "%s: loading %s as a module saved in full (it is in the adapter file)", files.source, path
             )
     keys = {k: v for k, v in keys.items() if k not in copies}
-    expected = _expected_shapes(modules, config, targets, saved)
+    expected = _expected_shapes(modules, config, targets, saved, embeddings)
 
     problems = []
     missing = [k for k, (_, required) in expected.items() if required and k not in keys]
@@ -832,6 +840,24 @@ def _base_layer_key(key: str) -> tuple[str, str] | None:
 def _lora_paths(modules: dict[str, nn.Module], targets: list[str]) -> set[str]:
     """Modules that are LoRA layers once the adapter is attached: its targets and other adapters' layers."""
     return set(targets) | {p for p, m in modules.items() if isinstance(m, LoRALayer)}
+
+
+def _embedding_paths(model: nn.Module) -> set[str]:
+    """The model's input and output embeddings (as base modules): peft's save_embedding_layers writes their
+    weights under their plain keys (`<path>.weight`) where they are no LoRA layers, and loads them into the
+    base model, as we do."""
+    paths = {id(m): path for path, m in base_modules(model)}
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except NotImplementedError:
+            module = None
+        module = module.original_module if isinstance(module, ModulesToSave) else module
+        if module is not None and id(module) in paths:
+            found.add(paths[id(module)])
+    return found
 
 
 def _without_foreign_base_layer_keys(
@@ -907,7 +933,11 @@ def _inside(path: str, roots: list[str]) -> bool:
 
 
 def _expected_shapes(
-    modules: dict[str, nn.Module], config: LoRAConfig, targets: list[str], saved: list[str]
+    modules: dict[str, nn.Module],
+    config: LoRAConfig,
+    targets: list[str],
+    saved: list[str],
+    embeddings: set[str] = frozenset(),
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
     """file key -> (shape, required) for the adapter `config` creates.
 
@@ -924,11 +954,18 @@ def _expected_shapes(
         out[f"{PREFIX}{path}.{b_key}"] = ((n_out, r), True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
-    for path in sorted(_lora_paths(modules, targets)):
+    lora_paths = _lora_paths(modules, targets)
+    for path in sorted(lora_paths):
         for leaf in ("weight", "bias"):
             t = getattr(modules[path], leaf, None)
             if isinstance(t, nn.Parameter):
                 out[f"{PREFIX}{path}.base_layer.{leaf}"] = (tuple(t.shape), False)
+    for path in sorted(embeddings - lora_paths):  # save_embedding_layers: base weights, loaded into the base
+        if not _inside(path, saved):
+            for leaf in ("weight", "bias"):
+                t = getattr(modules[path], leaf, None)
+                if isinstance(t, nn.Parameter):
+                    out[f"{PREFIX}{path}.{leaf}"] = (tuple(t.shape), False)
     for path in saved:
         for k, v in modules[path].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = (tuple(v.shape), True)
@@ -957,12 +994,19 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
     keymap = adapter_key_map(model, adapter_name)
     own = model.state_dict(keep_vars=True)
     lora = {path for path, _ in model.lora_layers()}
+    embeddings = _embedding_paths(model) - lora
     with torch.no_grad():
         for key, tensor in files.tensors.items():
             own_key = keymap.get(_normalise_key(key))
             if own_key is not None:
                 target = own[own_key]
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            elif (
+                key.removeprefix(PREFIX).rpartition(".")[0] in embeddings and key.removeprefix(PREFIX) in own
+            ):
+                _copy_base_tensor(
+                    own[key.removeprefix(PREFIX)], tensor, key.removeprefix(PREFIX), files.source
+                )
             elif (split := _base_layer_key(_normalise_key(key))) and split[0] in lora:
                 layer = model.get_submodule(split[0])
                 base = layer.base_weight() if split[1] == "weight" else None

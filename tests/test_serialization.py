@@ -846,9 +846,12 @@ def test_a_resized_vocabulary_is_saved_with_the_adapter(tmp_path):
         fresh = type(make_model("llama")).from_pretrained(tmp_path / "base")
         torch.manual_seed(5)
         fresh.resize_token_embeddings(136)  # other random rows: the file's must replace them
+        loaded = load(fresh, tmp_path / "adapter", is_trainable=True)
         with torch.no_grad():
-            assert (
-                load(fresh, tmp_path / "adapter")(input_ids=ids).logits - expected
-            ).abs().max().item() <= 1e-5
+            assert (loaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
+        # loaded into the base model, as peft does: not a module saved in full, nothing more to train
+        assert not loaded.get_input_embeddings().weight.requires_grad
+        trainable = sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+        assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(tmp_path / "small", save_embedding_layers=False)
     assert not [k for k in load_file(tmp_path / "small" / WEIGHTS_NAME) if "embed_tokens" in k]
