@@ -357,6 +357,18 @@ def test_fsdp_saves_the_whole_adapter(tmp_path, one_process_reference, setup):
     assert all(t.numel() > 0 for t in saved.values()), "gathered tensors, not empty shards (peft#2892)"
 
 
+def test_fsdp2_trains_embedding_adapters_as_one_process_does(tmp_path):
+    """LoRA on the token and position embeddings too (wte is tied to lm_head), sharded by FSDP2."""
+    targets = ["--targets", "wte", "wpe", "c_attn"]
+    run(script(tmp_path / "one", "--setup", "accelerate", "--steps", "6", "--batch", "8", *targets), tmp_path)
+    run(torchrun(tmp_path / "two", "--setup", "fsdp2", "--steps", "6", "--batch", "4", *targets), tmp_path)
+    reference = adapter(tmp_path / "one" / "final")
+    assert reference["base_model.model.transformer.wte.lora_embedding_A"].abs().max() > 0, (
+        "A (from 0) trained"
+    )
+    check_two_ranks(tmp_path / "two", reference, find_unused=None, sharded=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

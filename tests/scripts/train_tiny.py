@@ -32,7 +32,11 @@ def build_model(args) -> hf_lora.LoRAModel:
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     model = GPT2LMHeadModel(cfg)
     lora = hf_lora.LoRAConfig(
-        r=4, lora_alpha=8, lora_dropout=args.dropout, modules_to_save=args.modules_to_save
+        r=4,
+        lora_alpha=8,
+        lora_dropout=args.dropout,
+        modules_to_save=args.modules_to_save,
+        target_modules=args.targets,
     )
     model = hf_lora.get_lora_model(model, lora)
     torch.manual_seed(1)  # B != 0 from the start, so every step moves the logits
@@ -198,6 +202,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="per process")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--modules-to-save", nargs="*", default=None)
+    p.add_argument("--targets", nargs="*", default=None, help="target_modules (default: GPT-2's)")
     p.add_argument("--kill-after-save", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int, default=None, help="raise on this rank at step 2")
