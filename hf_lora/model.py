@@ -187,7 +187,8 @@ class LoRAModel(nn.Module):
         and saved-module copies train from now on (`inference_mode=True` freezes them instead), also those
         of an adapter loaded frozen (`is_trainable=False`) or created with `inference_mode=True`, and every
         other adapter is frozen. Their configs' `inference_mode` records that (it is what keeps them
-        trainable, or frozen, when adapters are added, loaded or deleted later).
+        trainable, or frozen, when adapters are added, loaded or deleted later). The base biases an adapter
+        with bias="lora_only"/"all" trains follow it (peft leaves them trainable under inference_mode=True).
         Merged adapters are unmerged first, as in peft: one that stays merged whatever is active would stay
         in the weights, and a merged one does not train."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)

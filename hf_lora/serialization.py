@@ -138,17 +138,14 @@ def adapter_state_dict(
         state_dict = {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     else:
         state_dict = dict(model.state_dict(keep_vars=True))
-    out, seen = {}, set()
+    out = {}
     for file_key, own_key in keymap.items():
         if own_key not in state_dict:
             raise AdapterStateError(f"the state dict given to save has no tensor {own_key!r}.")
         t = state_dict[own_key]
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 / tensor parallel): gather the whole tensor
             t = t.full_tensor()
-        t = t.detach().to("cpu").contiguous()
-        # safetensors refuses tensors that share memory; one tensor may be written under two keys
-        out[file_key] = t.clone() if t.data_ptr() in seen else t
-        seen.add(t.data_ptr())
+        out[file_key] = t.detach().to("cpu").contiguous()
     for path in peft_only_saved_modules(model, adapter_name):
         module = model.get_submodule(path)
         module = module.original_module if isinstance(module, ModulesToSave) else module
@@ -156,20 +153,23 @@ def adapter_state_dict(
             if hasattr(t, "full_tensor"):
                 t = t.full_tensor()
             out.setdefault(f"{PREFIX}{path}.{k}", t.detach().to("cpu").contiguous())
-    return out
+    return _without_shared_memory(out)  # one tensor may be written under two keys
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's: targets that make "auto" save the embeddings
 
 
 def embedding_layer_tensors(
-    model: LoRAModel, adapter_name: str, save_embedding_layers: bool | str = "auto"
+    model: LoRAModel,
+    adapter_name: str,
+    save_embedding_layers: bool | str = "auto",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """peft's `save_embedding_layers`: the base weights of the input and output embeddings, under peft's
     keys (`<path>.base_layer.weight` for a LoRA layer, `<path>.weight` otherwise). Where the adapter targets
     them, only LoRA layers' are written, as in peft; a module saved in full is in the file anyway. A LoRA
     layer's weight is written without the adapters merged into it (peft writes the merged one, and its
-    reload adds them twice)."""
+    reload adds them twice). `state_dict`: as for `adapter_state_dict` (gathered by a trainer)."""
     config = model.peft_config[adapter_name]
     targeted = _embedding_is_targeted(model, config)
     if save_embedding_layers == "auto":
@@ -183,25 +183,34 @@ def embedding_layer_tensors(
             )
     if not save_embedding_layers:
         return {}
-    getters = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
-    layers = [get() for get in getters if callable(get)]
-    paths = {id(m): path for path, m in model.named_modules()}
+    gathered = None if state_dict is None else {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        if layer is None or isinstance(layer, ModulesToSave) or id(layer) not in paths:
+    for path in sorted(_embedding_paths(model)):
+        module = model.get_submodule(path)
+        if isinstance(module, ModulesToSave) or (targeted and not isinstance(module, LoRALayer)):
             continue
-        if isinstance(layer, LoRALayer):
-            prefix = f"{paths[id(layer)]}.base_layer."
-            weight = layer.base_weight()
-        elif targeted:
-            continue
-        else:
-            prefix, weight = f"{paths[id(layer)]}.", layer.weight
-        bias = getattr(layer, "bias", None)
-        for leaf, t in (("weight", weight), ("bias", bias)):
-            if isinstance(t, torch.Tensor):
-                t = t.full_tensor() if hasattr(t, "full_tensor") else t
-                out[f"{PREFIX}{prefix}{leaf}"] = t.detach().to("cpu").contiguous()
+        prefix = f"{path}.base_layer." if isinstance(module, LoRALayer) else f"{path}."
+        for leaf in ("weight", "bias"):
+            t = getattr(module, leaf, None)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if gathered is not None:
+                t = gathered.get(f"{path}.{leaf}", t)
+            elif leaf == "weight" and isinstance(module, LoRALayer):
+                t = module.base_weight()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[f"{PREFIX}{prefix}{leaf}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _without_shared_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (a tied weight written under two keys): copies."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
     return out
 
 
@@ -331,8 +340,10 @@ def save_pretrained(
             f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}."
         )
     tensors = {
-        name: adapter_state_dict(model, name, state_dict)
-        | embedding_layer_tensors(model, name, save_embedding_layers)
+        name: _without_shared_memory(
+            adapter_state_dict(model, name, state_dict)
+            | embedding_layer_tensors(model, name, save_embedding_layers, state_dict)
+        )
         for name in names
     }
     if not is_main_process:
@@ -671,26 +682,32 @@ def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[
     requires_grad flags (attaching freezes them all) and the base weights that PiSSA/OLoRA adapters move
     or the files carry (`<path>.base_layer.weight`, embeddings: save_embedding_layers)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    moved = {}
+    modules = dict(base_modules(model))
     embeddings = _embedding_paths(model)
-    if any(
-        _moves_base_weights(f.config)
-        or any(
-            _base_layer_key(k) or k.removeprefix(PREFIX).rpartition(".")[0] in embeddings for k in f.tensors
-        )
-        for f in files
-    ):
-        moved = {
-            name: m.weight.detach().clone() for name, m in base_modules(model) if isinstance(m, LORA_TYPES)
-        }
+    tensors = set()  # (module path, tensor name): only what the files carry, or PiSSA/OLoRA may move
+    for f in files:
+        if _moves_base_weights(f.config):
+            tensors |= {(path, "weight") for path, m in modules.items() if isinstance(m, LORA_TYPES)}
+        for key in f.tensors:
+            key = _normalise_key(key).removeprefix(PREFIX)
+            path, sep, leaf = key.rpartition(".base_layer.")
+            if not sep:
+                path, _, leaf = key.rpartition(".")
+            if sep or path in embeddings:
+                tensors.add((path, leaf))
+    moved = {
+        (path, leaf): t.detach().clone()
+        for path, leaf in tensors
+        if isinstance(t := getattr(modules.get(path), leaf, None), torch.Tensor)
+    }
     try:
         yield
     except Exception:
         if isinstance(model, LoRAModel):
             model.unload()
         with torch.no_grad():
-            for name, weight in moved.items():
-                model.get_submodule(name).weight.copy_(weight)
+            for (path, leaf), value in moved.items():
+                getattr(model.get_submodule(path), leaf).copy_(value)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
@@ -794,17 +811,29 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
         )
         hint = f" (the adapter was made for {made_for!r})" if made_for else ""
         problems.append(f"tensors for modules this model does not have{hint}: {few(unexpected, 4)}")
+    vocabularies = set()
     for key, (shape, _) in expected.items():
         if key in keys and tuple(files.tensors[keys[key]].shape) != shape:
             got = tuple(files.tensors[keys[key]].shape)
             problems.append(f"{key} has shape {got}, the model needs {shape}")
+            path = key.removeprefix(PREFIX).rpartition(".")[0].removesuffix(".base_layer")
+            if path in embeddings and got[1:] == shape[1:]:
+                vocabularies.add((got[0], shape[0]))
     if not problems:
         problems += _base_weights_under_merged_adapters(modules, files, keys)
     if problems:
+        advice = "Is it an adapter for a different base model (architecture or size)?"
+        if len(vocabularies) == 1 and len(problems) == sum(" has shape " in p for p in problems):
+            ((saved_with, has),) = vocabularies
+            advice = (
+                f"The adapter was saved with a vocabulary of {saved_with} tokens (resized embeddings), the model "
+                f"has {has}: call model.resize_token_embeddings({saved_with}) first, then load it."
+            )
         raise AdapterFormatError(
             f"adapter {files.source} does not fit {type(model).__name__}: "
             + "; ".join(problems[:6])
-            + ". Is it an adapter for a different base model (architecture or size)?"
+            + ". "
+            + advice
         )
     return LoadPlan(
         config=config.replace(modules_to_save=_saved_names(config, saved)), targets=targets, saved=saved
@@ -910,13 +939,12 @@ def _base_weights_under_merged_adapters(
     for key, file_key in keys.items():
         split = _base_layer_key(key)
         module = modules.get(split[0]) if split and split[1] == "weight" else None
-        if isinstance(module, LoRALayer) and module.merged_adapters:
-            weight = module.base_weight().detach()
-            if not torch.equal(weight, files.tensors[file_key].to(device=weight.device, dtype=weight.dtype)):
-                problems.append(
-                    f"{key} differs from {split[0]}.weight, into which adapters {module.merged_adapters} are "
-                    "merged; unmerge_adapter() first, then load it"
-                )
+        merged = isinstance(module, LoRALayer) and module.merged_adapters
+        if merged and not _is_base_weight(module, files.tensors[file_key]):
+            problems.append(
+                f"{key} differs from {split[0]}.weight, into which adapters {module.merged_adapters} are "
+                "merged; unmerge_adapter() first, then load it"
+            )
     return problems
 
 
@@ -1008,22 +1036,36 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
                     own[key.removeprefix(PREFIX)], tensor, key.removeprefix(PREFIX), files.source
                 )
             elif (split := _base_layer_key(_normalise_key(key))) and split[0] in lora:
-                layer = model.get_submodule(split[0])
-                base = layer.base_weight() if split[1] == "weight" else None
+                layer = model.get_submodule(split[0]) if split[1] == "weight" else None
                 _copy_base_tensor(
-                    own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source, base
+                    own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source, layer
                 )
 
 
+def _is_base_weight(layer: LoRALayer, tensor: torch.Tensor) -> bool:
+    """Whether a file's base weight is this layer's. With adapters merged into it, the layer's base is its
+    weight minus their updates, which rounding leaves a few ulps off the original weight the file may
+    hold: compared up to that."""
+    base = layer.base_weight().detach()
+    tensor = tensor.to(device=base.device, dtype=base.dtype)
+    if not layer.merged_adapters or base.shape != tensor.shape:
+        return torch.equal(base, tensor)
+    # merging and unmerging round twice, each by at most half an ulp of what they round: elementwise bound
+    merged, tensor = layer.weight.detach().float(), tensor.float()
+    bound = 2 * torch.finfo(base.dtype).eps * (merged.abs() + tensor.abs())
+    return bool(((base.float() - tensor).abs() <= bound).all())
+
+
 def _copy_base_tensor(
-    target: torch.Tensor, tensor: torch.Tensor, name: str, source: str, base: torch.Tensor | None = None
+    target: torch.Tensor, tensor: torch.Tensor, name: str, source: str, layer: LoRALayer | None = None
 ) -> None:
-    """A LoRA layer's base tensor from the file (peft's `<path>.base_layer.<name>`): peft loads it, so a
-    different one (a resized vocabulary) replaces the model's; a weight tied to the input embeddings
-    changes them too, as in peft. `base`: the target without merged adapters, which is what the file's
-    tensor is compared with (`_base_weights_under_merged_adapters` has refused a different one)."""
+    """A base tensor from the file (peft's `<path>.base_layer.<name>`, or an embedding's): peft loads it, so
+    a different one (a resized vocabulary) replaces the model's; a weight tied to the input embeddings
+    changes them too, as in peft. `layer`: the LoRA layer whose weight `target` is, which is compared
+    without its merged adapters (`_base_weights_under_merged_adapters` has refused a different one)."""
+    same = _is_base_weight(layer, tensor) if layer is not None else torch.equal(target, tensor.to(target))
     tensor = tensor.to(device=target.device, dtype=target.dtype)
-    if not torch.equal(target if base is None else base, tensor):
+    if not same:
         logger.info("%s: loading %s from the adapter file (it differs from the model's)", source, name)
         target.copy_(tensor)
 

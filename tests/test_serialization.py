@@ -855,3 +855,69 @@ def test_a_resized_vocabulary_is_saved_with_the_adapter(tmp_path):
         assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(tmp_path / "small", save_embedding_layers=False)
     assert not [k for k in load_file(tmp_path / "small" / WEIGHTS_NAME) if "embed_tokens" in k]
+
+
+def test_tied_embeddings_are_saved_twice_as_peft_does(tmp_path):
+    """GPT-2's wte and lm_head are one tensor; with a resized vocabulary both keys are written (safetensors
+    refuses one tensor under two keys: they are copies), and the adapter reloads onto a resized base."""
+    make_model("gpt2").save_pretrained(tmp_path / "base")
+    base = type(make_model("gpt2")).from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(136)
+    model = get_lora_model(
+        base, LoRAConfig(r=4, target_modules=["c_attn"], base_model_name_or_path=str(tmp_path / "base"))
+    )
+    randomise_B(model)
+    ids = torch.tensor([[1, 130, 135, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
+    assert torch.equal(
+        tensors["base_model.model.transformer.wte.weight"], tensors["base_model.model.lm_head.weight"]
+    )
+    fresh = type(make_model("gpt2")).from_pretrained(tmp_path / "base")
+    torch.manual_seed(5)
+    fresh.resize_token_embeddings(136)
+    with torch.no_grad():
+        got = LoRAModel.from_pretrained(fresh, tmp_path / "adapter")(input_ids=ids).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    with pytest.raises(AdapterFormatError, match=r"call model.resize_token_embeddings\(136\) first"):
+        LoRAModel.from_pretrained(
+            type(make_model("gpt2")).from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+        )
+
+
+def test_embedding_weights_come_from_a_gathered_state_dict(tmp_path):
+    """Under DeepSpeed ZeRO-3 / FSDP1 the Trainer saves with the gathered state_dict (the model's own
+    parameters are empty partitions): the embedding weights are taken from it too."""
+    model = get_lora_model(make_model("llama"), LoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():  # what ZeRO-3 leaves outside a gather
+        p.data = torch.empty(0, dtype=p.dtype)
+    model.save_pretrained(tmp_path, state_dict=full)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert torch.equal(
+        saved["base_model.model.model.embed_tokens.base_layer.weight"], full["model.embed_tokens.weight"]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_with_the_embedding_base_weight_loads_beside_a_merged_one(tmp_path, dtype):
+    """Both target embed_tokens, so b's file holds the original embedding; a's merge has left the weight a
+    few ulps from it once a's update is taken out again: that is the same base weight, as peft sees it."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    ours, _ = trained("llama", fields)
+    ours.save_pretrained(tmp_path / "b")
+    ours.load_adapter(tmp_path / "b", "b")  # onto the same base, unmerged: nothing to compare
+    other, _ = trained("llama", fields, seed=1)  # another base model
+    other.save_pretrained(tmp_path / "other")
+    model, _ = trained("llama", fields)
+    model = model.to(dtype)
+    model.merge_adapter()
+    with torch.no_grad():
+        before = logits(model, "llama")
+    with pytest.raises(AdapterFormatError, match="unmerge_adapter"):
+        model.load_adapter(tmp_path / "other", "other")  # its embedding differs by more than rounding
+    model.load_adapter(tmp_path / "b", "b")
+    with torch.no_grad():
+        assert torch.equal(logits(model, "llama"), before), "the merged weight is left as it was"
