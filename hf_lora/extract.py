@@ -55,8 +55,9 @@ def extract_lora(
 
     `target_modules=None` takes every Linear/Conv1D whose weight changed. Modules in `modules_to_save` are
     copied whole from the fine-tune (e.g. a retrained head). Changed parameters the adapter does not hold
-    (norms, embeddings that are not targets, ...) are named in a warning, with the modules_to_save that would keep them; that
-    includes an output head tied to a changed input embedding (GPT-2's lm_head and wte).
+    (norms, embeddings that are not targets, ...) are named in a warning, with the target_modules or
+    modules_to_save that would keep them; that includes an output head tied to a changed input embedding
+    (GPT-2's lm_head and wte).
     """
     ft_params = dict(finetuned_model.named_parameters())
     base_params = dict(base_model.named_parameters())

@@ -2,10 +2,10 @@
 
 A LoRA layer is the original `nn.Linear` / GPT-2 `Conv1D` object with its class swapped for a subclass
 that adds the adapter (loralib's approach): the base `weight`/`bias` stay the same Parameter objects
-under the same names, nothing is copied, and `unload()` swaps the class back. An `nn.Embedding` is a
-lookup in a (num_embeddings, dim) table, i.e. a Linear from one-hot rows with its weight stored (in, out)
-as Conv1D's is: the same layer serves it, with the update looked up in A.T instead of multiplied. Adapters are keyed by name
-(`lora_A["default"]`), so several can live side by side.
+under the same names, nothing is copied, and `unload()` swaps the class back. Adapters are keyed by name
+(`lora_A["default"]`), so several can live side by side. An `nn.Embedding` is a lookup in a
+(num_embeddings, dim) table, i.e. a Linear from one-hot rows with its weight stored (in, out) as Conv1D's
+is: the same layer serves it, with the update looked up in A.T instead of multiplied.
 
 Training and inference go through `_LoRAFunction`, a fused autograd function: the scaled LoRA update is
 accumulated into the base output in place (no full-size `* scaling` / `+` passes), the input is saved

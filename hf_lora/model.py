@@ -1,8 +1,8 @@
 """`get_lora_model` and `LoRAModel`: a model with LoRA adapters, which is still the model it was.
 
-`get_lora_model(model, cfg)` turns the targeted Linear/Conv1D modules into LoRA layers in place and then
-gives the model object the class `LoRA<ModelClass>`, a subclass of both `LoRAModel` and its own class
-(`LoRA<ModelClass>` is its `__qualname__` and `repr`; its `__name__` is the model's own, see
+`get_lora_model(model, cfg)` turns the targeted Linear/Conv1D/Embedding modules into LoRA layers in place
+and then gives the model object the class `LoRA<ModelClass>`, a subclass of both `LoRAModel` and its own
+class (`LoRA<ModelClass>` is its `__qualname__` and `repr`; its `__name__` is the model's own, see
 `_lora_model_class`).
 So a LoRA GPT-2 *is* a `GPT2LMHeadModel` (and a `PreTrainedModel`): its forward signature, `generate()`,
 `config`, gradient checkpointing and every attribute are the model's own, with no wrapper in between,

@@ -28,8 +28,8 @@ def create_loraplus_optimizer(
 ) -> torch.optim.Optimizer:
     """An `optimizer_cls` over the trainable parameters: A and full-weight copies at `lr`, B and 1-D
     parameters at `lr * loraplus_lr_ratio` (no weight decay on biases and norms), an embedding's A and B
-    at `loraplus_lr_embedding` (peft's default: 1e-6). Hand it to the Trainer
-    as `Trainer(..., optimizers=(optimizer, None))`."""
+    at `loraplus_lr_embedding` (peft's default: 1e-6). Hand it to the Trainer as
+    `Trainer(..., optimizers=(optimizer, None))`."""
     if loraplus_lr_ratio < 1:
         raise ValueError(
             f"loraplus_lr_ratio is the ratio lr_B / lr_A and should be >= 1, got {loraplus_lr_ratio}."

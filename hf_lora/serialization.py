@@ -1026,15 +1026,12 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
     with torch.no_grad():
         for key, tensor in files.tensors.items():
             own_key = keymap.get(_normalise_key(key))
+            name = key.removeprefix(PREFIX)  # for a base tensor
             if own_key is not None:
                 target = own[own_key]
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-            elif (
-                key.removeprefix(PREFIX).rpartition(".")[0] in embeddings and key.removeprefix(PREFIX) in own
-            ):
-                _copy_base_tensor(
-                    own[key.removeprefix(PREFIX)], tensor, key.removeprefix(PREFIX), files.source
-                )
+            elif name.rpartition(".")[0] in embeddings and name in own:  # save_embedding_layers
+                _copy_base_tensor(own[name], tensor, name, files.source)
             elif (split := _base_layer_key(_normalise_key(key))) and split[0] in lora:
                 layer = model.get_submodule(split[0]) if split[1] == "weight" else None
                 _copy_base_tensor(
