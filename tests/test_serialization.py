@@ -826,29 +826,44 @@ def test_embedding_base_weights_are_saved_without_merged_adapters(tmp_path):
         ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
 
 
+NEW_TOKENS = torch.tensor([[1, 130, 135, 7]])  # two of the 8 tokens a resize to 136 adds
+
+
+def resized(kind: str, base_dir: Path, seed: int = 0):
+    """The tiny model of `kind` saved in `base_dir` (once) and loaded with 8 new tokens: random rows."""
+    if not base_dir.exists():
+        make_model(kind).save_pretrained(base_dir)
+    model = type(make_model(kind)).from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(136)
+    return model
+
+
+def adapter_on_resized(kind: str, tmp_path: Path, targets: list[str]):
+    """A LoRA model on a resized base that records where its base came from, saved to tmp_path/adapter;
+    returns it and its logits on NEW_TOKENS."""
+    model = get_lora_model(
+        resized(kind, tmp_path / "base"),
+        LoRAConfig(r=4, target_modules=targets, base_model_name_or_path=str(tmp_path / "base")),
+    )
+    randomise_B(model)
+    with torch.no_grad():
+        expected = model(input_ids=NEW_TOKENS).logits
+    model.save_pretrained(tmp_path / "adapter")
+    return model, expected
+
+
 def test_a_resized_vocabulary_is_saved_with_the_adapter(tmp_path):
     """New tokens get new embedding rows that only the adapter's folder can carry: "auto" sees the
     vocabulary differ from the base model's config (in its folder) and writes both embeddings, as peft."""
-    make_model("llama").save_pretrained(tmp_path / "base")
-    base = type(make_model("llama")).from_pretrained(tmp_path / "base")
-    base.resize_token_embeddings(136)  # 8 new tokens, random rows
-    model = get_lora_model(
-        base, LoRAConfig(r=4, target_modules=["q_proj"], base_model_name_or_path=str(tmp_path / "base"))
-    )
-    randomise_B(model)
-    ids = torch.tensor([[1, 130, 135, 7]])
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "adapter")
+    model, expected = adapter_on_resized("llama", tmp_path, ["q_proj"])
     keys = load_file(tmp_path / "adapter" / WEIGHTS_NAME).keys()
     assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
     for load in (LoRAModel.from_pretrained, PeftModel.from_pretrained):
-        fresh = type(make_model("llama")).from_pretrained(tmp_path / "base")
-        torch.manual_seed(5)
-        fresh.resize_token_embeddings(136)  # other random rows: the file's must replace them
+        fresh = resized("llama", tmp_path / "base", seed=5)  # other random rows: the file's must replace them
         loaded = load(fresh, tmp_path / "adapter", is_trainable=True)
         with torch.no_grad():
-            assert (loaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
+            assert (loaded(input_ids=NEW_TOKENS).logits - expected).abs().max().item() <= 1e-5
         # loaded into the base model, as peft does: not a module saved in full, nothing more to train
         assert not loaded.get_input_embeddings().weight.requires_grad
         trainable = sum(p.numel() for p in loaded.parameters() if p.requires_grad)
@@ -860,31 +875,17 @@ def test_a_resized_vocabulary_is_saved_with_the_adapter(tmp_path):
 def test_tied_embeddings_are_saved_twice_as_peft_does(tmp_path):
     """GPT-2's wte and lm_head are one tensor; with a resized vocabulary both keys are written (safetensors
     refuses one tensor under two keys: they are copies), and the adapter reloads onto a resized base."""
-    make_model("gpt2").save_pretrained(tmp_path / "base")
-    base = type(make_model("gpt2")).from_pretrained(tmp_path / "base")
-    base.resize_token_embeddings(136)
-    model = get_lora_model(
-        base, LoRAConfig(r=4, target_modules=["c_attn"], base_model_name_or_path=str(tmp_path / "base"))
-    )
-    randomise_B(model)
-    ids = torch.tensor([[1, 130, 135, 7]])
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "adapter")
+    _, expected = adapter_on_resized("gpt2", tmp_path, ["c_attn"])
     tensors = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
     assert torch.equal(
         tensors["base_model.model.transformer.wte.weight"], tensors["base_model.model.lm_head.weight"]
     )
-    fresh = type(make_model("gpt2")).from_pretrained(tmp_path / "base")
-    torch.manual_seed(5)
-    fresh.resize_token_embeddings(136)
+    loaded = LoRAModel.from_pretrained(resized("gpt2", tmp_path / "base", seed=5), tmp_path / "adapter")
     with torch.no_grad():
-        got = LoRAModel.from_pretrained(fresh, tmp_path / "adapter")(input_ids=ids).logits
-    assert (got - expected).abs().max().item() <= 1e-5
+        assert (loaded(input_ids=NEW_TOKENS).logits - expected).abs().max().item() <= 1e-5
+    not_resized = type(make_model("gpt2")).from_pretrained(tmp_path / "base")
     with pytest.raises(AdapterFormatError, match=r"call model.resize_token_embeddings\(136\) first"):
-        LoRAModel.from_pretrained(
-            type(make_model("gpt2")).from_pretrained(tmp_path / "base"), tmp_path / "adapter"
-        )
+        LoRAModel.from_pretrained(not_resized, tmp_path / "adapter")
 
 
 def test_embedding_weights_come_from_a_gathered_state_dict(tmp_path):
