@@ -140,7 +140,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from . import LoRAConfig, get_lora_model
-    from .targets import default_target_modules, linear_modules, model_type
+    from .targets import default_target_modules, lora_modules, model_type
 
     config = AutoConfig.from_pretrained(args.model)
     cls = _model_class(config)
@@ -155,7 +155,7 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"parameters:   {sum(p.numel() for p in model.parameters()):,}")
     print(f"default targets: {defaults if defaults else 'none (pass --targets, or all-linear)'}")
     rows: dict[tuple[str, str, tuple[int, ...]], int] = {}  # one row per name AND shape: they can differ
-    for path, module in linear_modules(model):
+    for path, module in lora_modules(model):
         key = (
             path if args.all_layers else path.rsplit(".", 1)[-1],
             type(module).__name__,

@@ -85,23 +85,30 @@ def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
 
 
 def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every (path, module) that LoRA can wrap."""
+    """Every Linear/Conv1D (path, module): what "all-linear" chooses from."""
     for name, module in base_modules(model):
         if isinstance(module, LINEAR_TYPES):
+            yield name, module
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every (path, module) that LoRA can wrap: Linear/Conv1D and embeddings."""
+    for name, module in base_modules(model):
+        if isinstance(module, LORA_TYPES):
             yield name, module
 
 
 def describe_candidates(model: nn.Module, limit: int = 12) -> str:
     """Short summary of the model's wrappable modules, by their last name, for error messages."""
     counts: dict[str, int] = {}
-    for name, _ in linear_modules(model):
+    for name, _ in lora_modules(model):
         leaf = name.rsplit(".", 1)[-1]
         counts[leaf] = counts.get(leaf, 0) + 1
     if not counts:
-        return "the model has no nn.Linear or Conv1D modules"
+        return "the model has no nn.Linear, Conv1D or nn.Embedding modules"
     names = [f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items()]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return "Linear/Conv1D modules in this model: " + ", ".join(names[:limit]) + more
+    return "Linear/Conv1D/Embedding modules in this model: " + ", ".join(names[:limit]) + more
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -18,7 +18,7 @@ from transformers import GPT2LMHeadModel
 
 import hf_lora
 from hf_lora import LoRAConfig, LoRAModel, get_lora_model
-from hf_lora.targets import linear_modules
+from hf_lora.targets import lora_modules
 
 HF_LORA = str(Path(sys.executable).with_name("hf-lora"))
 
@@ -81,11 +81,12 @@ def test_inspect_shows_each_layer_s_own_shape(on_disk, all_layers):
         rows[name, kind, shape] += int(count)
     expected = Counter(
         (path if all_layers else path.rsplit(".", 1)[-1], type(m).__name__, str(tuple(m.weight.shape)))
-        for path, m in linear_modules(make_model("gpt2"))
+        for path, m in lora_modules(make_model("gpt2"))
     )
     assert rows == expected
     if not all_layers:
         assert rows["c_proj", "Conv1D", "(64, 64)"] == 2 and rows["c_proj", "Conv1D", "(256, 64)"] == 2
+        assert rows["wte", "Embedding", "(128, 64)"] == 1, "embeddings are candidates too"
 
 
 def test_info(on_disk):
