@@ -116,6 +116,27 @@ def test_merge_gives_a_plain_model_with_the_adapter_folded_in(on_disk, tmp_path)
     assert not list((tmp_path / "merged").glob("tokenizer*")), "the base has no tokenizer: none is made up"
 
 
+def test_merge_resizes_the_base_for_an_adapter_saved_with_new_tokens(on_disk, tmp_path):
+    """The adapter carries the embeddings of a resized vocabulary (save_embedding_layers); the CLI user
+    cannot call resize_token_embeddings, so merge does."""
+    base = GPT2LMHeadModel.from_pretrained(on_disk / "base")
+    base.resize_token_embeddings(136)
+    config = LoRAConfig(r=4, target_modules=["c_attn"], base_model_name_or_path=str(on_disk / "base"))
+    model = get_lora_model(base, config)
+    randomise_B(model)
+    ids = torch.tensor([[1, 130, 135, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    out = hf_lora_cli(
+        "merge", str(on_disk / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")
+    ).stdout
+    assert "holds embeddings for 136 tokens (the base model has 128)" in out
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
+
+
 def test_extract(on_disk, tmp_path):
     out = hf_lora_cli(
         "extract", str(on_disk / "base"), str(on_disk / "tuned"), str(tmp_path / "x"), "--r", "64"
