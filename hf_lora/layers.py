@@ -148,8 +148,13 @@ def combine_adapters(
     elif how == "linear":
         root = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(parts, weights)]
         signs = [1.0 if w * s >= 0 else -1.0 for (_, _, s), w in zip(parts, weights)]
-        A = sum(A * (r * g) for (A, _, _), r, g in zip(parts, root, signs))
-        B = sum(B * r for (_, B, _), r in zip(parts, root))
+        top = max(
+            A.shape[0] for A, _, _ in parts
+        )  # ranks may differ by layer (rank_pattern): pad, not broadcast
+        A = sum(
+            F.pad(A, (0, 0, 0, top - A.shape[0])) * (r * g) for (A, _, _), r, g in zip(parts, root, signs)
+        )
+        B = sum(F.pad(B, (0, top - B.shape[1])) * r for (_, B, _), r in zip(parts, root))
     elif how == "svd":
         delta = sum(w * delta_weight(A, B, s, fan_in_fan_out=False) for (A, B, s), w in zip(parts, weights))
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)

@@ -775,7 +775,7 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     modules = dict(base_modules(model))
     embeddings = _embedding_paths(model)
     keys = _without_foreign_base_layer_keys(keys, modules, targets, files.source)
-    keys = _without_other_wrappers_keys(model, keys, saved, files.source)
+    keys = _without_other_wrappers_keys(model, keys, saved, files.source, config.bias == "all")
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
@@ -875,7 +875,9 @@ def _embedding_paths(model: nn.Module) -> set[str]:
     """The model's input and output embeddings (as base modules): peft's save_embedding_layers writes their
     weights under their plain keys (`<path>.weight`) where they are no LoRA layers, and loads them into the
     base model, as we do."""
-    paths = {id(m): path for path, m in base_modules(model)}
+    paths: dict[int, str] = {}
+    for path, m in base_modules(model):
+        paths.setdefault(id(m), path)  # a module under several names: the first, as peft names it
     found = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         get = getattr(model, getter, None)
@@ -910,24 +912,32 @@ def _without_foreign_base_layer_keys(
 
 
 def _without_other_wrappers_keys(
-    model: nn.Module, keys: dict[str, str], saved: list[str], source: str
+    model: nn.Module, keys: dict[str, str], saved: list[str], source: str, bias_all: bool
 ) -> dict[str, str]:
-    """Drop `<path>.original_module.*` tensors of modules this adapter does not save in full: peft's
-    bias="all" writes every parameter named bias, also the unused original head of a module another
-    adapter saved in full; peft ignores them on load, and so do we."""
+    """Drop the tensors of saved-module wrappers that peft writes and ignores on load: `<path>.original_module.*`
+    of modules this adapter does not save in full (peft's bias="all" writes every bias, also the unused
+    original head of a module another adapter saved), and, for the modules it saves, the wrapper's own
+    `original_module.*` / `modules_to_save.*` (save_embedding_layers takes everything under an embedding's
+    wrapper). Under bias="all" a saved module's wrapper biases are this adapter's (`_wrapper_bias_keys`)."""
     modules = {path for path, _ in model.named_modules()}
-    other = []
+    ignored = []
     for k in keys:
-        path, sep, _ = k.removeprefix(PREFIX).partition(".original_module.")
+        name = k.removeprefix(PREFIX)
+        path, sep, rest = name.partition(".original_module.")
         if sep and path in modules and path not in saved:
-            other.append(k)
-    if other:
+            ignored.append(k)
+            continue
+        for wrapper in (".original_module.", ".modules_to_save."):
+            path, sep, rest = name.partition(wrapper)
+            if sep and path in saved and "." not in rest and not (bias_all and rest == "bias"):
+                ignored.append(k)
+    if ignored:
         logger.info(
-            "%s: ignoring tensors of modules another adapter saves in full (as peft does): %s",
+            "%s: ignoring tensors of saved-module wrappers (peft writes them and ignores them too): %s",
             source,
-            few(other, 4),
+            few(ignored, 4),
         )
-    return {k: v for k, v in keys.items() if k not in other}
+    return {k: v for k, v in keys.items() if k not in ignored}
 
 
 def _base_weights_under_merged_adapters(

@@ -574,3 +574,20 @@ def test_deleting_the_active_adapter_makes_the_next_one_trainable_as_peft(tmp_pa
     for m in both:
         m.delete_adapter("a")
     assert all(m.active_adapters == ["b"] and trainable_parts(m) == {("b", "lora")} for m in both)
+
+
+def test_linear_combination_of_adapters_with_other_ranks_per_layer_equals_peft():
+    """A weighted adapter is zero-padded to one rank in every layer; combined again by "linear" beside an
+    adapter of lower rank in some layer (rank_pattern), the factors are padded, not broadcast, as peft's
+    (which keeps each layer's rank) gets."""
+    fields = dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 6})
+    base = make_model("llama")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields, init_lora_weights=False))
+    model = get_lora_model(base, LoRAConfig(**fields, init_lora_weights=False))
+    copy_lora_weights(model, ref)
+    for m in (model, ref):
+        m.add_weighted_adapter(["default"], [2.0], "w1", combination_type="linear")
+        m.add_weighted_adapter(["w1", "default"], [0.5, 2.0], "w2", combination_type="linear")
+    for path, layer in model.lora_layers():
+        theirs = ref.base_model.model.get_submodule(path).get_delta_weight("w2")
+        assert (layer.delta_weight("w2") - theirs).abs().max().item() <= 1e-5, path

@@ -922,3 +922,19 @@ def test_an_adapter_with_the_embedding_base_weight_loads_beside_a_merged_one(tmp
     model.load_adapter(tmp_path / "b", "b")
     with torch.no_grad():
         assert torch.equal(logits(model, "llama"), before), "the merged weight is left as it was"
+
+
+@pytest.mark.parametrize(("kind", "head"), [("gpt2", "lm_head"), ("llama", "embed_tokens")])
+def test_a_peft_file_with_an_embedding_saved_in_full_and_its_wrapper_tensors_loads(tmp_path, kind, head):
+    """save_embedding_layers=True on an embedding in modules_to_save: peft writes everything under the
+    wrapper (`<head>.original_module.weight`, `<head>.modules_to_save.weight`) and ignores those on load."""
+    fields = dict(r=4, target_modules=["c_attn"] if kind == "gpt2" else ["q_proj"], modules_to_save=[head])
+    ref = get_peft_model(make_model(kind), LoraConfig(**fields, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "modules_to_save.default" in name:
+                p.add_(0.1)
+    ref.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert any(".original_module.weight" in k for k in load_file(tmp_path / WEIGHTS_NAME))
+    loaded = LoRAModel.from_pretrained(make_model(kind), tmp_path)
+    assert (logits(loaded, kind) - logits(ref, kind)).abs().max().item() <= 1e-6
