@@ -220,7 +220,7 @@ def _merge(args: argparse.Namespace) -> None:
     base = _load_model(args.base)
     if rows := _resized_vocabulary(base, files.tensors):
         print(f"the adapter holds embeddings for {rows} tokens (the base model has "
-              f"{base.get_input_embeddings().num_embeddings}): resizing the base model's first")  # fmt: skip
+              f"{base.get_input_embeddings().num_embeddings}): resizing the base model's embeddings first")  # fmt: skip
         base.resize_token_embeddings(rows)
     model = LoRAModel.from_pretrained(base, args.adapter, subfolder=args.subfolder)
     merged = model.merge_and_unload(progressbar=True)

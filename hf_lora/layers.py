@@ -148,9 +148,8 @@ def combine_adapters(
     elif how == "linear":
         root = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(parts, weights)]
         signs = [1.0 if w * s >= 0 else -1.0 for (_, _, s), w in zip(parts, weights)]
-        top = max(
-            A.shape[0] for A, _, _ in parts
-        )  # ranks may differ by layer (rank_pattern): pad, not broadcast
+        # ranks may differ by layer (rank_pattern, zero-padded weighted adapters): pad, do not broadcast
+        top = max(A.shape[0] for A, _, _ in parts)
         A = sum(
             F.pad(A, (0, 0, 0, top - A.shape[0])) * (r * g) for (A, _, _), r, g in zip(parts, root, signs)
         )
