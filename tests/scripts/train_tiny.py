@@ -212,6 +212,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record_writes(args.out)
     (run_trainer if args.setup == "trainer" else run_loop)(args, args.out)
+    if dist.is_available() and dist.is_initialized():
+        # Every rank done before the group goes, and the group gone before the interpreter exits: a gloo
+        # group torn down at exit once aborted a rank ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
