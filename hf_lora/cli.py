@@ -210,7 +210,7 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
 
     from . import LoRAModel
-    from .serialization import read_adapter
+    from .serialization import read_adapter, saved_vocabulary
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -218,7 +218,7 @@ def _merge(args: argparse.Namespace) -> None:
     # fail before the (slow) base model load if the adapter is unusable
     files = read_adapter(args.adapter, subfolder=args.subfolder, advice=_advice())
     base = _load_model(args.base)
-    if rows := _resized_vocabulary(base, files.tensors):
+    if rows := saved_vocabulary(base, files.tensors):
         print(f"the adapter holds embeddings for {rows} tokens (the base model has "
               f"{base.get_input_embeddings().num_embeddings}): resizing the base model's embeddings first")  # fmt: skip
         base.resize_token_embeddings(rows)
@@ -233,20 +233,6 @@ def _merge(args: argparse.Namespace) -> None:
     has_tokenizer = adapter_dir.is_dir() and any((adapter_dir / name).exists() for name in _TOKENIZER_FILES)
     _copy_tokenizer(str(adapter_dir) if has_tokenizer else args.base, args.out)  # (new tokens: the adapter's)
     print(f"merged model saved to {args.out}")
-
-
-def _resized_vocabulary(base, tensors: dict) -> int | None:
-    """The vocabulary size the adapter's input embedding weights were saved with (save_embedding_layers),
-    where it differs from the base model's: the user resized it for new tokens before training."""
-    from .serialization import PREFIX
-
-    get = getattr(base, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    path = next((name for name, m in base.named_modules() if m is embedding), None)
-    for key in (f"{PREFIX}{path}.weight", f"{PREFIX}{path}.base_layer.weight"):
-        if path is not None and key in tensors and tensors[key].shape[0] != embedding.num_embeddings:
-            return int(tensors[key].shape[0])
-    return None
 
 
 def _extract(args: argparse.Namespace) -> None:

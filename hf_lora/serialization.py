@@ -891,6 +891,17 @@ def _embedding_paths(model: nn.Module) -> set[str]:
     return found
 
 
+def saved_vocabulary(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int | None:
+    """The vocabulary size an adapter's embedding weights were saved with (save_embedding_layers), where
+    it differs from the model's: the model it was trained on had been resized for new tokens."""
+    for path in sorted(_embedding_paths(model)):
+        rows = model.get_submodule(path).weight.shape[0]
+        for key in (f"{PREFIX}{path}.weight", f"{PREFIX}{path}.base_layer.weight"):
+            if key in tensors and tensors[key].shape[0] != rows:
+                return int(tensors[key].shape[0])
+    return None
+
+
 def _without_foreign_base_layer_keys(
     keys: dict[str, str], modules: dict[str, nn.Module], targets: list[str], source: str
 ) -> dict[str, str]:
