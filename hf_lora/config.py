@@ -40,7 +40,6 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # A file that turns one of them on cannot be loaded faithfully, so it is refused rather than half-applied.
 _PEFT_FEATURES_OFF: dict[str, Any] = {
     "megatron_config": None,
-    "trainable_token_indices": None,
     "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
@@ -89,6 +88,9 @@ class LoRAConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    # Rows of the input embedding to train (a list of token ids), or {module name: token ids} for other
+    # embeddings or an untied output head: see `hf_lora.tokens`.
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         # Lists arrive as tuples/sets from user code and as lists from JSON; keep one canonical form.
@@ -98,6 +100,13 @@ class LoRAConfig:
                 setattr(self, name, _unique_list(value))
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, str):
             self.modules_to_save = _unique_list(self.modules_to_save)
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            self.trainable_token_indices = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in tokens.items()
+            }
+        elif isinstance(tokens, tuple):
+            self.trainable_token_indices = list(tokens)
         if isinstance(self.layers_to_transform, (tuple, set)):
             self.layers_to_transform = sorted(self.layers_to_transform)
         self.rank_pattern = dict(self.rank_pattern or {})
@@ -235,8 +244,25 @@ def _problems(c: LoRAConfig):
             yield "layers_to_transform cannot be combined with a regex target_modules; put the layers in the regex."
     if c.layers_pattern is not None and layers is None:
         yield "layers_pattern only has an effect together with layers_to_transform; set both or neither."
+    yield from _token_problems(c.trainable_token_indices)
     if c.use_dora and c.init_lora_weights not in (True, False, "gaussian"):
         yield f"use_dora=True cannot be combined with init_lora_weights={c.init_lora_weights!r}."
+
+
+def _token_problems(value: Any):
+    if value is None:
+        return
+    what = "trainable_token_indices must be a list of token ids or a {module name: token ids} dict"
+    groups = value.items() if isinstance(value, dict) else [(None, value)]
+    for name, ids in groups:
+        where = "" if name is None else f"[{name!r}]"
+        if name is not None and not (isinstance(name, str) and name):
+            yield f"{what}; got the key {name!r}."
+        elif not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+            yield f"{what}; trainable_token_indices{where} is {ids!r} (a non-empty list of ids >= 0 is needed)."
+        elif len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            yield f"trainable_token_indices{where} names tokens {twice} more than once."
 
 
 def _target_problems(name: str, value: Any):

@@ -30,7 +30,15 @@ from .config import TASK_HEADS, LoRAConfig
 from .errors import AdapterStateError
 from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
 from .loss import chunked_cross_entropy
-from .targets import default_target_modules, resolve_modules_to_save, resolve_targets, shared_parameters
+from .targets import (
+    default_target_modules,
+    resolve_modules_to_save,
+    resolve_targets,
+    resolve_token_targets,
+    shared_parameters,
+    tied_token_modules,
+)
+from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,20 @@ class LoRAModel(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, LoRALayer):
                 yield name, module
+
+    def token_layers(self) -> Iterator[tuple[str, TokenRowsLayer]]:
+        """Embeddings (or heads) with trainable token rows, without the modules tied to them."""
+        for name, module in self.named_modules():
+            if isinstance(module, TokenRowsLayer) and module.source is module:
+                yield name, module
+
+    def _adapter_layers(self) -> list[LoRALayer | TokenRowsLayer]:
+        """Every layer that merges, unmerges and disables adapters: LoRA layers and token rows."""
+        return [
+            m
+            for m in self.modules()
+            if isinstance(m, LoRALayer) or (isinstance(m, TokenRowsLayer) and m.source is m)
+        ]
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         for name, module in self.named_modules():
@@ -127,6 +149,11 @@ class LoRAModel(nn.Module):
                 f"adapter(s) {biased} train the base model's biases (bias != 'none'), which a combination cannot "
                 "hold (only one adapter may train them, and they are not LoRA factors); combine adapters with "
                 "bias='none'."
+            )
+        if tokens := [a for a in adapters if self.peft_config[a].trainable_token_indices is not None]:
+            raise ValueError(
+                f"adapter(s) {tokens} train token rows (trainable_token_indices), which are the rows themselves, "
+                "not updates that add up; combine adapters without them."
             )
         if len(weights) != len(adapters) or not adapters:
             raise ValueError(
@@ -194,7 +221,9 @@ class LoRAModel(nn.Module):
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        if any(layer.merged_adapters for _, layer in self.lora_layers()):
+        for _, layer in self.token_layers():
+            check_disjoint(layer, names)
+        if any(layer.merged_adapters for layer in self._adapter_layers()):
             logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
             self.unmerge_adapter()
         self._set_inference_mode(names, inference_mode)
@@ -219,6 +248,10 @@ class LoRAModel(nn.Module):
                 for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
                     if name in store:
                         store[name].requires_grad_(trainable)
+        for _, layer in self.token_layers():
+            layer.set_active(names)
+            for name, rows in layer.trainable_tokens_delta.items():
+                rows.requires_grad_(name in names and not self.peft_config[name].inference_mode)
         for _, wrapper in self.saved_modules():
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
             for name, clone in wrapper.modules_to_save.items():
@@ -239,6 +272,10 @@ class LoRAModel(nn.Module):
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
                 unmake_lora_layer(layer)
+        for _, layer in list(self.token_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.trainable_tokens_delta:
+                _unmake_token_layers(self, layer)
         for path, wrapper in list(self.saved_modules()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
@@ -248,7 +285,7 @@ class LoRAModel(nn.Module):
         remaining = [n for n in self._active if n != adapter_name] or [
             sorted(self.peft_config)[0]
         ]  # peft's pick
-        if any(set(layer.merged_adapters) - set(remaining) for _, layer in self.lora_layers()):
+        if any(set(layer.merged_adapters) - set(remaining) for layer in self._adapter_layers()):
             logger.warning(
                 "adapters are merged, and %s will be the active ones: unmerging them first.", remaining
             )
@@ -264,23 +301,24 @@ class LoRAModel(nn.Module):
         """Run the base model inside the block: outputs equal the model without adapters (after a PiSSA/OLoRA
         init: the residual weights that init left, as in peft). Nested blocks, or a block inside
         disable_adapters(), leave the adapters disabled as they found them."""
-        if any(layer.adapters_disabled for _, layer in self.lora_layers()):
+        layers = self._adapter_layers()
+        if any(layer.adapters_disabled for layer in layers):
             yield  # already disabled (and unmerged): whoever disabled them enables them
             return
-        merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
-        for _, layer in self.lora_layers():
+        merged = [(layer, list(layer.merged_adapters)) for layer in layers]
+        for layer in layers:
             layer.unmerge()
         self._set_disabled(True)
         try:
             yield
         finally:
             self._set_disabled(False)
-            for name, layer in self.lora_layers():
-                layer.merge(merged.get(name, []))
+            for layer, names in merged:
+                layer.merge(names)
 
     def disable_adapters(self) -> None:
         """Switch adapters off until `enable_adapters()` (transformers' method names)."""
-        for _, layer in self.lora_layers():
+        for layer in self._adapter_layers():
             layer.unmerge()
         self._set_disabled(True)
 
@@ -291,6 +329,8 @@ class LoRAModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.adapters_disabled = disabled
             layer._refresh()
+        for _, layer in self.token_layers():
+            layer.adapters_disabled = disabled
         for _, wrapper in self.saved_modules():
             wrapper.adapters_disabled = disabled
 
@@ -305,7 +345,7 @@ class LoRAModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = self._adapter_layers()
         if any(layer.adapters_disabled for layer in layers):
             raise AdapterStateError(
                 "adapters are disabled (disable_adapters(), or inside `with model.disable_adapter():`), and "
@@ -316,10 +356,10 @@ class LoRAModel(nn.Module):
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
             )
         _untie_merge_targets(self, names)
-        started: list[tuple[LoRALayer, list[str]]] = []
+        started: list[tuple[LoRALayer | TokenRowsLayer, list[str]]] = []
         try:
             for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
-                todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
+                todo = [n for n in names if _holds(layer, n) and n not in layer.merged_adapters]
                 started.append((layer, todo))
                 layer.merge(todo, safe=safe_merge)
         except Exception:
@@ -329,7 +369,7 @@ class LoRAModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = self._adapter_layers()
         if not any(layer.merged_adapters for layer in layers):
             logger.warning("no adapter is merged; unmerge_adapter() has nothing to do.")
         for layer in layers:
@@ -348,13 +388,15 @@ class LoRAModel(nn.Module):
         """Remove every adapter without merging and return the base model (its original class and modules).
         After a PiSSA/OLoRA init its weights are the residual that init left, as in peft; save_pretrained(...,
         path_initial_model_for_weight_conversion=...) gives an adapter against the original weights."""
-        for _, layer in self.lora_layers():
+        for layer in self._adapter_layers():
             layer.unmerge()
         return self._unload(keep_trained_copies=False)
 
     def _unload(self, keep_trained_copies: bool) -> nn.Module:
         for _, layer in list(self.lora_layers()):
             unmake_lora_layer(layer)
+        for _, layer in list(self.token_layers()):
+            _unmake_token_layers(self, layer)
         for path, wrapper in list(self.saved_modules()):
             module = wrapper.current() if keep_trained_copies else wrapper.original_module
             _set_submodule(self, path, module)
@@ -374,7 +416,7 @@ class LoRAModel(nn.Module):
             raise AdapterStateError(
                 f"adapter_names has unknown adapters {unknown}; this model has {self.adapters}."
             )
-        modules = [m for _, m in self.lora_layers()] + [m for _, m in self.saved_modules()]
+        modules = [m for _, m in (*self.lora_layers(), *self.token_layers(), *self.saved_modules())]
         for m in modules:
             m._row_adapters = names
         try:
@@ -397,6 +439,8 @@ class LoRAModel(nn.Module):
             problems.append("it has no output embeddings (get_output_embeddings())")
         elif isinstance(head, LoRALayer):
             problems.append("its output head carries a LoRA adapter")
+        elif isinstance(head, TokenRowsLayer):
+            problems.append("its output head has trainable token rows (tied to the input embeddings)")
         if "logits_to_keep" not in inspect.signature(self._lora_base_class.forward).parameters:
             problems.append("its forward has no logits_to_keep argument")
         config = getattr(self, "config", None)
@@ -552,7 +596,8 @@ def _inject(
             f"only one adapter may, as in peft. Give {name!r} bias='none'."
         )
     _check_tied_targets(model, config, targets)
-    disabled = any(layer.adapters_disabled for _, layer in model.lora_layers())  # new layers follow suit
+    tokens = resolve_token_targets(model, config, targets)  # (raises before the model is touched)
+    disabled = any(layer.adapters_disabled for layer in model._adapter_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
         layer.adapters_disabled = disabled
@@ -565,6 +610,13 @@ def _inject(
             use_dora=config.use_dora,
         )
         layer.set_active(model._active)
+    for path, ids in tokens.items():
+        layer = make_token_layer(model.get_submodule(path))
+        layer.adapters_disabled = disabled
+        layer.add_token_adapter(name, ids, init=config.init_lora_weights if initialise else True)
+        for tied in tied_token_modules(model, path):
+            make_token_layer(model.get_submodule(tied), source=layer)
+        layer.set_active(model._active)
     for path in saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -573,7 +625,13 @@ def _inject(
             _set_submodule(model, path, wrapper)
         wrapper.add(name)
     model.peft_config[name] = config
-    logger.info("adapter %r: LoRA on %d modules, %d modules saved in full", name, len(targets), len(saved))
+    logger.info(
+        "adapter %r: LoRA on %d modules, %d modules saved in full, token rows in %d",
+        name,
+        len(targets),
+        len(saved),
+        len(tokens),
+    )
 
 
 def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str], warn: bool = True) -> None:
@@ -597,6 +655,16 @@ def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str]
             "it its own copy of the weight.",
             tied,
         )
+
+
+def _holds(layer: LoRALayer | TokenRowsLayer, name: str) -> bool:
+    return name in (layer.lora_A if isinstance(layer, LoRALayer) else layer.trainable_tokens_delta)
+
+
+def _unmake_token_layers(model: nn.Module, source: TokenRowsLayer) -> None:
+    """`source` and the modules tied to it get their own classes back."""
+    for module in [m for m in model.modules() if isinstance(m, TokenRowsLayer) and m.source is source]:
+        unmake_token_layer(module)
 
 
 def _set_bias_trainable(model: LoRAModel) -> None:

@@ -1,8 +1,9 @@
 """Adapter files in peft's format: `adapter_config.json` + `adapter_model.safetensors` (+ a README.md card).
 
 Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (an embedding's:
-`.lora_embedding_A` / `.lora_embedding_B`), modules saved in full
-under their plain path, biases of LoRA layers under `<path>.base_layer.bias`: exactly what peft writes
+`.lora_embedding_A` / `.lora_embedding_B`), modules saved in full under their plain path, trainable token
+rows under `<path>.token_adapter.trainable_tokens_delta`, biases of LoRA layers under
+`<path>.base_layer.bias`: exactly what peft writes
 and reads, so adapters move freely between the two libraries.
 
 Saving never damages what is on disk: each file is written to a temporary file in the target
@@ -44,7 +45,9 @@ from .model import (
     _prepare_config,
 )
 from .model_card import write_model_card
-from .targets import LORA_TYPES, base_modules, resolve_modules_to_save, resolve_targets
+from .targets import LORA_TYPES, base_modules, resolve_modules_to_save, resolve_targets, resolve_token_targets
+from .tokens import FILE_KEY as TOKENS_KEY
+from .tokens import TokenRowsLayer
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
             keys[f"{PREFIX}{path}.{b_key}"] = f"{path}.lora_B.{adapter_name}"
             if adapter_name in layer.lora_magnitude:
                 keys[f"{PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude.{adapter_name}"
+    for path, layer in model.token_layers():
+        if adapter_name in layer.trainable_tokens_delta:
+            keys[f"{PREFIX}{path}.{TOKENS_KEY}"] = f"{path}.trainable_tokens_delta.{adapter_name}"
     for path, wrapper in model.saved_modules():
         if adapter_name in wrapper.modules_to_save:
             for k in wrapper.modules_to_save[adapter_name].state_dict():
@@ -171,7 +177,8 @@ def embedding_layer_tensors(
     layer's weight is written without the adapters merged into it (peft writes the merged one, and its
     reload adds them twice). `state_dict`: as for `adapter_state_dict` (gathered by a trainer)."""
     config = model.peft_config[adapter_name]
-    targeted = _embedding_is_targeted(model, config)
+    # peft: trainable token rows are there to keep the file small, so naming embed_tokens does not count
+    targeted = _embedding_is_targeted(model, config) and config.trainable_token_indices is None
     if save_embedding_layers == "auto":
         save_embedding_layers = targeted or _vocabulary_resized(model, config)
         if save_embedding_layers:
@@ -189,14 +196,18 @@ def embedding_layer_tensors(
         module = model.get_submodule(path)
         if isinstance(module, ModulesToSave) or (targeted and not isinstance(module, LoRALayer)):
             continue
-        prefix = f"{path}.base_layer." if isinstance(module, LoRALayer) else f"{path}."
+        prefix = f"{path}."
+        if isinstance(module, LoRALayer):
+            prefix = f"{path}.base_layer."
+        elif isinstance(module, TokenRowsLayer):
+            prefix = f"{path}.token_adapter.base_layer."
         for leaf in ("weight", "bias"):
             t = getattr(module, leaf, None)
             if not isinstance(t, torch.Tensor):
                 continue
             if gathered is not None:
                 t = gathered.get(f"{path}.{leaf}", t)
-            elif leaf == "weight" and isinstance(module, LoRALayer):
+            elif leaf == "weight" and isinstance(module, (LoRALayer, TokenRowsLayer)):
                 t = module.base_weight()
             t = t.full_tensor() if hasattr(t, "full_tensor") else t
             out[f"{PREFIX}{prefix}{leaf}"] = t.detach().to("cpu").contiguous()
@@ -772,15 +783,19 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
     except ValueError as e:
         raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
     saved = _resolve_saved_leniently(model, config, files.source)
+    try:
+        tokens = resolve_token_targets(model, config, targets)
+    except ValueError as e:
+        raise AdapterFormatError(f"adapter {files.source} does not fit this model: {e}") from None
     modules = dict(base_modules(model))
     embeddings = _embedding_paths(model)
-    keys = _without_foreign_base_layer_keys(keys, modules, targets, files.source)
+    keys = _without_foreign_base_layer_keys(keys, modules, targets, tokens, files.source)
     keys = _without_other_wrappers_keys(model, keys, saved, files.source, config.bias == "all")
 
     # peft matches modules_to_save by plain suffix and may have saved more modules than the config's
     # names select on a dot boundary (DistilBERT's pre_classifier for "classifier"): load what was saved.
     # Such tensors equal to the model's own are the copies we write for peft (`peft_only_saved_modules`).
-    expected = _expected_shapes(modules, config, targets, saved, embeddings)
+    expected = _expected_shapes(modules, config, targets, saved, embeddings, tokens)
     copies: set[str] = set()
     extra = sorted(set(keys) - set(expected))
     own = model.state_dict() if extra else {}
@@ -798,7 +813,7 @@ def _plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Loa
                 "%s: loading %s as a module saved in full (it is in the adapter file)", files.source, path
             )
     keys = {k: v for k, v in keys.items() if k not in copies}
-    expected = _expected_shapes(modules, config, targets, saved, embeddings)
+    expected = _expected_shapes(modules, config, targets, saved, embeddings, tokens)
 
     problems = []
     missing = [k for k, (_, required) in expected.items() if required and k not in keys]
@@ -866,9 +881,18 @@ def _base_layer_key(key: str) -> tuple[str, str] | None:
     return (path, leaf) if key.startswith(PREFIX) and sep and "." not in leaf else None
 
 
-def _lora_paths(modules: dict[str, nn.Module], targets: list[str]) -> set[str]:
-    """Modules that are LoRA layers once the adapter is attached: its targets and other adapters' layers."""
-    return set(targets) | {p for p, m in modules.items() if isinstance(m, LoRALayer)}
+def _lora_paths(
+    modules: dict[str, nn.Module], targets: list[str], tokens: dict[str, list[int]] | None = None
+) -> set[str]:
+    """Modules whose own tensors peft's files name `<path>.base_layer.*` (`<path>.token_adapter.base_layer.*`
+    with token rows) once the adapter is attached: its targets, its token-row modules and the modules tied
+    to them, and other adapters' layers."""
+    weights = {id(modules[p].weight) for p in tokens or ()}
+    return (
+        set(targets)
+        | {p for p, m in modules.items() if isinstance(m, (LoRALayer, TokenRowsLayer))}
+        | {p for p, m in modules.items() if id(getattr(m, "weight", None)) in weights}
+    )
 
 
 def _embedding_paths(model: nn.Module) -> set[str]:
@@ -896,19 +920,24 @@ def saved_vocabulary(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int 
     it differs from the model's: the model it was trained on had been resized for new tokens."""
     for path in sorted(_embedding_paths(model)):
         rows = model.get_submodule(path).weight.shape[0]
-        for key in (f"{PREFIX}{path}.weight", f"{PREFIX}{path}.base_layer.weight"):
+        base = (f"{PREFIX}{path}.{where}weight" for where in ("", "base_layer.", "token_adapter.base_layer."))
+        for key in base:
             if key in tensors and tensors[key].shape[0] != rows:
                 return int(tensors[key].shape[0])
     return None
 
 
 def _without_foreign_base_layer_keys(
-    keys: dict[str, str], modules: dict[str, nn.Module], targets: list[str], source: str
+    keys: dict[str, str],
+    modules: dict[str, nn.Module],
+    targets: list[str],
+    tokens: dict[str, list[int]],
+    source: str,
 ) -> dict[str, str]:
     """Drop `<path>.base_layer.*` tensors of modules that will not be LoRA layers. peft's bias="lora_only"
     trains the biases of every LoRA layer, so an adapter saved beside others holds theirs too; on a model
     without LoRA on those modules peft has no base_layer to load them into and ignores them, as we do."""
-    lora = _lora_paths(modules, targets)
+    lora = _lora_paths(modules, targets, tokens)
     foreign = sorted(
         k for k in keys if (split := _base_layer_key(k)) and split[0] in modules and split[0] not in lora
     )
@@ -960,7 +989,7 @@ def _base_weights_under_merged_adapters(
     for key, file_key in keys.items():
         split = _base_layer_key(key)
         module = modules.get(split[0]) if split and split[1] == "weight" else None
-        merged = isinstance(module, LoRALayer) and module.merged_adapters
+        merged = isinstance(module, (LoRALayer, TokenRowsLayer)) and module.merged_adapters
         if merged and not _is_base_weight(module, files.tensors[file_key]):
             problems.append(
                 f"{key} differs from {split[0]}.weight, into which adapters {module.merged_adapters} are "
@@ -987,6 +1016,7 @@ def _expected_shapes(
     targets: list[str],
     saved: list[str],
     embeddings: set[str] = frozenset(),
+    tokens: dict[str, list[int]] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
     """file key -> (shape, required) for the adapter `config` creates.
 
@@ -1003,7 +1033,15 @@ def _expected_shapes(
         out[f"{PREFIX}{path}.{b_key}"] = ((n_out, r), True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
-    lora_paths = _lora_paths(modules, targets)
+    tokens = tokens or {}
+    for path, ids in tokens.items():
+        out[f"{PREFIX}{path}.{TOKENS_KEY}"] = ((len(ids), modules[path].weight.shape[1]), True)
+        for tied in (
+            p for p, m in modules.items() if p != path and getattr(m, "weight", None) is modules[path].weight
+        ):
+            # peft's save_embedding_layers=True also writes the rows under a tied head's name; ignored
+            out[f"{PREFIX}{tied}.{TOKENS_KEY}"] = ((len(ids), modules[path].weight.shape[1]), False)
+    lora_paths = _lora_paths(modules, targets, tokens)
     for path in sorted(lora_paths):
         for leaf in ("weight", "bias"):
             t = getattr(modules[path], leaf, None)
@@ -1036,13 +1074,17 @@ def _normalise_key(key: str) -> str:
     key = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)
     key = re.sub(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$", r".\1", key)
     key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", key)
+    key = re.sub(
+        r"\.token_adapter\.trainable_tokens_delta\.[^.]+$", ".token_adapter.trainable_tokens_delta", key
+    )
+    key = key.replace(".token_adapter.base_layer.", ".base_layer.")  # a token-row module's own tensors
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 
 def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> None:
     keymap = adapter_key_map(model, adapter_name)
     own = model.state_dict(keep_vars=True)
-    lora = {path for path, _ in model.lora_layers()}
+    lora = _lora_paths(dict(base_modules(model)), [p for p, _ in model.lora_layers()])
     embeddings = _embedding_paths(model) - lora
     with torch.no_grad():
         for key, tensor in files.tensors.items():
@@ -1089,7 +1131,7 @@ def _copy_base_tensor(
 
 
 # Fields that change what the same A and B compute: a reload in place must agree on them.
-_RELOAD_MUST_MATCH = ("lora_alpha", "use_rslora", "use_dora", "alpha_pattern")
+_RELOAD_MUST_MATCH = ("lora_alpha", "use_rslora", "use_dora", "alpha_pattern", "trainable_token_indices")
 
 
 def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
@@ -1129,7 +1171,7 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
             f"adapter {files.source} does not match the loaded adapter {adapter_name!r}: {few(problems, 4)}. "
             f"Load it under another name, {replace}."
         )
-    merged = [layer for _, layer in model.lora_layers() if adapter_name in layer.merged_adapters]
+    merged = [layer for layer in model._adapter_layers() if adapter_name in layer.merged_adapters]
     for layer in merged:
         layer.unmerge([adapter_name])
     _copy_tensors(model, adapter_name, files)

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import TASK_HEADS, LoRAConfig
 from .errors import TargetModulesError
 from .layers import LoRALayer, ModulesToSave
+from .tokens import TokenRowsLayer
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
         if isinstance(child, ModulesToSave):
             child = child.original_module
         yield path, child
-        if not isinstance(child, LoRALayer):
+        if not isinstance(child, (LoRALayer, TokenRowsLayer)):
             yield from base_modules(child, path + ".")
 
 
@@ -186,7 +187,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         if config.exclude_modules and matches_name(path, config.exclude_modules):
             continue
         if targets == "all-linear":
-            if isinstance(module, LINEAR_TYPES) and path != head and path not in wrapped:
+            # (token rows of another adapter are left alone)
+            token_rows = isinstance(module, TokenRowsLayer)
+            if isinstance(module, LINEAR_TYPES) and not token_rows and path != head and path not in wrapped:
                 found.append(path)
             continue
         if not matches_name(path, targets):
@@ -202,6 +205,8 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             continue
         if path in wrapped:  # another adapter trains it in full: LoRA on top would be lost with that copy
             saved_by_others.append(path)
+        elif isinstance(module, TokenRowsLayer):
+            unsupported.append(f"{path} (trainable token rows of another adapter)")
         elif isinstance(module, LORA_TYPES):
             found.append(path)
         else:
@@ -314,3 +319,96 @@ def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
             )
         found.extend(hits)
     return found
+
+
+def resolve_token_targets(
+    model: nn.Module, config: LoRAConfig, lora_targets: Iterable[str] = ()
+) -> dict[str, list[int]]:
+    """{path of the module that holds the rows: token ids} for `trainable_token_indices`. A list names
+    rows of the input embedding; a dict names modules as `modules_to_save` does (dot boundary). Modules
+    that share one weight (tied input and output embeddings) train one set of rows, held by one of them:
+    the input embedding where it is one of them (see `tied_token_modules`). Every problem is raised at once."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        return {}
+    modules = dict(base_modules(model))
+    if isinstance(spec, dict):
+        named = spec
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        emb = emb.original_module if isinstance(emb, ModulesToSave) else emb
+        path = next((p for p, m in modules.items() if m is emb), None) if emb is not None else None
+        named = {path or "embed_tokens": spec}  # peft's fallback name
+    lora_targets = set(lora_targets)
+    wrapped = {path for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    problems: list[str] = []
+    chosen: dict[str, list[int]] = {}
+    for name, ids in named.items():
+        hits = [p for p in modules if p == name or p.endswith("." + name)]
+        if not hits:
+            embeddings = [p for p, m in modules.items() if isinstance(m, nn.Embedding)]
+            problems.append(f"{name!r} matches no module (embeddings: {', '.join(embeddings) or 'none'})")
+        for path in hits:
+            module = modules[path]
+            if isinstance(module, TokenRowsLayer):
+                path = next(p for p, m in modules.items() if m is module.source)
+            elif not isinstance(module, (nn.Embedding, nn.Linear)) or isinstance(module, LoRALayer):
+                what = "a LoRA layer" if isinstance(module, LoRALayer) else type(module).__name__
+                problems.append(
+                    f"{path} is {what}; token rows need an nn.Embedding (or a Linear output head)"
+                )
+                continue
+            if path in lora_targets:
+                problems.append(f"{path} is in target_modules too; LoRA and token rows cannot share a module")
+            if path in wrapped or in_modules_to_save(path, config.modules_to_save):
+                problems.append(
+                    f"{path} is trained in full (modules_to_save); name it in modules_to_save or in "
+                    "trainable_token_indices, not both"
+                )
+            rows = module.weight.shape[0]
+            if too_big := [i for i in ids if i >= rows]:
+                problems.append(f"{path} has {rows} rows (tokens), so token ids {too_big[:5]} do not exist")
+            if chosen.get(path, ids) != ids:
+                problems.append(f"{path} is named twice with different token ids")
+            chosen[path] = list(ids)
+    by_weight: dict[int, list[str]] = {}
+    for path in chosen:
+        by_weight.setdefault(id(model.get_submodule(path).weight), []).append(path)
+    for paths in by_weight.values():
+        paths.sort(
+            key=lambda p: not isinstance(model.get_submodule(p), nn.Embedding)
+        )  # stable: embeddings first
+        if len({tuple(chosen[p]) for p in paths}) > 1:
+            problems.append(
+                f"{' and '.join(paths)} share one weight (tied embeddings), so they train the same rows; give "
+                "them the same token ids, or name only one of them"
+            )
+        for path in paths[1:]:  # the tied ones follow the first
+            chosen.pop(path, None)
+    for path in chosen:
+        for tied in tied_token_modules(model, path):
+            module = model.get_submodule(tied)
+            if tied in lora_targets or isinstance(module, LoRALayer) or tied in wrapped:
+                problems.append(
+                    f"{tied} shares its weight with {path} (tied embeddings) and would get its token rows, "
+                    "but it carries LoRA or is trained in full; leave it out of target_modules/modules_to_save"
+                )
+    if problems:
+        raise TargetModulesError(
+            f"trainable_token_indices={spec!r} does not fit {type(model).__name__}: "
+            + "; ".join(problems)
+            + "."
+        )
+    return chosen
+
+
+def tied_token_modules(model: nn.Module, path: str) -> list[str]:
+    """Other Embedding/Linear modules that share the weight of the module at `path` (an output head tied
+    to the input embeddings, T5's per-stack embeddings): they show the same token rows."""
+    weight = model.get_submodule(path).weight
+    return [
+        p
+        for p, m in base_modules(model)
+        if p != path and isinstance(m, (nn.Embedding, nn.Linear)) and getattr(m, "weight", None) is weight
+    ]

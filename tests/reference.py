@@ -30,6 +30,10 @@ def copy_lora_weights(ours: hf_lora.LoRAModel, ref, adapter: str = "default") ->
                 continue
             twin.lora_A[adapter].weight.copy_(layer.lora_A[adapter])
             twin.lora_B[adapter].weight.copy_(layer.lora_B[adapter])
+        for path, layer in ours.token_layers():
+            if adapter in layer.trainable_tokens_delta:
+                twin = inner.get_submodule(path).token_adapter.trainable_tokens_delta[adapter]
+                twin.copy_(layer.trainable_tokens_delta[adapter])
         for path, wrapper in ours.saved_modules():
             if adapter in wrapper.modules_to_save:
                 twin = inner.get_submodule(path).modules_to_save[adapter]
