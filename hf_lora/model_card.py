@@ -127,6 +127,7 @@ def render_model_card(
         else ", ".join(f"`{t}`" for t in targets or []),
         n_lora_layers=len(layers),
         modules_to_save=", ".join(f"`{m}`" for m in config.modules_to_save or []),
+        trainable_tokens=_token_rows(config.trainable_token_indices),
         bias=config.bias,
         task_type=task,
         trainable=f"{adapter_params:,}",
@@ -203,6 +204,14 @@ _TRAINER_SUMMARY_SIGNS = ("generated_from_trainer", "the information the Trainer
 
 def _is_trainer_summary(text: str) -> bool:
     return any(sign in text for sign in _TRAINER_SUMMARY_SIGNS)
+
+
+def _token_rows(spec: list[int] | dict[str, list[int]] | None) -> str:
+    """`trainable_token_indices` for the card: which tokens' rows the adapter trained, and where."""
+    if spec is None:
+        return ""
+    groups = spec.items() if isinstance(spec, dict) else [("input embeddings", spec)]
+    return "; ".join(f"{where}: {', '.join(map(str, ids))}" for where, ids in groups)
 
 
 def _add_tags(card: ModelCard, tags: list[str]) -> None:
