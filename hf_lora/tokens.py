@@ -193,13 +193,15 @@ class TokenRowsLayer(nn.Module):
         values = src.trainable_tokens_delta[name]  # (tokens, dim)
         ids, slot = src._index(name, out.device)
         if not isinstance(self, nn.Embedding):
-            # A head: logits (..., vocabulary), whose columns `ids` come from the trained rows.
+            # A head: logits (..., vocabulary), whose columns `ids` get x @ (rows - W[ids]).T added: they
+            # become x @ rows.T (+ bias), and the logits' gradient passes through unmasked (an overwrite
+            # would copy it, a tokens x vocabulary tensor, in backward). Rows equal to the weight's add 0.
             xs = x if batch_rows is None else x[batch_rows]
-            bias = None if self.bias is None else self.bias[ids].to(xs.dtype)
-            cols = F.linear(xs, values.to(xs.dtype), bias)  # (..., tokens)
+            delta = values.to(xs.dtype) - self.weight[ids].to(xs.dtype)  # (tokens, dim)
+            cols = F.linear(xs, delta).to(out.dtype)  # (..., tokens)
             if batch_rows is None:
-                return out.index_copy_(-1, ids, cols.to(out.dtype))
-            part = out[batch_rows].index_copy_(-1, ids, cols.to(out.dtype))
+                return out.index_add_(-1, ids, cols)
+            part = out[batch_rows].index_add_(-1, ids, cols)
             return out.index_copy_(0, torch.tensor(batch_rows, device=out.device), part)
         at = slot[x]  # (B, T): each token's row, -1 for tokens without one
         if batch_rows is not None:

@@ -392,8 +392,12 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
     ours.save_pretrained(tmp_path / "second", save_embedding_layers=False)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
-    key = "base_model.model.model.embed_tokens.token_adapter.base_layer.weight"
-    save_file(tensors | {key: tensors[key] + 1}, path)  # a base weight the first adapter loads
+    keys = [
+        f"base_model.model.{m}.token_adapter.base_layer.weight" for m in ("model.embed_tokens", "lm_head")
+    ]
+    save_file(
+        tensors | {k: tensors[k] + 1 for k in keys}, path
+    )  # a (tied) base weight the first adapter loads
     second = load_file(tmp_path / "second" / "adapter_model.safetensors")
     q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     save_file(second | {q: torch.zeros(3, 3)}, tmp_path / "second" / "adapter_model.safetensors")
@@ -412,3 +416,16 @@ def test_model_card_names_the_token_rows(tmp_path):
     ours.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert "| trainable token rows | embed_tokens: 0, 5, 7; lm_head: 3, 9 |" in card
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied-list", "llama-untied-dict", "gemma3-scaled"])
+def test_a_new_adapter_leaves_the_model_unchanged(case):
+    """The rows start as the weight's own: the outputs are the base model's, bit for bit (a head adds
+    x @ (rows - W[ids]).T = 0 to its logits)."""
+    make, tokens, targets = CASES[case]
+    torch.manual_seed(0)
+    base = make()
+    model = get_lora_model(
+        copy.deepcopy(base), LoRAConfig(target_modules=targets, trainable_token_indices=tokens)
+    )
+    assert torch.equal(_out(model), _out(base))
