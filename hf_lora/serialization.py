@@ -226,7 +226,9 @@ def _without_shared_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _embedding_is_targeted(model: nn.Module, config: LoRAConfig) -> bool:
-    """peft's rule: a target list naming "embed_tokens" or "lm_head", or a regex matching a module so named."""
+    """peft's rule: a target list naming "embed_tokens" or "lm_head", or a regex matching a module so named.
+    A dotted path in the list counts by its last name (peft's weighted adapters keep their sources' names;
+    ours record the exact paths they combine, which the plain rule would not see)."""
     targets = config.target_modules
     if isinstance(targets, str):
         return targets != "all-linear" and any(
@@ -234,7 +236,7 @@ def _embedding_is_targeted(model: nn.Module, config: LoRAConfig) -> bool:
             for path, _ in base_modules(model)
             if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", path)
         )
-    return any(name in (targets or ()) for name in EMBEDDING_LAYER_NAMES)
+    return any(name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES for name in targets or ())
 
 
 def _vocabulary_resized(model: nn.Module, config: LoRAConfig) -> bool:

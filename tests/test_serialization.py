@@ -826,6 +826,19 @@ def test_embedding_base_weights_are_saved_without_merged_adapters(tmp_path):
         ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
 
 
+def test_weighted_adapter_of_embedding_adapters_saves_the_embedding_base(tmp_path):
+    """A weighted adapter records the exact paths it combines (model.embed_tokens, ...): "auto" still sees
+    embed_tokens as targeted, as peft (which keeps the sources' names) does, and writes its base weight."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    ours, _ = trained("llama", fields)
+    ours.add_weighted_adapter(["default"], [0.5], "halved")
+    ours.save_pretrained(tmp_path, selected_adapters=["halved"])
+    assert "model.embed_tokens" in ours.peft_config["halved"].target_modules
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(
+        tmp_path / "halved" / WEIGHTS_NAME
+    )
+
+
 NEW_TOKENS = torch.tensor([[1, 130, 135, 7]])  # two of the 8 tokens a resize to 136 adds
 
 
