@@ -203,20 +203,21 @@ class TokenRowsLayer(nn.Module):
                 return out.index_add_(-1, ids, cols)
             part = out[batch_rows].index_add_(-1, ids, cols)
             return out.index_copy_(0, torch.tensor(batch_rows, device=out.device), part)
+        # Every position's row is gathered and kept where the token has one: shapes do not depend on the
+        # data, so there is no device sync (boolean indexing counts its hits on the host) and no graph break.
         at = slot[x]  # (B, T): each token's row, -1 for tokens without one
         if batch_rows is not None:
             chosen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             chosen[batch_rows] = True
             at = at.masked_fill(~chosen.view(-1, *[1] * (x.dim() - 1)), -1)
-        hit = at >= 0
-        picked = values[at[hit]]  # (hits, dim)
+        picked = values[at.clamp(min=0)]  # (B, T, dim)
         if self.padding_idx in src.token_indices[name]:
             # F.embedding passes no gradient to the padding row: neither does peft's replaced weight.
-            picked = torch.where((x[hit] == self.padding_idx)[:, None], picked.detach(), picked)
+            picked = torch.where((x == self.padding_idx).unsqueeze(-1), picked.detach(), picked)
         scale = _embed_scale(self)  # Gemma3 scales its lookups: the replaced rows too, as peft
         if scale is not None:
             picked = picked * scale.to(picked.dtype)
-        return out.index_put_((hit,), picked.to(out.dtype))
+        return torch.where((at >= 0).unsqueeze(-1), picked.to(out.dtype), out)
 
     def extra_repr(self) -> str:
         src = self.source

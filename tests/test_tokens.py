@@ -429,3 +429,13 @@ def test_a_new_adapter_leaves_the_model_unchanged(case):
         copy.deepcopy(base), LoRAConfig(target_modules=targets, trainable_token_indices=tokens)
     )
     assert torch.equal(_out(model), _out(base))
+
+
+def test_compiles_without_graph_breaks():
+    """No data-dependent shapes (no boolean indexing): one graph, and no device sync on CUDA."""
+    ours, _, _ = _pair("gpt2-tied-list")
+    ours.eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(ours)(IDS)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch.testing.assert_close(torch.compile(ours, backend="eager")(IDS).logits, ours(IDS).logits)
