@@ -369,6 +369,32 @@ def test_fsdp2_trains_embedding_adapters_as_one_process_does(tmp_path):
     check_two_ranks(tmp_path / "two", reference, find_unused=None, sharded=True)
 
 
+@pytest.mark.parametrize("setup", ["fsdp2", "ddp-trainer"])
+def test_token_rows_train_over_two_processes_as_in_one(tmp_path, setup):
+    """Trainable token rows (wte's, shown by the tied lm_head too) with LoRA: FSDP2 shards the rows with
+    the embedding; DDP (LoRATrainer: no unused-parameter walk) sees them used in every step."""
+    flags = ["--steps", "6", "--targets", "c_attn", "--tokens", "3", "7", "11"]
+    one = ["--setup", "accelerate"] if setup == "fsdp2" else ["--save-steps", "100"]
+    two = ["--setup", "fsdp2"] if setup == "fsdp2" else ["--save-steps", "100"]
+    run(script(tmp_path / "one", *one, "--batch", "8", *flags), tmp_path)
+    run(torchrun(tmp_path / "two", *two, "--batch", "4", *flags), tmp_path)
+    reference = adapter(tmp_path / "one" / "final")
+    rows = reference["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (3, 32) and (rows - build_base_rows([3, 7, 11])).abs().max() > 1e-3, (
+        "the rows trained"
+    )
+    check_two_ranks(
+        tmp_path / "two", reference, find_unused=None if setup == "fsdp2" else False, sharded=setup == "fsdp2"
+    )
+
+
+def build_base_rows(ids: list[int]) -> torch.Tensor:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_tiny import build_model_base
+
+    return build_model_base().transformer.wte.weight.detach()[ids]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,6 +37,7 @@ def build_model(args) -> hf_lora.LoRAModel:
         lora_dropout=args.dropout,
         modules_to_save=args.modules_to_save,
         target_modules=args.targets,
+        trainable_token_indices=args.tokens,
     )
     model = hf_lora.get_lora_model(model, lora)
     torch.manual_seed(1)  # B != 0 from the start, so every step moves the logits
@@ -203,6 +204,7 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--modules-to-save", nargs="*", default=None)
     p.add_argument("--targets", nargs="*", default=None, help="target_modules (default: GPT-2's)")
+    p.add_argument("--tokens", nargs="*", type=int, default=None, help="trainable_token_indices")
     p.add_argument("--kill-after-save", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int, default=None, help="raise on this rank at step 2")
