@@ -20,6 +20,7 @@ from .model import LoRAModel, get_lora_model
 from .optim import create_loraplus_optimizer
 from .serialization import adapter_state_dict, read_adapter
 from .targets import TARGET_MODULES
+from .tokens import TokenRowsLayer
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "LoRATrainer",
     "ModulesToSave",
     "TargetModulesError",
+    "TokenRowsLayer",
     "adapter_state_dict",
     "create_loraplus_optimizer",
     "delta_weight",
