@@ -201,7 +201,9 @@ def _info(args: argparse.Namespace) -> None:
     print(f"targets:      {cfg.target_modules} -> {len(layers)} layers")
     print(f"saved whole:  {cfg.modules_to_save or 'none'}")
     if cfg.trainable_token_indices is not None:
-        print(f"token rows:   {cfg.trainable_token_indices}")
+        from .model_card import token_rows_summary
+
+        print(f"token rows:   {token_rows_summary(cfg.trainable_token_indices)}")
     print(f"tensors:      {len(tensors)} ({kinds['lora_A']} A, {kinds['lora_B']} B, "
           f"{kinds['lora_magnitude_vector']} DoRA magnitudes, {kinds['other']} other), {', '.join(dtypes)}")  # fmt: skip
     print(f"size:         {n_params:,} parameters, {n_bytes / 2**20:.2f} MiB")

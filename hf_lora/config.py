@@ -102,11 +102,9 @@ class LoRAConfig:
             self.modules_to_save = _unique_list(self.modules_to_save)
         tokens = self.trainable_token_indices
         if isinstance(tokens, dict):
-            self.trainable_token_indices = {
-                k: list(v) if isinstance(v, tuple) else v for k, v in tokens.items()
-            }
-        elif isinstance(tokens, tuple):
-            self.trainable_token_indices = list(tokens)
+            self.trainable_token_indices = {k: _token_list(v) for k, v in tokens.items()}
+        elif tokens is not None:
+            self.trainable_token_indices = _token_list(tokens)
         if isinstance(self.layers_to_transform, (tuple, set)):
             self.layers_to_transform = sorted(self.layers_to_transform)
         self.rank_pattern = dict(self.rank_pattern or {})
@@ -290,6 +288,14 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _token_list(ids: Any) -> Any:
+    """Token ids as a list (from a tuple, range, set or tensor's tolist()); anything else is left for
+    validation to name."""
+    if isinstance(ids, (set, frozenset)):
+        return sorted(ids)
+    return list(ids) if isinstance(ids, (tuple, range)) else ids
 
 
 def _unique_list(values: Any) -> list:

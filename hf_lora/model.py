@@ -36,7 +36,6 @@ from .targets import (
     resolve_targets,
     resolve_token_targets,
     shared_parameters,
-    tied_token_modules,
 )
 from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
 
@@ -356,6 +355,7 @@ class LoRAModel(nn.Module):
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
             )
         _untie_merge_targets(self, names)
+        _untie_token_rows(self, names)
         started: list[tuple[LoRALayer | TokenRowsLayer, list[str]]] = []
         try:
             for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
@@ -610,11 +610,11 @@ def _inject(
             use_dora=config.use_dora,
         )
         layer.set_active(model._active)
-    for path, ids in tokens.items():
+    for path, target in tokens.items():
         layer = make_token_layer(model.get_submodule(path))
         layer.adapters_disabled = disabled
-        layer.add_token_adapter(name, ids, init=config.init_lora_weights if initialise else True)
-        for tied in tied_token_modules(model, path):
+        layer.add_token_adapter(name, target.ids)
+        for tied in target.tied:
             make_token_layer(model.get_submodule(tied), source=layer)
         layer.set_active(model._active)
     for path in saved:
@@ -764,6 +764,29 @@ def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
     _untie_if_replaced(model, untied)
 
 
+def _untie_token_rows(model: LoRAModel, names: Sequence[str]) -> None:
+    """A module with token rows of its own whose weight other modules share without showing those rows (a
+    tied head given rows apart from the embedding, as peft allows) gets a copy of the weight before merging,
+    with the modules that show its rows: merging into the shared weight would change the others too."""
+    for path, layer in model.token_layers():
+        if not any(n in layer.trainable_tokens_delta for n in names):
+            continue
+        shows = [m for m in model.modules() if isinstance(m, TokenRowsLayer) and m.source is layer]
+        sharing = [m for m in model.modules() if getattr(m, "weight", None) is layer.weight]
+        if len(sharing) > len(shows):
+            weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+            for module in shows:
+                module.weight = weight
+            config = getattr(model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+            logger.warning(
+                "%s shared its weight with modules that do not show its token rows; it now has its own copy, so "
+                "that merging leaves them as they were.",
+                path,
+            )
+
+
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
         raise ValueError(
@@ -799,6 +822,11 @@ def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwar
     else:
         hidden, targets = out.hidden_states[-1], shift_labels
     head = self.get_output_embeddings()
+    if isinstance(head, (LoRALayer, TokenRowsLayer)):  # an adapter added after enable_chunked_loss()
+        raise AdapterStateError(
+            "the chunked loss multiplies by the output head's weight, but the head now carries an adapter (LoRA "
+            "or token rows) it would leave out; call model.disable_chunked_loss()."
+        )
     loss = chunked_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
         head.weight,

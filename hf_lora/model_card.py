@@ -127,7 +127,7 @@ def render_model_card(
         else ", ".join(f"`{t}`" for t in targets or []),
         n_lora_layers=len(layers),
         modules_to_save=", ".join(f"`{m}`" for m in config.modules_to_save or []),
-        trainable_tokens=_token_rows(config.trainable_token_indices),
+        trainable_tokens=token_rows_summary(config.trainable_token_indices),
         bias=config.bias,
         task_type=task,
         trainable=f"{adapter_params:,}",
@@ -206,12 +206,17 @@ def _is_trainer_summary(text: str) -> bool:
     return any(sign in text for sign in _TRAINER_SUMMARY_SIGNS)
 
 
-def _token_rows(spec: list[int] | dict[str, list[int]] | None) -> str:
-    """`trainable_token_indices` for the card: which tokens' rows the adapter trained, and where."""
+def token_rows_summary(spec: list[int] | dict[str, list[int]] | None, limit: int = 8) -> str:
+    """`trainable_token_indices` in a line (a card, `hf-lora info`): where the rows are, how many, the first
+    ids."""
     if spec is None:
         return ""
     groups = spec.items() if isinstance(spec, dict) else [("input embeddings", spec)]
-    return "; ".join(f"{where}: {', '.join(map(str, ids))}" for where, ids in groups)
+    parts = []
+    for where, ids in groups:
+        shown = ", ".join(map(str, ids[:limit])) + (", ..." if len(ids) > limit else "")
+        parts.append(f"{where}: {len(ids)} token{'s' if len(ids) != 1 else ''} ({shown})")
+    return "; ".join(parts)
 
 
 def _add_tags(card: ModelCard, tags: list[str]) -> None:

@@ -45,9 +45,15 @@ from .model import (
     _prepare_config,
 )
 from .model_card import write_model_card
-from .targets import LORA_TYPES, base_modules, resolve_modules_to_save, resolve_targets, resolve_token_targets
-from .tokens import FILE_KEY as TOKENS_KEY
-from .tokens import TokenRowsLayer
+from .targets import (
+    LORA_TYPES,
+    TokenTarget,
+    base_modules,
+    resolve_modules_to_save,
+    resolve_targets,
+    resolve_token_targets,
+)
+from .tokens import TOKENS_KEY, TokenRowsLayer
 
 logger = logging.getLogger(__name__)
 
@@ -397,8 +403,12 @@ def as_plain_lora(
     """A PiSSA/OLoRA adapter as a plain LoRA against the original weights: with W = W_res + s B0 A0 at the
     start, the trained model is W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0], a LoRA of rank 2r. (The
     same holds for embeddings, which PiSSA/OLoRA leave alone: their A0 is zero.)"""
-    # the converted adapter applies to the original weights: no residual base weights go with it
-    out = {k: t for k, t in tensors.items() if not k.endswith(".base_layer.weight")}
+    # the converted adapter applies to the original weights: no residual base weights go with it (those of
+    # Linear/Conv1D layers; embeddings' and token-row modules', written for a resized vocabulary, stay)
+    residual = {
+        k.removesuffix("lora_A.weight") + "base_layer.weight" for k in tensors if k.endswith(".lora_A.weight")
+    }
+    out = {k: t for k, t in tensors.items() if k not in residual}
     for key, t in tensors.items():
         if key.endswith(("lora_A.weight", "lora_embedding_A")):
             out[key] = torch.cat([t, initial[key]], dim=0)
@@ -883,17 +893,16 @@ def _base_layer_key(key: str) -> tuple[str, str] | None:
     return (path, leaf) if key.startswith(PREFIX) and sep and "." not in leaf else None
 
 
-def _lora_paths(
-    modules: dict[str, nn.Module], targets: list[str], tokens: dict[str, list[int]] | None = None
+def _base_layer_paths(
+    modules: dict[str, nn.Module], targets: list[str], tokens: dict[str, TokenTarget] | None = None
 ) -> set[str]:
     """Modules whose own tensors peft's files name `<path>.base_layer.*` (`<path>.token_adapter.base_layer.*`
-    with token rows) once the adapter is attached: its targets, its token-row modules and the modules tied
-    to them, and other adapters' layers."""
-    weights = {id(modules[p].weight) for p in tokens or ()}
+    with token rows, which `_normalise_key` maps to the former) once the adapter is attached: its targets,
+    its token-row modules and the modules tied to them, and other adapters' layers."""
     return (
         set(targets)
         | {p for p, m in modules.items() if isinstance(m, (LoRALayer, TokenRowsLayer))}
-        | {p for p, m in modules.items() if id(getattr(m, "weight", None)) in weights}
+        | {p for path, target in (tokens or {}).items() for p in (path, *target.tied)}
     )
 
 
@@ -933,13 +942,13 @@ def _without_foreign_base_layer_keys(
     keys: dict[str, str],
     modules: dict[str, nn.Module],
     targets: list[str],
-    tokens: dict[str, list[int]],
+    tokens: dict[str, TokenTarget],
     source: str,
 ) -> dict[str, str]:
     """Drop `<path>.base_layer.*` tensors of modules that will not be LoRA layers. peft's bias="lora_only"
     trains the biases of every LoRA layer, so an adapter saved beside others holds theirs too; on a model
     without LoRA on those modules peft has no base_layer to load them into and ignores them, as we do."""
-    lora = _lora_paths(modules, targets, tokens)
+    lora = _base_layer_paths(modules, targets, tokens)
     foreign = sorted(
         k for k in keys if (split := _base_layer_key(k)) and split[0] in modules and split[0] not in lora
     )
@@ -1018,7 +1027,7 @@ def _expected_shapes(
     targets: list[str],
     saved: list[str],
     embeddings: set[str] = frozenset(),
-    tokens: dict[str, list[int]] | None = None,
+    tokens: dict[str, TokenTarget] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
     """file key -> (shape, required) for the adapter `config` creates.
 
@@ -1035,15 +1044,14 @@ def _expected_shapes(
         out[f"{PREFIX}{path}.{b_key}"] = ((n_out, r), True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
-    tokens = tokens or {}
-    for path, ids in tokens.items():
-        out[f"{PREFIX}{path}.{TOKENS_KEY}"] = ((len(ids), modules[path].weight.shape[1]), True)
-        for tied in (
-            p for p, m in modules.items() if p != path and getattr(m, "weight", None) is modules[path].weight
-        ):
-            # peft's save_embedding_layers=True also writes the rows under a tied head's name; ignored
-            out[f"{PREFIX}{tied}.{TOKENS_KEY}"] = ((len(ids), modules[path].weight.shape[1]), False)
-    lora_paths = _lora_paths(modules, targets, tokens)
+    for path, target in (tokens or {}).items():
+        shape = (len(target.ids), modules[path].weight.shape[1])
+        out[f"{PREFIX}{path}.{TOKENS_KEY}"] = (shape, True)
+        for (
+            tied
+        ) in target.tied:  # peft's save_embedding_layers=True writes the rows under a tied head's name too
+            out[f"{PREFIX}{tied}.{TOKENS_KEY}"] = (shape, False)
+    lora_paths = _base_layer_paths(modules, targets, tokens)
     for path in sorted(lora_paths):
         for leaf in ("weight", "bias"):
             t = getattr(modules[path], leaf, None)
@@ -1086,7 +1094,7 @@ def _normalise_key(key: str) -> str:
 def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> None:
     keymap = adapter_key_map(model, adapter_name)
     own = model.state_dict(keep_vars=True)
-    lora = _lora_paths(dict(base_modules(model)), [p for p, _ in model.lora_layers()])
+    lora = _base_layer_paths(dict(base_modules(model)), [p for p, _ in model.lora_layers()])
     embeddings = _embedding_paths(model) - lora
     with torch.no_grad():
         for key, tensor in files.tensors.items():
@@ -1157,10 +1165,18 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
         for k, v in keymap.items()
         if k in given and files.tensors[given[k]].shape != own[v].shape
     ]
+    shown = {  # peft's save_embedding_layers=True writes the rows under a tied head's name too: ignored
+        f"{PREFIX}{path}.{TOKENS_KEY}"
+        for path, m in base_modules(model)
+        if isinstance(m, TokenRowsLayer) and m.source is not m
+    }
     problems += [
         f"unexpected {k}"
         for k in given
-        if k not in keymap and not _unchanged_base_tensors(own, files, [given[k]]) and not _base_layer_key(k)
+        if k not in keymap
+        and k not in shown
+        and not _unchanged_base_tensors(own, files, [given[k]])
+        and not _base_layer_key(k)
     ]
     problems += _base_layer_problems(model, files, given)
     if problems:

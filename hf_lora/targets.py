@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -312,6 +313,11 @@ def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     found: list[str] = []
     for name in names:
         hits = [path for path, _ in base_modules(model) if path == name or path.endswith("." + name)]
+        if rows := [p for p in hits if isinstance(model.get_submodule(p), TokenRowsLayer)]:
+            raise TargetModulesError(
+                f"modules_to_save names {name!r}, but {', '.join(rows)} holds or shows another adapter's trainable "
+                "token rows, which a full copy would take along; leave it out of modules_to_save."
+            )
         if not hits and name not in optional:
             raise TargetModulesError(
                 f"modules_to_save names {name!r}, but {type(model).__name__} has no module of that name. "
@@ -321,13 +327,21 @@ def resolve_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     return found
 
 
+class TokenTarget(NamedTuple):
+    """A module that holds an adapter's token rows: their ids, and the modules tied to it that show them."""
+
+    ids: list[int]
+    tied: list[str]
+
+
 def resolve_token_targets(
     model: nn.Module, config: LoRAConfig, lora_targets: Iterable[str] = ()
-) -> dict[str, list[int]]:
-    """{path of the module that holds the rows: token ids} for `trainable_token_indices`. A list names
-    rows of the input embedding; a dict names modules as `modules_to_save` does (dot boundary). Modules
-    that share one weight (tied input and output embeddings) train one set of rows, held by one of them:
-    the input embedding where it is one of them (see `tied_token_modules`). Every problem is raised at once."""
+) -> dict[str, TokenTarget]:
+    """{path of a module that holds rows: its TokenTarget} for `trainable_token_indices`, by peft's rules. A
+    list names rows of the input embedding; a dict names modules as `modules_to_save` does (dot boundary).
+    The modules that share an input embedding's weight (a tied output head, T5's per-stack embeddings) show
+    its rows, unless they are named with other ids: then each module has rows of its own, as does a tied
+    head named without its embedding (merging then unties it). Every problem is raised at once."""
     spec = config.trainable_token_indices
     if spec is None:
         return {}
@@ -351,9 +365,7 @@ def resolve_token_targets(
             problems.append(f"{name!r} matches no module (embeddings: {', '.join(embeddings) or 'none'})")
         for path in hits:
             module = modules[path]
-            if isinstance(module, TokenRowsLayer):
-                path = next(p for p, m in modules.items() if m is module.source)
-            elif not isinstance(module, (nn.Embedding, nn.Linear)) or isinstance(module, LoRALayer):
+            if not isinstance(module, (nn.Embedding, nn.Linear)) or isinstance(module, LoRALayer):
                 what = "a LoRA layer" if isinstance(module, LoRALayer) else type(module).__name__
                 problems.append(
                     f"{path} is {what}; token rows need an nn.Embedding (or a Linear output head)"
@@ -372,27 +384,47 @@ def resolve_token_targets(
             if chosen.get(path, ids) != ids:
                 problems.append(f"{path} is named twice with different token ids")
             chosen[path] = list(ids)
+
+    out: dict[str, TokenTarget] = {}
     by_weight: dict[int, list[str]] = {}
     for path in chosen:
-        by_weight.setdefault(id(model.get_submodule(path).weight), []).append(path)
+        by_weight.setdefault(id(modules[path].weight), []).append(path)
     for paths in by_weight.values():
-        paths.sort(
-            key=lambda p: not isinstance(model.get_submodule(p), nn.Embedding)
-        )  # stable: embeddings first
-        if len({tuple(chosen[p]) for p in paths}) > 1:
+        paths.sort(key=lambda p: not isinstance(modules[p], nn.Embedding))  # (stable) embeddings first
+        source = paths[0]
+        if len({tuple(chosen[p]) for p in paths}) > 1 or not isinstance(modules[source], nn.Embedding):
+            out.update((p, TokenTarget(chosen[p], [])) for p in paths)  # rows of their own, untied (peft's)
+        else:
+            out[source] = TokenTarget(chosen[source], tied_token_modules(model, source))
+    for path, target in out.items():
+        module = modules[path]
+        if isinstance(module, TokenRowsLayer) and module.source is not module:
             problems.append(
-                f"{' and '.join(paths)} share one weight (tied embeddings), so they train the same rows; give "
-                "them the same token ids, or name only one of them"
+                f"{path} shows the token rows of another module (tied embeddings, from an earlier adapter), so "
+                "it cannot hold rows of its own; name the module it is tied to, with the same ids"
             )
-        for path in paths[1:]:  # the tied ones follow the first
-            chosen.pop(path, None)
-    for path in chosen:
-        for tied in tied_token_modules(model, path):
-            module = model.get_submodule(tied)
-            if tied in lora_targets or isinstance(module, LoRALayer) or tied in wrapped:
+        for tied in target.tied:
+            member = modules[tied]
+            if tied in lora_targets or isinstance(member, LoRALayer) or tied in wrapped:
                 problems.append(
-                    f"{tied} shares its weight with {path} (tied embeddings) and would get its token rows, "
+                    f"{tied} shares its weight with {path} (tied embeddings) and would show its token rows, "
                     "but it carries LoRA or is trained in full; leave it out of target_modules/modules_to_save"
+                )
+            elif isinstance(member, TokenRowsLayer) and member.source is not module:
+                problems.append(
+                    f"{tied} shares its weight with {path} (tied embeddings) and would show its token rows, but it "
+                    "holds rows of its own (an earlier adapter named it with other ids)"
+                )
+        if isinstance(module, TokenRowsLayer) and module.source is module:
+            shown = sorted(
+                p
+                for p, m in modules.items()
+                if isinstance(m, TokenRowsLayer) and m.source is module and p != path
+            )
+            if shown != sorted(target.tied):
+                problems.append(
+                    f"{path} has token rows (an earlier adapter) shown by {shown or 'no other module'}, this adapter's "
+                    f"would be shown by {target.tied or 'no other module'}; tied modules need the same layout"
                 )
     if problems:
         raise TargetModulesError(
@@ -400,12 +432,12 @@ def resolve_token_targets(
             + "; ".join(problems)
             + "."
         )
-    return chosen
+    return out
 
 
 def tied_token_modules(model: nn.Module, path: str) -> list[str]:
     """Other Embedding/Linear modules that share the weight of the module at `path` (an output head tied
-    to the input embeddings, T5's per-stack embeddings): they show the same token rows."""
+    to the input embeddings, T5's per-stack embeddings)."""
     weight = model.get_submodule(path).weight
     return [
         p

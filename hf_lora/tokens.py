@@ -6,13 +6,14 @@ embedding must learn, the rest of the vocabulary stays frozen, and the adapter f
 themselves, not a difference, despite the name).
 
 As with LoRA layers the module keeps its identity: its class is swapped for a subclass whose forward
-replaces the rows of the trained tokens in the base output. An output head that shares the embedding's
+puts the rows of the trained tokens into the base output. An output head that shares the embedding's
 weight (tied embeddings) gets the same treatment, reading the rows the embedding holds, so the two stay
 tied, as in peft. Where peft builds the whole (vocabulary, dim) weight with the rows replaced on every
-call (and its dense gradient in backward), the lookup here is the base model's, and only the positions of
-those tokens (the head: those logit columns) are overwritten: same outputs and gradients, without a
-weight-sized copy per step. Merging writes the rows into the weight (the rows they replace are kept, so
-unmerging restores them exactly).
+call (and its dense gradient in backward), the lookup here is the base model's: the embedding's output
+takes the rows at the positions of those tokens, and a head's logits get `x @ (rows - W[ids]).T` added
+to those columns. Same outputs and gradients (a head's up to rounding), without a weight-sized copy per
+step. Merging writes the rows into the weight (the rows they replace are kept, so unmerging restores
+them exactly).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .errors import AdapterStateError
 from .layers import BASE_ROWS, _embed_scale, _rows_for_batch
 
 # peft's state-dict names, under `<path>.token_adapter.`
-FILE_KEY = "token_adapter.trainable_tokens_delta"
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 
 
 class TokenRowsLayer(nn.Module):
@@ -42,7 +43,7 @@ class TokenRowsLayer(nn.Module):
     adapters_disabled: bool
     _row_adapters: Sequence[str] | None  # mixed batches: one adapter name per batch row
     _token_saved: dict[str, torch.Tensor]  # merged adapter -> the weight rows it replaced, in merge order
-    _token_index_cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]]
+    _token_index_cache: dict[str, tuple[tuple[torch.device, int], torch.Tensor, torch.Tensor]]
 
     @property
     def source(self) -> TokenRowsLayer:
@@ -55,15 +56,15 @@ class TokenRowsLayer(nn.Module):
 
     # -- adapters --
 
-    def add_token_adapter(self, name: str, indices: Sequence[int], init: bool | str = True) -> None:
-        """Rows for adapter `name`, starting as the weight's own rows (so the model is unchanged), or
-        standard normal for `init=False` (peft's init_weights=False)."""
-        w = self.base_weight()
+    def add_token_adapter(self, name: str, indices: Sequence[int]) -> None:
+        """Rows for adapter `name`, starting as the weight's own rows, so the model is unchanged (peft's LoRA
+        does the same whatever init_lora_weights says). Kept in fp32 on a half-precision base, as LoRA's
+        factors and peft's rows are: small updates to bf16 rows would round away."""
+        w = self.base_weight().detach()
         indices = [int(i) for i in indices]
-        if init is False:
-            rows = torch.randn(len(indices), w.shape[1], dtype=w.dtype, device=w.device)
-        else:
-            rows = w.detach()[torch.tensor(indices, device=w.device)].clone()
+        rows = w[torch.tensor(indices, device=w.device)].clone()
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
         self.trainable_tokens_delta[name] = nn.Parameter(rows)
         self.token_indices[name] = indices
 
@@ -74,21 +75,22 @@ class TokenRowsLayer(nn.Module):
             del self.trainable_tokens_delta[name]
         self.token_indices.pop(name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
-        self._token_index_cache = {k: v for k, v in self._token_index_cache.items() if k[0] != name}
+        self._token_index_cache.pop(name, None)
 
     def set_active(self, names: Sequence[str]) -> None:
-        check_disjoint(self, [n for n in names if n in self.trainable_tokens_delta])
-        self.active_adapters = tuple(names)
+        self.active_adapters = tuple(names)  # (LoRAModel.set_adapter has checked the rows are disjoint)
 
     def _index(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids (tokens,), slot of each vocabulary id in the rows or -1 (vocabulary,)) on `device`."""
-        key = (name, device)
-        if key not in self._token_index_cache:
+        """(token ids (tokens,), slot of each vocabulary id in the rows or -1 (vocabulary,)) on `device`,
+        made again when the device or the vocabulary (resize_token_embeddings) changes."""
+        key = (device, self.weight.shape[0])
+        cached = self._token_index_cache.get(name)
+        if cached is None or cached[0] != key:
             ids = torch.tensor(self.token_indices[name], device=device)
-            slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=device)
+            slot = torch.full((key[1],), -1, dtype=torch.long, device=device)
             slot[ids] = torch.arange(len(ids), device=device)
-            self._token_index_cache[key] = (ids, slot)
-        return self._token_index_cache[key]
+            cached = self._token_index_cache[name] = (key, ids, slot)
+        return cached[1], cached[2]
 
     # -- merging --
 
@@ -101,6 +103,11 @@ class TokenRowsLayer(nn.Module):
         ]
         check_disjoint(self, list(self._token_saved) + names)
         w = self.weight
+        if names and hasattr(w, "full_tensor"):
+            raise AdapterStateError(
+                "token rows cannot be merged into a sharded weight (FSDP2/DTensor); save the adapter and merge "
+                "it into a plain model (LoRAModel.from_pretrained(...).merge_and_unload())."
+            )
         for name in names:
             ids, _ = self._index(name, w.device)
             rows = self.trainable_tokens_delta[name].detach().to(w.dtype)
@@ -187,21 +194,17 @@ class TokenRowsLayer(nn.Module):
         return out if scale is None else out * scale.to(out.dtype)
 
     def _put_rows(self, out: torch.Tensor, x: torch.Tensor, name: str, batch_rows: list[int] | None):
-        """`out` with the positions of this adapter's tokens taken from its rows (`batch_rows`: only in
-        these rows of the batch)."""
+        """`out` as if the weight held this adapter's rows (`batch_rows`: only for these rows of the batch):
+        an embedding's positions of those tokens take the rows, a head's logit columns are recomputed."""
         src = self.source
         values = src.trainable_tokens_delta[name]  # (tokens, dim)
         ids, slot = src._index(name, out.device)
         if not isinstance(self, nn.Embedding):
-            # A head: logits (..., vocabulary), whose columns `ids` get x @ (rows - W[ids]).T added: they
-            # become x @ rows.T (+ bias), and the logits' gradient passes through unmasked (an overwrite
-            # would copy it, a tokens x vocabulary tensor, in backward). Rows equal to the weight's add 0.
-            xs = x if batch_rows is None else x[batch_rows]
-            delta = values.to(xs.dtype) - self.weight[ids].to(xs.dtype)  # (tokens, dim)
-            cols = F.linear(xs, delta).to(out.dtype)  # (..., tokens)
+            # A head: logits (..., vocabulary), whose columns `ids` become x @ rows.T (+ bias[ids]).
+            part = out if batch_rows is None else out[batch_rows]
+            part = _head_rows(part, x if batch_rows is None else x[batch_rows], values, self, ids)
             if batch_rows is None:
-                return out.index_add_(-1, ids, cols)
-            part = out[batch_rows].index_add_(-1, ids, cols)
+                return part
             return out.index_copy_(0, torch.tensor(batch_rows, device=out.device), part)
         # Every position's row is gathered and kept where the token has one: shapes do not depend on the
         # data, so there is no device sync (boolean indexing counts its hits on the host) and no graph break.
@@ -227,6 +230,23 @@ class TokenRowsLayer(nn.Module):
 
     def __reduce_ex__(self, protocol: int):
         return (_rebuild_token_layer, (self._token_base_class, self.__dict__.copy()))
+
+
+def _head_rows(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, head: nn.Module, ids: torch.Tensor):
+    """`out` (a head's logits) with the columns `ids` set to x @ rows.T (+ bias[ids]), in place: one
+    rounding, as peft's whole-weight matmul. For the gradient, `c - c.detach()` (exactly zero) with
+    c = x @ (rows - W[ids]).T is added to those columns: the base head's backward already sends their
+    gradient through W[ids], and c's adds what rows - W[ids] contribute. The logits' gradient passes
+    through untouched (an overwrite autograd saw would copy it, a tokens x vocabulary tensor, to zero
+    those columns), and there is no custom autograd function for torch.compile to break on."""
+    bias = None if head.bias is None else head.bias.detach()[ids].to(x.dtype)
+    w_ids = head.weight.detach()[ids]  # (tokens, dim)
+    with torch.no_grad():
+        out.index_copy_(-1, ids, F.linear(x, rows.to(x.dtype), bias).to(out.dtype))
+    if not (torch.is_grad_enabled() and (x.requires_grad or rows.requires_grad)):
+        return out
+    c = F.linear(x, rows.to(x.dtype) - w_ids.to(x.dtype))  # (..., tokens)
+    return out.index_add_(-1, ids, (c - c.detach()).to(out.dtype))
 
 
 def check_disjoint(layer: TokenRowsLayer, names: Sequence[str]) -> None:

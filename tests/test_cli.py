@@ -109,7 +109,10 @@ def test_info_shows_trainable_token_rows(tmp_path):
     )
     model.save_pretrained(tmp_path)
     out = hf_lora_cli("info", str(tmp_path)).stdout
-    assert "token rows:   [3, 4]" in out and "(2 A, 2 B, 0 DoRA magnitudes, 1 other)" in out
+    assert (
+        "token rows:   input embeddings: 2 tokens (3, 4)" in out
+        and "(2 A, 2 B, 0 DoRA magnitudes, 1 other)" in out
+    )
 
 
 def test_merge_gives_a_plain_model_with_the_adapter_folded_in(on_disk, tmp_path):

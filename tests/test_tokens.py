@@ -51,7 +51,11 @@ CASES = {
     "plain-embedding": (lambda: Lookup("plain"), {"emb": [0, 2, 3]}, ["proj"]),
     "gemma3-scaled": (lambda: Lookup("gemma3-scaled"), {"emb": [0, 2, 3]}, ["proj"]),
     "max-norm": (lambda: Lookup("max-norm"), {"emb": [0, 2, 3]}, ["proj"]),
+    # peft's rows apart from a tied embedding: on the head alone, or other ids on each
+    "gpt2-tied-head-only": (tiny_gpt2, {"lm_head": [3, 9]}, ["c_attn"]),
+    "gpt2-tied-other-ids": (tiny_gpt2, {"wte": [1, 5], "lm_head": [3, 9]}, ["c_attn"]),
 }
+UNTIED_ON_MERGE = ("gpt2-tied-head-only", "gpt2-tied-other-ids")
 IDS = torch.tensor([[1, 5, 0, 7, 3, 2, 9], [7, 7, 2, 0, 4, 3, 1]])
 
 
@@ -119,13 +123,23 @@ def test_outputs_gradients_and_merge_match_peft(case):
 
     merged, merged_ref = ours.merge_and_unload(), ref.merge_and_unload()
     assert not any(isinstance(m, TokenRowsLayer) for m in merged.modules())
+    if case in UNTIED_ON_MERGE:
+        # peft merges the head's rows into the weight it shares with the embedding, which changes the input
+        # embedding too (its merged model differs from its own unmerged one); hf_lora unties the head first.
+        assert merged.lm_head.weight is not merged.transformer.wte.weight
+        assert not merged.config.tie_word_embeddings
+        torch.testing.assert_close(_out(merged), out_ref, rtol=1e-5, atol=1e-5)
+        assert (_out(merged_ref) - out_ref).abs().max() > 0.1, "(peft's merge changed its model)"
+        return
     for (name, p), (name_ref, p_ref) in zip(merged.state_dict().items(), merged_ref.state_dict().items()):
         assert name == name_ref
         torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-6)  # token rows: exact; LoRA: rounding
     torch.testing.assert_close(_out(merged), out_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["gpt2-tied-list", "llama-untied-dict"])
+@pytest.mark.parametrize(
+    "case", ["gpt2-tied-list", "llama-untied-dict", "gpt2-tied-head-only", "gpt2-tied-other-ids"]
+)
 def test_files_match_peft_both_ways(case, tmp_path):
     ours, ref, base = _pair(case)
     ref.save_pretrained(tmp_path / "peft")
@@ -162,6 +176,8 @@ def test_save_embedding_layers_load_both_ways(case, tmp_path):
     torch.testing.assert_close(_out(loaded), _out(ref), rtol=1e-5, atol=1e-5)
     ref_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(_out(ref_loaded), _out(ours), rtol=1e-5, atol=1e-5)
+    loaded.load_adapter(tmp_path / "peft", adapter_name="default")  # in place (a Trainer resume) takes it too
+    torch.testing.assert_close(_out(loaded), _out(ref), rtol=1e-5, atol=1e-5)
     # "auto" leaves them out when the adapter has token rows, as peft (the rows are there to save space)
     ours.save_pretrained(tmp_path / "auto")
     assert not any("base_layer" in k for k in load_file(tmp_path / "auto" / "adapter_model.safetensors"))
@@ -313,6 +329,23 @@ def test_combinations_that_cannot_hold_token_rows():
         ours.enable_chunked_loss()
     with pytest.raises(TargetModulesError, match="trainable token rows of another adapter"):
         ours.add_adapter("lora-on-wte", LoRAConfig(target_modules=["wte"]))
+    with pytest.raises(TargetModulesError, match="holds or shows another adapter's trainable token rows"):
+        ours.add_adapter("copy-head", LoRAConfig(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    with pytest.raises(TargetModulesError, match="shows the token rows of another module"):
+        ours.add_adapter(
+            "head-rows", LoRAConfig(target_modules=["c_attn"], trainable_token_indices={"lm_head": [4]})
+        )
+
+
+def test_chunked_loss_refuses_a_head_adapter_added_after_it():
+    model = get_lora_model(tiny_gpt2(), LoRAConfig(target_modules=["c_attn"]))
+    model.enable_chunked_loss(chunk_size=4)
+    model.add_adapter("rows", LoRAConfig(target_modules=["c_attn"], trainable_token_indices=[1, 5]))
+    model.set_adapter("rows")
+    with pytest.raises(AdapterStateError, match="disable_chunked_loss"):
+        model(IDS, labels=IDS)
+    model.disable_chunked_loss()
+    assert torch.isfinite(model(IDS, labels=IDS).loss)
 
 
 def test_trainer_trains_checkpoints_and_resumes_the_rows(tmp_path):
@@ -415,20 +448,23 @@ def test_model_card_names_the_token_rows(tmp_path):
     ours, _, _ = _pair("llama-untied-dict")
     ours.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
-    assert "| trainable token rows | embed_tokens: 0, 5, 7; lm_head: 3, 9 |" in card
+    assert "| trainable token rows | embed_tokens: 3 tokens (0, 5, 7); lm_head: 2 tokens (3, 9) |" in card
 
 
 @pytest.mark.parametrize("case", ["gpt2-tied-list", "llama-untied-dict", "gemma3-scaled"])
 def test_a_new_adapter_leaves_the_model_unchanged(case):
-    """The rows start as the weight's own: the outputs are the base model's, bit for bit (a head adds
-    x @ (rows - W[ids]).T = 0 to its logits)."""
+    """The rows start as the weight's own: the embedding's outputs are the base model's, bit for bit, and
+    so are the logits up to the rounding of a head's columns, which come from their own small matmul."""
     make, tokens, targets = CASES[case]
     torch.manual_seed(0)
     base = make()
     model = get_lora_model(
         copy.deepcopy(base), LoRAConfig(target_modules=targets, trainable_token_indices=tokens)
     )
-    assert torch.equal(_out(model), _out(base))
+    for path, layer in model.token_layers():
+        if isinstance(layer, nn.Embedding):
+            assert torch.equal(layer(IDS), base.get_submodule(path)(IDS))
+    torch.testing.assert_close(_out(model), _out(base), rtol=1e-6, atol=1e-6)
 
 
 def test_compiles_without_graph_breaks():
@@ -439,3 +475,69 @@ def test_compiles_without_graph_breaks():
         explained = torch._dynamo.explain(ours)(IDS)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         torch.testing.assert_close(torch.compile(ours, backend="eager")(IDS).logits, ours(IDS).logits)
+
+
+def test_half_precision_base_trains_fp32_rows_as_peft():
+    """On a bf16 base the rows are fp32, as peft's (its default autocast_adapter_dtype) and as LoRA's
+    factors: an update far below a bf16 ulp still moves them."""
+    ours, ref, base = _pair("llama-untied-dict")
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    for _, layer in ours.token_layers():
+        for rows in layer.trainable_tokens_delta.values():
+            rows.data = rows.data.float()  # (what a fresh adapter on a bf16 model gets, below)
+    fresh = get_lora_model(
+        copy.deepcopy(base).to(torch.bfloat16),
+        LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+    )
+    assert fresh.model.embed_tokens.trainable_tokens_delta["default"].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in _rows(get_peft_model(
+        copy.deepcopy(base).to(torch.bfloat16), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    )).values())  # fmt: skip
+    out, out_ref = _out(ours), _out(ref)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2, atol=2e-2)  # (bf16 rounding)
+    before = fresh.model.embed_tokens.trainable_tokens_delta["default"].detach().clone()
+    opt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=1e-6)
+    fresh(IDS, labels=IDS).loss.backward()
+    opt.step()
+    assert (fresh.model.embed_tokens.trainable_tokens_delta["default"] != before).any()
+
+
+def test_rows_start_as_the_base_rows_whatever_init_lora_weights_says():
+    """peft's LoRA copies the base rows also with init_lora_weights=False (which randomises B)."""
+    model = get_lora_model(
+        tiny_gpt2(),
+        LoRAConfig(target_modules=["c_attn"], trainable_token_indices=[1, 5], init_lora_weights=False),
+    )
+    assert torch.equal(
+        model.transformer.wte.trainable_tokens_delta["default"], model.transformer.wte.weight[[1, 5]]
+    )
+
+
+def test_resizing_the_vocabulary_after_a_forward():
+    """resize_token_embeddings keeps the module and swaps its weight: the token ids' lookup follows."""
+    model = get_lora_model(tiny_gpt2(), LoRAConfig(target_modules=["c_attn"], trainable_token_indices=[1, 5]))
+    model(IDS)
+    model.resize_token_embeddings(VOCAB + 4)
+    ids = torch.tensor([[1, VOCAB + 3, 5]])
+    out = model.transformer.wte(ids)[0]
+    rows = model.transformer.wte.trainable_tokens_delta["default"]
+    assert torch.equal(out[0], rows[0]) and torch.equal(out[2], rows[1])
+    assert model(ids).logits.shape[-1] == VOCAB + 4
+
+
+def test_pissa_conversion_keeps_the_embedding_base_weights():
+    """Converting a PiSSA adapter drops the residual base weights of its Linear layers, and keeps the
+    embeddings' (untouched by PiSSA; written for a resized vocabulary)."""
+    from hf_lora.serialization import as_plain_lora
+
+    p = "base_model.model."
+    tensors = {
+        f"{p}q.lora_A.weight": torch.ones(2, 4), f"{p}q.lora_B.weight": torch.ones(4, 2),
+        f"{p}q.base_layer.weight": torch.ones(4, 4), f"{p}e.token_adapter.base_layer.weight": torch.ones(9, 4),
+        f"{p}e.token_adapter.trainable_tokens_delta": torch.ones(1, 4), f"{p}h.weight": torch.ones(9, 4),
+    }  # fmt: skip
+    initial = {k: v for k, v in tensors.items() if "lora_" in k}
+    config = {"r": 2, "lora_alpha": 2, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    out, _ = as_plain_lora(tensors, config, initial)
+    assert set(out) == set(tensors) - {f"{p}q.base_layer.weight"}
