@@ -86,7 +86,7 @@ def results(out: Path) -> dict:
 
 
 def test_every_example_has_help():
-    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py"):
+    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py", "new_tokens.py"):
         proc = run_example(script, "--help", timeout=60)
         assert "--output-dir" in proc.stdout and "usage:" in proc.stdout
 
@@ -264,6 +264,29 @@ def test_flags_checked_against_the_model_and_data(tmp_path, reviews_csv, script,
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_new_tokens_trains_two_rows_and_reloads_them(tmp_path, reviews_csv):
+    """Two new special tokens: LoRA and their two rows train, the file holds the rows and no embedding,
+    and the adapter reloads onto a freshly resized base with the same logits (the script checks, and
+    exits non-zero otherwise)."""
+    import re
+
+    news = tmp_path / "news.csv"
+    verbs = ["backs", "delays", "rejects", "plans"]
+    news.write_text(
+        "text\n" + "".join(f"Minister {verbs[i % 4]} the budget for {2000 + i}\n" for i in range(80))
+    )
+    out = tmp_path / "tokens"
+    proc = run_example("new_tokens.py", "--tiny", "--news", str(news), "--reviews", str(reviews_csv),
+                       "--output-dir", str(out), timeout=180)  # fmt: skip
+    assert re.search(r"\| reloaded on a freshly resized base: same logits +\| yes +\|", proc.stdout)
+    saved = hf_lora.read_adapter(out)
+    rows = saved.tensors["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (2, 64) and not any(
+        "base_layer" in k or k.endswith("wte.weight") for k in saved.tensors
+    )
+    assert saved.config.trainable_token_indices == [50257, 50258]
 
 
 def test_explicit_flags_win_over_tiny():
