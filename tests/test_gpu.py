@@ -79,3 +79,32 @@ def test_deepspeed_zero3_saves_the_whole_adapter(tmp_path):
     hf_lora.LoRATrainer(model=model, args=args, train_dataset=data).train()
     saved = hf_lora.read_adapter(tmp_path / "checkpoint-2").tensors
     assert saved and all(t.numel() > 0 for t in saved.values()), "gathered, not empty ZeRO-3 shards"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_rows_match_peft_on_cuda_without_host_syncs(dtype):
+    """Trainable token rows on CUDA: peft's logits, and the embedding and tied head run without a
+    device-to-host sync (no data-dependent shapes)."""
+    base = make_model("gpt2").cuda().to(dtype)
+    fields = dict(r=4, lora_alpha=8, target_modules=TARGETS, trainable_token_indices=[1, 5, 7])
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    randomise_B(ours)
+    with torch.no_grad():
+        ours.transformer.wte.trainable_tokens_delta["default"].normal_()
+    copy_lora_weights(ours, ref)
+    assert ours.transformer.wte.trainable_tokens_delta["default"].dtype == torch.float32
+    batch = on_cuda(batch_for("gpt2"))
+    with torch.no_grad():
+        a, b = ours(**batch).logits, ref(**batch).logits
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert (a.float() - b.float()).abs().max().item() <= tol
+    ids = batch["input_ids"]
+    ours.transformer.wte(ids)  # (the token ids' index is made once per device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hidden = ours.transformer.wte(ids)
+        ours.lm_head(hidden).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ours.transformer.wte.trainable_tokens_delta["default"].grad.abs().max() > 0
