@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,7 +260,7 @@ def _token_problems(value: Any):
         elif not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
             yield f"{what}; trainable_token_indices{where} is {ids!r} (a non-empty list of ids >= 0 is needed)."
         elif len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})
+            twice = sorted(i for i, n in Counter(ids).items() if n > 1)
             yield f"trainable_token_indices{where} names tokens {twice} more than once."
 
 

@@ -811,6 +811,12 @@ _MODEL_CLASSES: dict[type, type] = {}
 
 def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwargs: Any) -> Any:
     """The model's forward for the hidden states and last-position logits only, then the loss by chunks."""
+    head = self.get_output_embeddings()
+    if isinstance(head, (LoRALayer, TokenRowsLayer)):  # an adapter added after enable_chunked_loss()
+        raise AdapterStateError(
+            "the chunked loss multiplies by the output head's weight, but the head now carries an adapter (LoRA "
+            "or token rows) it would leave out; call model.disable_chunked_loss()."
+        )
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)  # labels already aligned with positions (transformers')
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -821,12 +827,6 @@ def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwar
         hidden, targets = out.hidden_states[-1][:, :-1], labels[:, 1:]  # position t predicts token t + 1
     else:
         hidden, targets = out.hidden_states[-1], shift_labels
-    head = self.get_output_embeddings()
-    if isinstance(head, (LoRALayer, TokenRowsLayer)):  # an adapter added after enable_chunked_loss()
-        raise AdapterStateError(
-            "the chunked loss multiplies by the output head's weight, but the head now carries an adapter (LoRA "
-            "or token rows) it would leave out; call model.disable_chunked_loss()."
-        )
     loss = chunked_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
         head.weight,

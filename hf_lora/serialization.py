@@ -1047,17 +1047,18 @@ def _expected_shapes(
     for path, target in (tokens or {}).items():
         shape = (len(target.ids), modules[path].weight.shape[1])
         out[f"{PREFIX}{path}.{TOKENS_KEY}"] = (shape, True)
-        for (
-            tied
-        ) in target.tied:  # peft's save_embedding_layers=True writes the rows under a tied head's name too
+        # peft's save_embedding_layers=True writes the rows under a tied head's name too
+        for tied in target.tied:
             out[f"{PREFIX}{tied}.{TOKENS_KEY}"] = (shape, False)
-    lora_paths = _base_layer_paths(modules, targets, tokens)
-    for path in sorted(lora_paths):
+    base_layer_paths = _base_layer_paths(modules, targets, tokens)
+    for path in sorted(base_layer_paths):
         for leaf in ("weight", "bias"):
             t = getattr(modules[path], leaf, None)
             if isinstance(t, nn.Parameter):
                 out[f"{PREFIX}{path}.base_layer.{leaf}"] = (tuple(t.shape), False)
-    for path in sorted(embeddings - lora_paths):  # save_embedding_layers: base weights, loaded into the base
+    for path in sorted(
+        embeddings - base_layer_paths
+    ):  # save_embedding_layers: base weights, loaded into the base
         if not _inside(path, saved):
             for leaf in ("weight", "bias"):
                 t = getattr(modules[path], leaf, None)
