@@ -754,7 +754,7 @@ class LoRALayer(nn.Module):
         if type(self) in (LoRALinear, LoRAConv1D, LoRAEmbedding):
             return super().__reduce_ex__(protocol)
         # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
-        return (_rebuild_lora_layer, (self._lora_base_class, self.__dict__.copy()))
+        return (rebuild_swapped, (lora_layer_class, self._lora_base_class, self.__dict__.copy()))
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
@@ -789,8 +789,10 @@ def lora_layer_class(base_cls: type[nn.Module]) -> type[LoRALayer]:
     return _LAYER_CLASSES[base_cls]
 
 
-def _rebuild_lora_layer(base_cls: type[nn.Module], state: dict[str, Any]) -> LoRALayer:
-    obj = nn.Module.__new__(lora_layer_class(base_cls))
+def rebuild_swapped(class_for: Any, base_cls: type[nn.Module], state: dict[str, Any]) -> nn.Module:
+    """Unpickle (or deep-copy) a module whose class was swapped for one generated at run time, which
+    cannot be found by name: `class_for(base_cls)` makes the class again (`lora_layer_class`, ...)."""
+    obj = nn.Module.__new__(class_for(base_cls))
     obj.__dict__.update(state)
     return obj
 

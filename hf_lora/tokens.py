@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterStateError
-from .layers import BASE_ROWS, _embed_scale, _rows_for_batch
+from .layers import BASE_ROWS, _embed_scale, _rows_for_batch, rebuild_swapped
 
 # peft's state-dict names, under `<path>.token_adapter.`
 TOKENS_KEY = "token_adapter.trainable_tokens_delta"
@@ -242,7 +242,7 @@ class TokenRowsLayer(nn.Module):
         return f"{super().extra_repr()}, trainable_tokens{tied}=[{tokens}]"
 
     def __reduce_ex__(self, protocol: int):
-        return (_rebuild_token_layer, (self._token_base_class, self.__dict__.copy()))
+        return (rebuild_swapped, (token_layer_class, self._token_base_class, self.__dict__.copy()))
 
 
 def _head_rows(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, head: nn.Module, ids: torch.Tensor):
@@ -282,12 +282,6 @@ def token_layer_class(base_cls: type[nn.Module]) -> type[TokenRowsLayer]:
     if base_cls not in _TOKEN_CLASSES:
         _TOKEN_CLASSES[base_cls] = type(f"TrainableTokens{base_cls.__name__}", (TokenRowsLayer, base_cls), {})
     return _TOKEN_CLASSES[base_cls]
-
-
-def _rebuild_token_layer(base_cls: type[nn.Module], state: dict[str, Any]) -> TokenRowsLayer:
-    obj = nn.Module.__new__(token_layer_class(base_cls))
-    obj.__dict__.update(state)
-    return obj
 
 
 def make_token_layer(module: nn.Module, source: TokenRowsLayer | None = None) -> TokenRowsLayer:
