@@ -789,6 +789,11 @@ def lora_layer_class(base_cls: type[nn.Module]) -> type[LoRALayer]:
     return _LAYER_CLASSES[base_cls]
 
 
+def _rebuild_lora_layer(base_cls: type[nn.Module], state: dict[str, Any]) -> LoRALayer:
+    """(What pickles made before rebuild_swapped() call.)"""
+    return rebuild_swapped(lora_layer_class, base_cls, state)
+
+
 def rebuild_swapped(class_for: Any, base_cls: type[nn.Module], state: dict[str, Any]) -> nn.Module:
     """Unpickle (or deep-copy) a module whose class was swapped for one generated at run time, which
     cannot be found by name: `class_for(base_cls)` makes the class again (`lora_layer_class`, ...)."""

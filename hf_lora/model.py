@@ -312,7 +312,6 @@ class LoRAModel(nn.Module):
             yield
         finally:
             self._set_disabled(False)
-            _untie_token_rows(self, [n for _, names in merged for n in names])  # (unmerging tied them again)
             for layer, names in merged:
                 layer.merge(names)
 
@@ -768,30 +767,25 @@ def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
 def _untie_token_rows(model: LoRAModel, names: Sequence[str]) -> None:
     """A module with token rows of its own whose weight other modules share without showing those rows (a
     tied head given rows apart from the embedding, as peft allows) gets a copy of the weight before merging,
-    with the modules that show its rows: merging into the shared weight would change the others too.
-    Unmerging restores the rows exactly, and the tie with them (`TokenRowsLayer.unmerge`)."""
+    with the modules that show its rows: merging into the shared weight would change the others too. As
+    for LoRA on a tied head (`_untie_merge_targets`) the copy stays after unmerging, and the config says the
+    weights are no longer tied (re-tying on unmerge has too many orders to get right: other ids on the
+    embedding, several adapters, a merge failing half way)."""
     for path, layer in model.token_layers():
         if not any(n in layer.trainable_tokens_delta for n in names):
             continue
         shows = [m for m in model.modules() if isinstance(m, TokenRowsLayer) and m.source is layer]
         sharing = [m for m in model.modules() if getattr(m, "weight", None) is layer.weight]
         if len(sharing) > len(shows):
-            original = layer.weight
-            copy_ = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+            weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
             for module in shows:
-                module.weight = copy_
+                module.weight = weight
             config = getattr(model, "config", None)
-            retie = config if getattr(config, "tie_word_embeddings", False) else None
-            if retie is not None:
+            if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
-            layer.__dict__["_token_untied"] = (
-                original,
-                shows,
-                retie,
-            )  # for unmerge (not a registered Parameter)
-            logger.info(
-                "%s shares its weight with modules that do not show its token rows: it has its own copy while its "
-                "rows are merged, so that merging leaves them as they were.",
+            logger.warning(
+                "%s shared its weight with modules that do not show its token rows; it now has its own copy, so "
+                "that merging leaves them as they were.",
                 path,
             )
 

@@ -43,7 +43,6 @@ from .model import (
     _inject,
     _moves_base_weights,
     _prepare_config,
-    _untie_token_rows,
 )
 from .model_card import write_model_card
 from .targets import (
@@ -1195,8 +1194,6 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
     for layer in merged:
         layer.unmerge([adapter_name])
     _copy_tensors(model, adapter_name, files)
-    if merged:
-        _untie_token_rows(model, [adapter_name])  # (unmerging tied them again)
     for layer in merged:
         layer.merge([adapter_name])
     model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)

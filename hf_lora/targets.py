@@ -346,14 +346,11 @@ def resolve_token_targets(
     if spec is None:
         return {}
     modules = dict(base_modules(model))
-    if isinstance(spec, dict):
-        named = spec
-    else:
-        get = getattr(model, "get_input_embeddings", None)
-        emb = get() if callable(get) else None
-        emb = emb.original_module if isinstance(emb, ModulesToSave) else emb
-        path = next((p for p, m in modules.items() if m is emb), None) if emb is not None else None
-        named = {path or "embed_tokens": spec}  # peft's fallback name
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    emb = emb.original_module if isinstance(emb, ModulesToSave) else emb
+    input_path = next((p for p, m in modules.items() if m is emb), None) if emb is not None else None
+    named = spec if isinstance(spec, dict) else {input_path or "embed_tokens": spec}  # (peft's fallback name)
     lora_targets = set(lora_targets)
     wrapped = {path for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
     problems: list[str] = []
@@ -394,15 +391,10 @@ def resolve_token_targets(
         source = paths[0]
         if len({tuple(chosen[p]) for p in paths}) > 1 or not isinstance(modules[source], nn.Embedding):
             out.update((p, TokenTarget(chosen[p], [])) for p in paths)  # rows of their own, untied (peft's)
-            for p in paths:
-                unseen = [
-                    t
-                    for t in tied_token_modules(model, p)
-                    if isinstance(modules[t], nn.Embedding)
-                    and isinstance(modules[p], nn.Embedding)
-                    and t not in paths
-                ]
-                if unseen:
+            if input_path in paths:  # (T5's: the model may look tokens up through other modules sharing it)
+                p = input_path
+                unseen = [t for t in tied_token_modules(model, p) if isinstance(modules[t], nn.Embedding)]
+                if unseen := [t for t in unseen if t not in paths]:
                     logger.warning(
                         "token rows on %s are not shown by %s, which share its weight: with different ids for the "
                         "tied modules (%s) each holds rows of its own, as in peft. If the model looks tokens up "

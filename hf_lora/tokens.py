@@ -118,22 +118,13 @@ class TokenRowsLayer(nn.Module):
                 w.index_copy_(0, ids, rows)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Put back the rows merged adapters replaced; with none left merged, a weight copied so that merging
-        would not change the modules tied to it (`model._untie_token_rows`) is shared with them again."""
+        """Put back the rows merged adapters replaced (exactly)."""
         w = self.weight
         for name in reversed(list(self._token_saved)):
             if names is None or name in names:
                 ids, _ = self._index(name, w.device)
                 with torch.no_grad():
                     w.index_copy_(0, ids, self._token_saved.pop(name).to(w))
-        untied = self.__dict__.get("_token_untied")
-        if untied is not None and not self._token_saved:
-            original, shows, config = self.__dict__.pop("_token_untied")
-            if torch.equal(w, original):  # (not if the weight it was tied to changed meanwhile)
-                for module in shows:
-                    module.weight = original
-                if config is not None:
-                    config.tie_word_embeddings = True
 
     def base_weight(self) -> torch.Tensor:
         """The weight without merged rows."""
@@ -312,7 +303,6 @@ def unmake_token_layer(module: TokenRowsLayer) -> nn.Module:
     else:
         del module.trainable_tokens_delta
         for name in (
-            "_token_untied",
             "token_indices",
             "active_adapters",
             "adapters_disabled",
