@@ -262,6 +262,40 @@ def pick_column(columns: Iterable[str], wanted: str | None, candidates: Sequence
 # ---- measuring ------------------------------------------------------------------------------------
 
 
+def load_texts(name: str, n_eval: int) -> tuple[list[str], list[str]]:
+    """Train and held-out texts from a CSV with a Text/text column (or an offline asset), fixed shuffle;
+    Rotten Tomatoes' plot summaries are left out."""
+    import random
+
+    path = dataset_file(name)
+    if path is None:
+        raise SystemExit(f"{name}: neither a CSV file nor an offline asset (guardian, rotten_tomatoes)")
+    rows = read_csv_rows(path)
+    column = pick_column(rows[0].keys(), None, ["Text", "text"], "text")
+    texts = [clean_text(r[column]) for r in rows if r.get("category", "") != "plot" and r[column].strip()]
+    random.Random(0).shuffle(texts)
+    return texts[n_eval:], texts[:n_eval]
+
+
+def lm_loss(model, tokenizer, texts: list[str], max_length: int, adapter_names=None):
+    """Causal-LM loss of a batch of texts (padding masked out of the labels)."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    kwargs = {"adapter_names": adapter_names} if adapter_names else {}
+    return model(**enc, labels=labels, **kwargs).loss
+
+
+def text_perplexity(model, tokenizer, texts: list[str], max_length: int) -> float:
+    """exp of the mean batch loss over `texts`, 16 at a time, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        losses = [
+            lm_loss(model, tokenizer, texts[i : i + 16], max_length).item() for i in range(0, len(texts), 16)
+        ]
+    return math.exp(sum(losses) / len(losses))
+
+
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters; for a LoRA model the same as `model.get_nb_trainable_parameters()`."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

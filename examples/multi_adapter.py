@@ -17,8 +17,6 @@ Guardian, 2020) and film reviews (Rotten Tomatoes). We train one adapter on each
 from __future__ import annotations
 
 import argparse
-import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -28,17 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     check_range,
-    clean_text,
-    dataset_file,
     disk_size,
     human_bytes,
+    lm_loss,
     load_causal_lm,
+    load_texts,
     parse_with_presets,
-    pick_column,
     print_table,
-    read_csv_rows,
     seed_everything,
     setup_logging,
+    text_perplexity,
 )
 
 import hf_lora
@@ -68,15 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_texts(name: str, n_eval: int = 64) -> tuple[list[str], list[str]]:
-    """Train and held-out texts of one kind (fixed shuffle)."""
-    rows = read_csv_rows(dataset_file(name))
-    column = pick_column(rows[0].keys(), None, ["Text", "text"], "text")
-    texts = [clean_text(r[column]) for r in rows if r.get("category", "") != "plot" and r[column].strip()]
-    random.Random(0).shuffle(texts)
-    return texts[n_eval:], texts[:n_eval]
-
-
 def train_adapter(model, tokenizer, name: str, texts: list[str], args) -> float:
     """Plain PyTorch loop: only adapter `name` is active, so only its weights train."""
     model.set_adapter(name)
@@ -91,21 +79,6 @@ def train_adapter(model, tokenizer, name: str, texts: list[str], args) -> float:
         opt.zero_grad()
     model.eval()
     return time.perf_counter() - start
-
-
-def lm_loss(model, tokenizer, texts: list[str], max_length: int, adapter_names=None) -> torch.Tensor:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    kwargs = {"adapter_names": adapter_names} if adapter_names else {}
-    return model(**enc, labels=labels, **kwargs).loss
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], args) -> float:
-    losses = [
-        lm_loss(model, tokenizer, texts[i : i + 16], args.max_length).item() for i in range(0, len(texts), 16)
-    ]
-    return math.exp(sum(losses) / len(losses))
 
 
 @torch.no_grad()
@@ -126,7 +99,7 @@ def main(argv=None) -> None:
     model, tokenizer = load_causal_lm(args.model)
     # what one fully fine-tuned copy keeps: every weight of the base model (measured before LoRA is added)
     full = sum(p.numel() * p.element_size() for p in model.parameters())
-    data = {task: load_texts(name) for task, name in TASKS.items()}
+    data = {task: load_texts(name, 64) for task, name in TASKS.items()}
 
     # One adapter per task on the same base. The first call makes the model a LoRAModel.
     cfg = hf_lora.LoRAConfig(
@@ -144,10 +117,10 @@ def main(argv=None) -> None:
         for task in TASKS:
             if adapter is None:
                 with model.disable_adapter():
-                    ppl.append(perplexity(model, tokenizer, data[task][1], args))
+                    ppl.append(text_perplexity(model, tokenizer, data[task][1], args.max_length))
             else:
                 model.set_adapter(adapter)
-                ppl.append(perplexity(model, tokenizer, data[task][1], args))
+                ppl.append(text_perplexity(model, tokenizer, data[task][1], args.max_length))
         train_time = f"{times[adapter]:.1f} s" if adapter else "-"
         rows.append([adapter or "base model", *(f"{p:.1f}" for p in ppl), train_time])
     print_table(

@@ -19,7 +19,6 @@ with the two rows. Then
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from pathlib import Path
@@ -29,17 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     check_range,
-    clean_text,
-    dataset_file,
     disk_size,
     human_bytes,
+    lm_loss,
     load_causal_lm,
+    load_texts,
     parse_with_presets,
-    pick_column,
     print_table,
-    read_csv_rows,
     seed_everything,
     setup_logging,
+    text_perplexity,
 )
 
 import hf_lora
@@ -70,37 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_texts(name: str, n_eval: int = 48) -> tuple[list[str], list[str]]:
-    """Train and held-out texts of one kind (fixed shuffle)."""
-    path = dataset_file(name)
-    if path is None:
-        raise SystemExit(f"{name}: neither a CSV file nor an offline asset (guardian, rotten_tomatoes)")
-    rows = read_csv_rows(path)
-    column = pick_column(rows[0].keys(), None, ["Text", "text"], "text")
-    texts = [clean_text(r[column]) for r in rows if r.get("category", "") != "plot" and r[column].strip()]
-    random.Random(0).shuffle(texts)
-    return texts[n_eval:], texts[:n_eval]
-
-
 def add_tags(model, tokenizer) -> list[int]:
     """The new tokens, and room for them in the embedding (and the tied head)."""
     tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS.values())})
     model.resize_token_embeddings(len(tokenizer))
     return tokenizer.convert_tokens_to_ids(list(TAGS.values()))
-
-
-def lm_loss(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return model(**enc, labels=labels).loss
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], args) -> float:
-    losses = [
-        lm_loss(model, tokenizer, texts[i : i + 16], args.max_length).item() for i in range(0, len(texts), 16)
-    ]
-    return math.exp(sum(losses) / len(losses))
 
 
 @torch.no_grad()
@@ -116,7 +88,7 @@ def main(argv=None) -> None:
     seed_everything(args.seed)
     model, tokenizer = load_causal_lm(args.model)
     new_ids = add_tags(model, tokenizer)
-    data = {"news": load_texts(args.news), "review": load_texts(args.reviews)}
+    data = {"news": load_texts(args.news, 48), "review": load_texts(args.reviews, 48)}
     tagged = [TAGS[kind] + text for kind in TAGS for text in data[kind][0]]
     random.Random(args.seed).shuffle(tagged)
 
@@ -128,7 +100,8 @@ def main(argv=None) -> None:
     model.print_trainable_parameters()
     embed = model.get_input_embeddings()
     before = {
-        kind: perplexity(model, tokenizer, [TAGS[kind] + t for t in data[kind][1]], args) for kind in TAGS
+        kind: text_perplexity(model, tokenizer, [TAGS[kind] + t for t in data[kind][1]], args.max_length)
+        for kind in TAGS
     }
 
     model.train()
@@ -144,8 +117,8 @@ def main(argv=None) -> None:
     rows = []
     for kind, tag in TAGS.items():
         other = next(t for k, t in TAGS.items() if k != kind)
-        own = perplexity(model, tokenizer, [tag + t for t in data[kind][1]], args)
-        wrong = perplexity(model, tokenizer, [other + t for t in data[kind][1]], args)
+        own = text_perplexity(model, tokenizer, [tag + t for t in data[kind][1]], args.max_length)
+        wrong = text_perplexity(model, tokenizer, [other + t for t in data[kind][1]], args.max_length)
         rows.append([kind, f"{before[kind]:.1f}", f"{own:.1f}", f"{wrong:.1f}"])
     print_table(
         "Held-out perplexity (lower is better)",
