@@ -631,9 +631,9 @@ def from_pretrained(
 ) -> LoRAModel:
     """Load an adapter (ours or peft's) from a directory or Hub repo onto a base model.
 
-    As in peft, the adapter is frozen unless `is_trainable=True`, and only the root adapter is read;
-    `all_adapters=True` also loads every `<name>/` subfolder as adapter `<name>` (the first one read is
-    active). On any error the model is unchanged.
+    As in peft, the adapter is frozen and the model in eval mode (dropout off) unless `is_trainable=True`,
+    and only the root adapter is read; `all_adapters=True` also loads every `<name>/` subfolder as adapter
+    `<name>` (the first one read is active). On any error the model is unchanged.
     """
     if isinstance(model, LoRAModel):
         raise AdapterStateError(
@@ -650,7 +650,7 @@ def from_pretrained(
                 f"all_adapters=True loads every adapter of {model_id}, each named after its subfolder (the root's "
                 f"is {DEFAULT_ADAPTER!r}), so {' and '.join(given)} would be ignored: pass either, not both."
             )
-        return _from_pretrained_all(
+        lora_model = _from_pretrained_all(
             model,
             model_id,
             is_trainable=is_trainable,
@@ -658,6 +658,7 @@ def from_pretrained(
             token=token,
             allow_pickle=allow_pickle,
         )
+        return lora_model if is_trainable else lora_model.eval()
     _check_adapter_name(adapter_name)
     files = read_adapter(
         model_id,
@@ -667,7 +668,8 @@ def from_pretrained(
         allow_pickle=allow_pickle,
         advice=FROM_PRETRAINED_ADVICE,
     )
-    return _attach_from_files(model, adapter_name, files, is_trainable)
+    lora_model = _attach_from_files(model, adapter_name, files, is_trainable)
+    return lora_model if is_trainable else lora_model.eval()
 
 
 def _attach_from_files(
@@ -748,15 +750,18 @@ def load_adapter(
     allow_pickle: bool = False,
 ) -> None:
     """Load another adapter into a LoRA model (inactive until `set_adapter`), or reload an existing one
-    in place (what Trainer does when it resumes or restores the best checkpoint)."""
+    in place (what Trainer does when it resumes or restores the best checkpoint). As in peft, the model is
+    put in eval mode unless `is_trainable=True` (Trainer switches it back to train mode at each step)."""
     _check_materialised(model)
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
     if adapter_name in model.peft_config:
         _reload_in_place(model, adapter_name, files, is_trainable)
-        return
-    _load_new_adapter(model, adapter_name, files, is_trainable)
+    else:
+        _load_new_adapter(model, adapter_name, files, is_trainable)
+    if not is_trainable:
+        model.eval()
 
 
 def _load_new_adapter(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:

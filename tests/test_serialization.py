@@ -951,3 +951,26 @@ def test_a_peft_file_with_an_embedding_saved_in_full_and_its_wrapper_tensors_loa
     assert any(".original_module.weight" in k for k in load_file(tmp_path / WEIGHTS_NAME))
     loaded = LoRAModel.from_pretrained(make_model(kind), tmp_path)
     assert (logits(loaded, kind) - logits(ref, kind)).abs().max().item() <= 1e-6
+
+
+def test_loading_puts_the_model_in_eval_mode_unless_trainable_as_peft_does(tmp_path):
+    """A model built from a config starts in train mode; peft's from_pretrained and load_adapter switch
+    it to eval mode (dropout off, deterministic logits) unless is_trainable=True. We must do the same."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    model = get_lora_model(make_model("llama"), LoRAConfig(**fields))
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    for trainable in (False, True):
+        ours = LoRAModel.from_pretrained(make_model("llama").train(), tmp_path / "a", is_trainable=trainable)
+        ref = PeftModel.from_pretrained(make_model("llama").train(), tmp_path / "a", is_trainable=trainable)
+        assert {m.training for m in ours.modules()} == {m.training for m in ref.modules()} == {trainable}
+        ours.train()
+        ref.train()
+        ours.load_adapter(tmp_path / "b", "b", is_trainable=trainable)
+        ref.load_adapter(tmp_path / "b", "b", is_trainable=trainable)
+        assert {m.training for m in ours.modules()} == {m.training for m in ref.modules()} == {trainable}
+    everything = LoRAModel.from_pretrained(make_model("llama").train(), tmp_path / "a", all_adapters=True)
+    assert not any(m.training for m in everything.modules())
+    batch = batch_for("llama")
+    with torch.no_grad():
+        assert torch.equal(everything(**batch).logits, everything(**batch).logits), "dropout is off"
