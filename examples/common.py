@@ -160,6 +160,10 @@ def load_sequence_classifier(name: str, num_labels: int) -> tuple[Any, Any]:
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     except OSError as e:
         raise _from_hub_hint(name, e) from e
+    if name == "minilm":
+        from assets import name_as_on_the_hub
+
+        name_as_on_the_hub(model, "minilm")
     return model, tokenizer
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="CSV encoding; falls back to latin-1 if it fails")
     p.add_argument("--mode", choices=["lora", "full"], default="lora", help="what to train (default: lora)")
     p.add_argument("--compare", action="store_true", help="train both LoRA and full, same data/seed/steps")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/gpt2_news"))
+    p.add_argument("--output-dir", type=Path,
+                   help="default: runs/<model>_<dataset>/ (runs/smollm2_guardian/ for scripts/demo)")  # fmt: skip
     g = p.add_argument_group("data")
     g.add_argument("--max-rows", type=int, help="use only the first N rows of the dataset")
     g.add_argument("--eval-fraction", type=float, default=0.1, help="documents held out for evaluation")
@@ -123,7 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range(p, args, "--epochs", 0, low_open=True)
     if args.push_to_hub and not (args.compare or args.mode == "lora"):
         p.error("--push-to-hub uploads the LoRA adapter: use it with --mode lora or --compare")
+    if args.output_dir is None:
+        args.output_dir = Path("runs") / f"{_short_name(args.model)}_{_short_name(args.dataset)}"
     return args
+
+
+def _short_name(name: str) -> str:
+    """`HuggingFaceTB/SmolLM2-135M` -> `smollm2-135m`, `data/Articles.csv` -> `articles`: for folder names."""
+    return re.sub(r"[^a-z0-9]+", "-", Path(name).stem.lower()).strip("-") or "run"
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -288,13 +297,13 @@ def train_one(mode: str, base_model, tokenizer, train, evaluation, args: argpars
 
 
 def save(mode: str, model, trainer, args: argparse.Namespace) -> Path:
-    """LoRA: the adapter (+ model card and loss curve) in --output-dir. Full: the whole model in full_model/."""
+    """LoRA: the adapter (+ its model card and loss curve) in adapter/. Full: the whole model in full_model/."""
     if mode == "lora":
         # every process calls it, only the main one writes (safe under accelerate launch / torchrun)
         model.save_pretrained(
-            args.output_dir, log_history=trainer.state.log_history, is_main_process=is_main_process()
+            args.output_dir / "adapter", log_history=trainer.state.log_history, is_main_process=is_main_process()
         )
-        return args.output_dir / "adapter_model.safetensors"
+        return args.output_dir / "adapter" / "adapter_model.safetensors"
     trainer.save_model(str(args.output_dir / "full_model"))  # the Trainer writes on the main process only
     return args.output_dir / "full_model"
 
@@ -413,13 +422,15 @@ def write_results(results: list[RunResult], before_samples, args: argparse.Names
         "runs": {r.mode: asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results},
     }
     (args.output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    names = run_names(args)
+    names, modes = run_names(args), {r.mode for r in results}
     plot = plot_loss_curves(
         {names[r.mode]: r.log_history for r in results},
         args.output_dir / "loss_curves.png",
         f"{args.model} on {args.dataset}, {args.batch_size} x {args.block_size} tokens per step",
     )
-    print(f"adapter, results.json and the loss curves ({plot}) are in {args.output_dir}/")
+    print(f"in {args.output_dir}/: results.json, the loss curves ({plot.name})"
+          + (", the LoRA adapter in adapter/" if "lora" in modes else "")
+          + (", the fine-tuned model in full_model/" if "full" in modes else ""))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

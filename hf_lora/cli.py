@@ -27,6 +27,7 @@ from .errors import LoRAError
 
 EXIT_BAD_INPUT = 2
 _CHECKPOINT = re.compile(r"checkpoint-\d+")  # transformers' PREFIX_CHECKPOINT_DIR, and the step
+REVISION_HELP = "branch, tag or commit on the Hub (default: main)"
 SUBFOLDER_HELP = (
     "the adapter in this subfolder of ADAPTER (an adapter saved beside others, not named 'default')"
 )
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="architecture, default targets, Linear/Conv1D layers, trainable parameters"
     )
     c.add_argument("model", help="Hub id or folder of a transformers model (only its config is read)")
-    c.add_argument("--r", type=int, default=8)
+    c.add_argument("--r", type=int, default=8, help="LoRA rank for the parameter count (default: 8)")
     c.add_argument("--targets", nargs="+", help="target_modules (default: the architecture's)")
     c.add_argument("--all-layers", action="store_true", help="list every layer, not one per name")
     c.set_defaults(run=_inspect)
@@ -84,22 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("info", help="config, size, tensors, base model and peft-compatibility of an adapter")
     c.add_argument("adapter", help="adapter folder or Hub repo")
     c.add_argument("--subfolder", help=SUBFOLDER_HELP)
-    c.add_argument("--revision")
+    c.add_argument("--revision", help=REVISION_HELP)
     c.set_defaults(run=_info)
 
     c = sub.add_parser("merge", help="fold an adapter into its base model and save the full model")
-    c.add_argument("base")
-    c.add_argument("adapter")
-    c.add_argument("out")
+    c.add_argument("base", help="Hub id or folder of the base model the adapter was trained on")
+    c.add_argument("adapter", help="adapter folder or Hub repo")
+    c.add_argument("out", help="folder for the merged model")
     c.add_argument("--subfolder", help=SUBFOLDER_HELP)
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save in this dtype")
     c.set_defaults(run=_merge)
 
     c = sub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune by truncated SVD")
-    c.add_argument("base")
-    c.add_argument("finetuned")
-    c.add_argument("out")
-    c.add_argument("--r", type=int, required=True)
+    c.add_argument("base", help="Hub id or folder of the model before fine-tuning")
+    c.add_argument("finetuned", help="Hub id or folder of the fully fine-tuned model")
+    c.add_argument("out", help="folder for the extracted adapter")
+    c.add_argument("--r", type=int, required=True, help="rank of the extracted adapter")
     c.add_argument(
         "--targets",
         "--target-modules",
@@ -115,19 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_extract)
 
     c = sub.add_parser("push", help="upload a saved adapter folder to the Hub in one commit")
-    c.add_argument("adapter_dir")
-    c.add_argument("repo_id")
-    c.add_argument("--private", action="store_true")
-    c.add_argument("--revision")
+    c.add_argument("adapter_dir", help="folder written by save_pretrained")
+    c.add_argument("repo_id", help="Hub repo to upload to, e.g. you/my-adapter (created if missing)")
+    c.add_argument("--private", action="store_true", help="create the repo as private")
+    c.add_argument("--revision", help="branch to commit to (default: main)")
     c.add_argument("--message", help="commit message")
     c.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
     c.set_defaults(run=_push)
 
     c = sub.add_parser("pull", help="download an adapter from the Hub")
-    c.add_argument("repo_id")
-    c.add_argument("dir")
-    c.add_argument("--revision")
-    c.add_argument("--token")
+    c.add_argument("repo_id", help="Hub repo of the adapter")
+    c.add_argument("dir", help="folder to download it into")
+    c.add_argument("--revision", help=REVISION_HELP)
+    c.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
     c.set_defaults(run=_pull)
     return p
 

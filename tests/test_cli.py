@@ -394,3 +394,19 @@ def test_huggingface_hub_messages_are_printed_once():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("Retrying in 1s") == 1, proc.stderr
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """`hf-lora inspect --help` once showed `--r R` with nothing after it."""
+    import argparse
+
+    from hf_lora.cli import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = [
+        f"{name} {action.dest}"
+        for name, command in commands.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert len(commands) == 6 and not bare

