@@ -70,6 +70,23 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).expanduser().exists() and bool(_HUB_ID.fullmatch(name))
 
 
+_HUB_CACHE_FOLDER = re.compile(r"models--([\w.\-]+?)--([\w.\-]+)")  # huggingface_hub's cache layout
+
+
+def hub_base_model(name: str | None) -> str | None:
+    """The base model's Hub id, for a card that goes to the Hub: `name` when it is one, the id a Hub-cache
+    snapshot folder (`.../models--org--name/snapshots/<revision>`) stands for, else None. A local path
+    never reaches a card: it means nothing to a reader and may name the user's home."""
+    if not name:
+        return None
+    if is_hub_id(name):
+        return name
+    for part in reversed(Path(name).parts):
+        if match := _HUB_CACHE_FOLDER.fullmatch(part):
+            return f"{match.group(1)}/{match.group(2)}"
+    return None
+
+
 def task_of(model: LoRAModel, adapter_name: str) -> str | None:
     task = model.peft_config[adapter_name].task_type
     if task:
@@ -91,8 +108,7 @@ def render_model_card(
     """The card of one adapter. Its sizes count `tensors`, what its file holds, when given (else the
     adapter's parameters): not what happens to be trainable in the model when it is saved."""
     config = model.peft_config[adapter_name]
-    base = config.base_model_name_or_path
-    hub_base = base if is_hub_id(base) else None
+    hub_base = hub_base_model(config.base_model_name_or_path)
     task = task_of(model, adapter_name)
     auto_class, pipeline_tag = _TASKS.get(task, ("AutoModel", None))
     tags = ["lora", "hf_lora", "peft"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
@@ -106,14 +122,14 @@ def render_model_card(
     adapter_params = sum(t.numel() for t in tensors.values())
     adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     base_params = sum(p.numel() for name, p in model.named_parameters() if _adapter_param_of(name) is None)
-    metrics, metric_names = _metrics_table(log_history or [])
+    metrics, metric_names, metrics_note = _metrics_table(log_history or [])
     targets = config.target_modules
     card = ModelCard.from_template(
         data,
         template_path=str(template_path()),
-        title=f"LoRA adapter for {base}" if base else "LoRA adapter",
-        base_model=base,
-        base_model_url=f"https://huggingface.co/{hub_base}" if hub_base else base,
+        title=f"LoRA adapter for {hub_base}" if hub_base else "LoRA adapter",
+        base_model=hub_base,
+        base_model_url=f"https://huggingface.co/{hub_base}" if hub_base else None,
         adapter_size=_human_bytes(adapter_bytes),
         r=config.r,
         lora_alpha=config.lora_alpha,
@@ -135,6 +151,7 @@ def render_model_card(
         trainable_pct=f"{100 * adapter_params / max(base_params, 1):.4f}%",
         metrics=metrics,
         metric_names=metric_names,
+        metrics_note=metrics_note,
         loss_curve=loss_curve,
         auto_class=auto_class,
         repo_id=repo_id or "<path or repo id of this adapter>",
@@ -267,7 +284,12 @@ def _trainer_log(directory: Path) -> list[dict[str, Any]] | None:
         return None
 
 
-def _metrics_table(log: list[dict[str, Any]], max_rows: int = 12) -> tuple[list[dict[str, Any]], list[str]]:
+def _metrics_table(
+    log: list[dict[str, Any]], max_rows: int = 12
+) -> tuple[list[dict[str, Any]], list[str], str | None]:
+    """(rows, column names, a note saying what was left out, or None). Every evaluation is kept; when the
+    log has more steps than `max_rows`, training-loss-only steps are sampled (the first, the last, evenly
+    spaced ones between) and the note says so."""
     wanted = ("loss", "eval_loss", "eval_accuracy", "learning_rate", "epoch")
     rows: dict[int, dict[str, Any]] = {}
     for entry in log:
@@ -279,12 +301,19 @@ def _metrics_table(log: list[dict[str, Any]], max_rows: int = 12) -> tuple[list[
                 row[key] = f"{entry[key]:.4g}" if isinstance(entry[key], float) else entry[key]
     names = [k for k in wanted if any(k in r for r in rows.values())]
     if not any(k in names for k in ("loss", "eval_loss")):
-        return [], []
+        return [], [], None
     ordered = [rows[s] for s in sorted(rows)]
-    if len(ordered) > max_rows:  # keep the first, the last and evenly spaced rows between
-        picks = {round(i * (len(ordered) - 1) / (max_rows - 1)) for i in range(max_rows)}
-        ordered = [row for i, row in enumerate(ordered) if i in picks]
-    return ordered, names
+    if len(ordered) <= max_rows:
+        return ordered, names, None
+    evaluated = {i for i, row in enumerate(ordered) if any(k.startswith("eval_") for k in row)}
+    spare = max(max_rows - len(evaluated), 2)
+    picks = evaluated | {round(i * (len(ordered) - 1) / (spare - 1)) for i in range(spare)}
+    kept = [row for i, row in enumerate(ordered) if i in picks]
+    note = (
+        f"{len(kept)} of {len(ordered)} logged steps: every evaluation, and the training loss at the first, "
+        "the last and evenly spaced steps between"
+    )
+    return kept, names, note
 
 
 def loss_curve_svg(points: list[tuple[float, float]], width: int = 480, height: int = 240) -> str:

