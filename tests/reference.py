@@ -51,3 +51,19 @@ def randomise_B(model: hf_lora.LoRAModel, seed: int = 0) -> None:
             if isinstance(layer, torch.nn.Embedding):
                 for A in layer.lora_A.values():
                     A.copy_(torch.randn(A.shape, generator=g))
+
+
+def training_curve(model, batches: list[dict], steps: int, lr: float = 5e-3, seed: int = 123) -> torch.Tensor:
+    """The losses of `steps` AdamW steps over `batches` in turn, dropout masks drawn as peft draws them."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(seed)
+    losses = []
+    with hf_lora.peft_dropout_masks():
+        for step in range(steps):
+            loss = model(**batches[step % len(batches)]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)

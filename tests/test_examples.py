@@ -128,7 +128,13 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (out / "full_model" / "model.safetensors").is_file()
 
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "full_model", "loss_curves.png", "results.json", "trainer"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "full_model",
+        "loss_curves.png",
+        "results.json",
+        "trainer",
+    ]
     model = hf_lora.LoRAModel.from_pretrained(tiny_causal_lm()[0], out / "adapter")
     saved = hf_lora.adapter_state_dict(model)
     assert saved and all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k), "B was trained"

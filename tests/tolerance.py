@@ -1,0 +1,82 @@
+"""How far two computations of the same numbers may differ, derived from the arithmetic.
+
+Every floating-point operation rounds its exact result to within a relative u = eps/2 (eps =
+torch.finfo(dtype).eps: 2^-23 = 1.2e-7 for float32, 2^-52 = 2.2e-16 for float64, 2^-7 = 7.8e-3 for bfloat16).
+hf_lora and peft evaluate the same formulas in another order (one fused addmm against a matmul and an add;
+our autograd function against peft's Dropout + Linear), so their results differ by rounding alone. Two
+bounds follow:
+
+- **One evaluation** (a forward, a gradient, a merged weight): an output that passes through k operations
+  that round differently is off by at most about k * eps relative to the largest magnitude summed into it.
+  For the tiny test models (2 blocks, width <= 128, logits of magnitude <= 10) k is a few dozen: each
+  block has ~8 stages (norms, 4-6 matmuls, softmax, activation), and a sum of n <= 128 terms rounded in
+  another order adds ~sqrt(n) * u <= 6 u in the usual random-walk model. `ROUNDINGS = 64` eps of the
+  largest magnitude covers that with room, and is still 100x below any real defect (a wrong scaling,
+  mask or weight moves logits by 1e-3 or more).
+- **Training curves** are chaotic: AdamW divides each gradient by its own running RMS, so a rounding
+  difference in a small gradient becomes an O(lr) difference in a weight, and the two runs drift apart
+  step by step (measured: after 20 steps peft's own float32 curve is 1.1e-5 away from its float64 one on
+  tiny Llama with rank_pattern/alpha_pattern). No fixed float32 tolerance holds by construction there.
+  So curves are compared twice: in float64, where rounding is 2^29 times smaller and the same algorithm
+  must agree to `curve_atol(float64)`; and in float32, where our run must be as close to the exact
+  (float64) curve as peft's own float32 run is, within a factor `ACCURACY_FACTOR`: the same algorithm in
+  the same precision is equally accurate, whatever the conditioning of the problem.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROUNDINGS = 64  # roundings that can differ along one evaluation of a tiny model (see above)
+ACCURACY_FACTOR = 8  # our float32 error against the exact curve, at most this times peft's own
+
+
+def eps(dtype: torch.dtype = torch.float32) -> float:
+    return torch.finfo(dtype).eps
+
+
+def magnitude(*tensors: torch.Tensor | float) -> float:
+    """The largest magnitude among the values compared, at least 1 (below 1 the absolute bound rules)."""
+    values = [t.detach().abs().max().item() if isinstance(t, torch.Tensor) else abs(t) for t in tensors]
+    return max([1.0, *values])
+
+
+def atol(
+    *reference: torch.Tensor | float, dtype: torch.dtype = torch.float32, roundings: int = ROUNDINGS
+) -> float:
+    """Bound for one evaluation computed in two orders: `roundings` eps of the largest magnitude."""
+    return roundings * eps(dtype) * magnitude(*reference)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 roundings: int = ROUNDINGS, what: str = "") -> None:  # fmt: skip
+    """`actual` equals `expected` up to rounding in `dtype` (default: expected's dtype)."""
+    dtype = dtype or expected.dtype
+    bound = atol(expected, dtype=dtype, roundings=roundings)
+    diff = (actual.detach().to(expected.dtype) - expected.detach()).abs().max().item()
+    assert diff <= bound, (
+        f"{what or 'values'} differ by {diff:.3g} > {bound:.3g} ({roundings} eps of {dtype})"
+    )
+
+
+def curve_atol(curve: torch.Tensor, dtype: torch.dtype) -> float:
+    """Bound for two runs of the same training steps in `dtype`, before chaos can amplify anything: every
+    step's loss `ROUNDINGS` eps of its magnitude, accumulated over the steps."""
+    return len(curve) * atol(curve, dtype=dtype)
+
+
+def assert_same_training(ours: dict[torch.dtype, torch.Tensor], ref: dict[torch.dtype, torch.Tensor]) -> None:
+    """Loss curves of the same steps from hf_lora and peft, run in float64 and in float32 (see the module
+    docstring): equal in float64 up to rounding; in float32 no further from the exact curve than peft's
+    own float32 curve is, up to `ACCURACY_FACTOR` (and the float32 rounding of the steps themselves)."""
+    exact = ref[torch.float64]
+    gap64 = (ours[torch.float64] - exact).abs().max().item()
+    assert gap64 <= curve_atol(exact, torch.float64), (
+        f"float64 curves differ by {gap64:.3g}: not the same algorithm"
+    )
+    ours_err = (ours[torch.float32].double() - exact).abs().max().item()
+    peft_err = (ref[torch.float32].double() - exact).abs().max().item()
+    floor = curve_atol(exact, torch.float32) / ROUNDINGS  # one eps of each step's loss, over the steps
+    assert ours_err <= ACCURACY_FACTOR * max(peft_err, floor), (
+        f"our float32 curve is {ours_err:.3g} from the exact one, peft's {peft_err:.3g}"
+    )
