@@ -27,10 +27,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The Trainer pulls in much of transformers and accelerate: import it only when asked for.
-    if name == "LoRATrainer":
-        from .trainer import LoRATrainer
+    if name in ("LoRATrainer", "LoRATrainerMixin"):
+        from . import trainer
 
-        return LoRATrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'hf_lora' has no attribute {name!r}")
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "LoRALayer",
     "LoRAModel",
     "LoRATrainer",
+    "LoRATrainerMixin",
     "ModulesToSave",
     "TargetModulesError",
     "TokenRowsLayer",

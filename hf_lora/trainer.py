@@ -7,26 +7,35 @@ weights and peft's own class. It then stops with an error on resume (`Can't find
 and for `load_best_model_at_end` (a missing `pytorch_model.bin`), except that for an adapter not named
 "default" (saved in a subfolder) it only logs "Could not locate the best model" and keeps the last weights.
 
-`LoRATrainer` is the drop-in that closes that gap: resume and best-model restore load the adapter, and
-DDP runs without `find_unused_parameters` (every trainable LoRA weight is used in every step, so the
-graph walk transformers turns on by default is pure cost).
+`LoRATrainerMixin` closes that gap for any Trainer subclass (TRL's `SFTTrainer`, `DPOTrainer`, ...: put
+it first, `class SFT(hf_lora.LoRATrainerMixin, trl.SFTTrainer): pass`), and `LoRATrainer` is the mixin
+over `transformers.Trainer`: resume and best-model restore load the adapter, and DDP runs without
+`find_unused_parameters` (every trainable LoRA weight is used in every step, so the graph walk
+transformers turns on by default is pure cost). For trainers that compare against a reference model
+(TRL's DPO, KTO, GRPO with a KL term), the reference is the policy itself with its adapters disabled, or
+with one frozen adapter of it active (`ref_adapter_name`): nothing of the base model is loaded twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 import transformers
+from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import AdapterStateError
 from .model import LoRAModel
 from .model_card import is_generated_card
 from .serialization import CONFIG_NAME, adapter_dir
@@ -35,14 +44,47 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
-class LoRATrainer(transformers.Trainer):
-    """`transformers.Trainer` that can resume from, and restore the best of, adapter-only checkpoints."""
+class LoRATrainerMixin:
+    """Put in front of any `transformers.Trainer` subclass to train an hf_lora model with it:
+    `class SFT(hf_lora.LoRATrainerMixin, trl.SFTTrainer): pass`.
 
-    def __init__(self, model=None, args=None, *rest, **kwargs):
-        if args is not None and isinstance(model, LoRAModel) and args.ddp_find_unused_parameters is None:
-            args = copy.copy(args)  # the caller's arguments stay as they were
-            args.ddp_find_unused_parameters = False
-        super().__init__(model, args, *rest, **kwargs)
+    `ref_adapter_name`: for trainers that take a reference model (TRL's `ref_model`), the adapter of the
+    model that serves as the reference, frozen (e.g. the SFT adapter, loaded a second time under another
+    name as the trainable policy); by default the reference is the model with its adapters disabled."""
+
+    def __init__(self, *args: Any, ref_adapter_name: str | None = None, **kwargs: Any):
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        given = bound.arguments
+        model, targs = given.get("model"), given.get("args")
+        if not isinstance(model, LoRAModel):
+            if ref_adapter_name is not None:
+                raise TypeError(f"ref_adapter_name needs an hf_lora model, got {type(model).__name__}.")
+            super().__init__(*bound.args, **bound.kwargs)
+            return
+        if targs is not None:
+            given["args"] = targs = copy.copy(targs)  # the caller's arguments stay as they were
+            if getattr(targs, "ddp_find_unused_parameters", 0) is None:
+                targs.ddp_find_unused_parameters = False
+        takes = _reference_param(self)
+        if takes is None and ref_adapter_name is not None:
+            raise TypeError(f"ref_adapter_name: {type(self).__name__} takes no reference model.")
+        reference = ReferenceModel(model, ref_adapter_name) if takes else None
+        beta = 0.0
+        if takes == "ref_model":
+            if given.get("ref_model") is None:
+                given["ref_model"] = reference
+            elif ref_adapter_name is not None:
+                raise TypeError("pass either ref_model or ref_adapter_name, not both.")
+        elif takes == "beta" and targs is not None:
+            # GRPO loads a second copy of the base as its reference when its KL weight is non-zero: build it
+            # with the weight at zero, then give it the weight back and the model itself as the reference.
+            beta, targs.beta = targs.beta, 0.0
+        super().__init__(*bound.args, **bound.kwargs)
+        if beta:
+            self.args.beta = self.beta = beta
+            self.ref_model = reference
+        if getattr(self.args, "disable_dropout", False):
+            _disable_lora_dropout(self.model)  # TRL's disable_dropout reaches peft's nn.Dropout modules too
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # transformers resumes from the highest-numbered checkpoint folder, even one a crash left half
@@ -96,6 +138,79 @@ class LoRATrainer(transformers.Trainer):
             load_checkpoint_adapters(target, self.state.best_model_checkpoint)
         else:
             super()._load_best_model()
+
+
+class LoRATrainer(LoRATrainerMixin, transformers.Trainer):
+    """`transformers.Trainer` that can resume from, and restore the best of, adapter-only checkpoints."""
+
+
+class ReferenceModel(nn.Module):
+    """A LoRA model seen as the frozen reference of preference training: calls run the model itself with
+    its adapters disabled (`adapter=None`) or with only `adapter` active, without gradients. It holds no
+    parameters (the model is not a submodule, so `.to()` and optimizers leave it alone): no second copy.
+    Attribute lookups it does not answer itself (config, backbone, output embeddings, generation config)
+    go to the model, so trainers that patch or inspect their reference (TRL's fused LM head) see the
+    model's own pieces."""
+
+    def __init__(self, model: LoRAModel, adapter: str | None = None):
+        super().__init__()
+        if adapter is not None and adapter not in model.peft_config:
+            raise AdapterStateError(
+                f"reference adapter {adapter!r} is not in the model; it has {model.adapters}."
+            )
+        if adapter is not None and adapter in model.active_adapters:
+            raise AdapterStateError(
+                f"the reference adapter {adapter!r} is also the active (trained) one: load the starting adapter a "
+                f"second time under another name for the policy, e.g. model.load_adapter(path, 'policy', "
+                f"is_trainable=True); model.set_adapter('policy')."
+            )
+        object.__setattr__(self, "policy", model)
+        self.adapter = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.policy, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.policy(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), self.reference_context(_batch_size(args, kwargs)):
+            return super().__call__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def reference_context(self, batch: int) -> Iterator[None]:
+        """The model as the reference, inside the block."""
+        if self.adapter is None:
+            with self.policy.disable_adapter():
+                yield
+        else:
+            with self.policy.adapter_rows([self.adapter] * batch):
+                yield
+
+
+def _reference_param(trainer: Any) -> str | None:
+    """How this trainer class takes a reference model: "ref_model" (an argument: DPO, KTO), "beta" (made
+    inside when its KL weight is non-zero: GRPO), or None."""
+    params = inspect.signature(super(LoRATrainerMixin, trainer).__init__).parameters
+    if "ref_model" in params:
+        return "ref_model"
+    return "beta" if "reward_funcs" in params else None
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError("the reference model needs input_ids or inputs_embeds to know the batch size.")
+
+
+def _disable_lora_dropout(model: LoRAModel) -> None:
+    for _, layer in model.lora_layers():
+        for name in layer.lora_dropout:
+            layer.lora_dropout[name] = 0.0
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

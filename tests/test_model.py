@@ -14,11 +14,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from reference import copy_lora_weights, peft_twin, randomise_B, training_curve
-from tiny_models import MLP, VOCAB, batch_for, make_model
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_models import MLP, batch_for, make_model, word_tokenizer
 from tolerance import assert_same_training
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
+from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 from transformers.pytorch_utils import Conv1D
 
 import hf_lora
@@ -338,13 +337,6 @@ def test_forward_signature_generate_and_attributes_are_the_models():
     ours = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     theirs = ref.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Offline: one token per word w0 ... w127 (w0 ends and pads)."""
-    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", eos_token="w0", pad_token="w0")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ subprocesses started by tests can import it too."""
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -13,6 +14,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -99,3 +101,10 @@ def batch_for(kind: str, batch: int = 2, seq: int = 12, seed: int = 1) -> dict[s
         "attention_mask": torch.ones_like(ids),
         "labels": torch.randint(0, 2, (batch,), generator=g),
     }
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Offline: one token per word w0 ... w127 (w0 ends and pads)."""
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", eos_token="w0", pad_token="w0")
