@@ -259,3 +259,24 @@ def test_sft_over_two_processes_trains_as_one(tmp_path):
     # of a few float32 eps of each step's update per weight.
     for k in one:
         assert_close(two[0][k], one[k], roundings=4 * 64, what=k)
+
+
+def test_kto_reference_is_the_model_itself(tmp_path):
+    class KTO(LoRATrainerMixin, trl.KTOTrainer):
+        pass
+
+    pairs = preference_pairs().to_dict()
+    data = Dataset.from_dict({
+        "prompt": pairs["prompt"] * 2,
+        "completion": pairs["chosen"] + pairs["rejected"],
+        "label": [True] * len(pairs["prompt"]) + [False] * len(pairs["prompt"]),
+    })  # fmt: skip
+    model = lora_llama()
+    config = trl.KTOConfig(
+        output_dir=str(tmp_path), max_steps=2, max_length=32, **(COMMON | {"per_device_train_batch_size": 4})
+    )
+    trainer = KTO(model=model, args=config, train_dataset=data, processing_class=word_tokenizer())
+    assert isinstance(trainer.ref_model, ReferenceModel) and not list(trainer.ref_model.parameters())
+    before = adapter_of(model)
+    trainer.train()
+    assert any(not torch.equal(before[k], adapter_of(model)[k]) for k in before if "lora_B" in k)
