@@ -86,7 +86,7 @@ def results(out: Path) -> dict:
 
 
 def test_every_example_has_help():
-    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py", "new_tokens.py"):
+    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py", "new_tokens.py", "dpo.py"):
         proc = run_example(script, "--help", timeout=60)
         assert "--output-dir" in proc.stdout and "usage:" in proc.stdout
 
@@ -198,6 +198,40 @@ def test_gpt2_news_under_a_launcher_matches_plain_python(
     wa = hf_lora.read_adapter(one_process_run / "adapter").tensors
     wb = hf_lora.read_adapter(out / "adapter").tensors
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+
+
+# ---- dpo -------------------------------------------------------------------------------------------
+
+
+def test_dpo_sft_then_dpo_against_the_sft_adapter(tmp_path):
+    """Rotten-Tomatoes-shaped reviews (fresh and rotten per movie): SFT, then DPO whose reference is the
+    SFT adapter in the same model; the first DPO loss is ln 2 and the reference adapter stays as saved."""
+    rng = random.Random(1)
+    good = ["a wonderful, moving film", "brilliant acting and a sharp script", "funny and warm", "a joy"]
+    bad = ["a dull, tedious mess", "badly acted and far too long", "boring from start to end", "a waste"]
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["category", "text", "movie_name"])
+        for m in range(12):
+            for _ in range(3):
+                writer.writerow(["fresh", f"{rng.choice(good)}. {rng.choice(good)}.", f"Movie {m}"])
+                writer.writerow(["rotten", f"{rng.choice(bad)}. {rng.choice(bad)}.", f"Movie {m}"])
+            writer.writerow(["plot", "a plot summary, not a review", f"Movie {m}"])
+    out = tmp_path / "dpo"
+    proc = run_example("dpo.py", "--tiny", "--reviews", str(path), "--output-dir", str(out))
+    assert "fresh review more likely" in proc.stdout and "reward accuracy" in proc.stdout
+    report = results(out)
+    assert report["reference"] == "adapter" and abs(report["dpo_first_logged_loss"] - 0.6931) <= 1e-4
+    assert set(report["preference_accuracy"]) == {"base", "sft", "dpo"}
+    sft = hf_lora.read_adapter(out / "sft", subfolder="sft").tensors
+    policy = hf_lora.read_adapter(out / "dpo", subfolder="policy").tensors
+    assert {k.replace(".sft.", ".") for k in sft} == {
+        k.replace(".policy.", ".") for k in policy
+    } or sft.keys() == policy.keys()
+    assert any(not torch.equal(sft[k], policy[k]) for k in sft), (
+        "DPO moved the policy away from the SFT adapter"
+    )
 
 
 # ---- sentiment_classification ---------------------------------------------------------------------
