@@ -171,6 +171,8 @@ class ReferenceModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "policy":  # not set yet (unpickling, copying): no model to ask
+                raise
             return getattr(self.policy, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
