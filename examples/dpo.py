@@ -130,27 +130,32 @@ def load_pairs(args) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 @torch.no_grad()
-def completion_logp(model, tokenizer, prompt: str, completion: str, max_length: int) -> float:
-    """Mean log-probability per token of `completion` after `prompt`."""
-    start = len(tokenizer(prompt)["input_ids"])
-    ids = tokenizer(prompt + completion, return_tensors="pt", truncation=True, max_length=max_length)[
-        "input_ids"
-    ]
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    targets = ids[0, 1:]
-    picked = logp[torch.arange(len(targets)), targets][start - 1 :]
-    return picked.mean().item() if len(picked) else 0.0
+def completion_logps(
+    model, tokenizer, prompts: list[str], completions: list[str], max_length: int
+) -> torch.Tensor:
+    """Mean log-probability per token of each completion after its prompt, in one right-padded batch."""
+    starts = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    batch = tokenizer([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
+                      truncation=True, max_length=max_length, padding_side="right")  # fmt: skip
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1 | tokens <= t)
+    positions = torch.arange(ids.shape[1] - 1)[None]
+    scored = (positions >= torch.tensor(starts)[:, None] - 1) & mask[:, 1:].bool()  # the completion's tokens
+    return (picked * scored).sum(1) / scored.sum(1).clamp(min=1)
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict], max_length: int) -> float:
+def preference_accuracy(model, tokenizer, pairs: list[dict], max_length: int, batch: int = 16) -> float:
     """How often the fresh review gets the higher log-probability per token."""
     model.eval()
-    wins = [
-        completion_logp(model, tokenizer, p["prompt"], p["chosen"], max_length)
-        > completion_logp(model, tokenizer, p["prompt"], p["rejected"], max_length)
-        for p in pairs
-    ]
-    return sum(wins) / len(wins)
+    wins = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        prompts = [p["prompt"] for p in chunk]
+        chosen = completion_logps(model, tokenizer, prompts, [p["chosen"] for p in chunk], max_length)
+        rejected = completion_logps(model, tokenizer, prompts, [p["rejected"] for p in chunk], max_length)
+        wins += (chosen > rejected).sum().item()
+    return wins / len(pairs)
 
 
 # ---- training --------------------------------------------------------------------------------------
