@@ -60,14 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "movie_name columns, or rotten_tomatoes (the full 13,905-row asset)")  # fmt: skip
     p.add_argument("--reference", choices=["adapter", "copy"], default="adapter",
                    help="DPO's reference: the SFT adapter in the same model (default), or a second full model")  # fmt: skip
-    p.add_argument("--sft-steps", type=int, default=60)
-    p.add_argument("--dpo-steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8, help="reviews (SFT) or pairs (DPO) per step")
+    p.add_argument("--sft-steps", type=int, default=30)
+    p.add_argument("--dpo-steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4, help="reviews (SFT) or pairs (DPO) per step")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--r", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=64, help="tokens per prompt + review")
-    p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs to score")
+    p.add_argument("--max-length", type=int, default=48, help="tokens per prompt + review")
+    p.add_argument("--eval-pairs", type=int, default=128, help="held-out pairs to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 autocast (default; faster on CPUs with AVX512-BF16/AMX and on recent GPUs)")  # fmt: skip
