@@ -5,6 +5,7 @@ model = hf_lora.get_lora_model(AutoModelForCausalLM.from_pretrained("gpt2"), cfg
 """
 
 from .config import LoRAConfig
+from .dropout import peft_dropout_masks
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -15,12 +16,13 @@ from .errors import (
 )
 from .extract import extract_lora
 from .hub import download_adapter, push_adapter_to_hub
-from .layers import LoRALayer, ModulesToSave, delta_weight, merged_weight, peft_dropout_masks
+from .layers import LoRALayer, ModulesToSave
 from .model import LoRAModel, get_lora_model
 from .optim import create_loraplus_optimizer
 from .serialization import adapter_state_dict, read_adapter
 from .targets import TARGET_MODULES
 from .tokens import TokenRowsLayer
+from .weights import delta_weight, merged_weight
 
 __version__ = "0.1.0"
 

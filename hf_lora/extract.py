@@ -20,12 +20,12 @@ from torch import nn
 
 from .config import LoRAConfig
 from .errors import TargetModulesError, few
+from .kinds import kind_of
 from .model import DEFAULT_ADAPTER, LoRAModel, get_lora_model
 from .targets import (
-    LORA_TYPES,
-    base_modules,
     in_modules_to_save,
     linear_modules,
+    lora_modules,
     resolve_targets,
     shared_parameters,
 )
@@ -76,19 +76,19 @@ def extract_lora(
     linear_paths = {path for path, _ in linear_modules(base_model)}
     if target_modules is None:
         target_modules = _changed_linears(linear_paths, changed, modules_to_save)
-    wrappable = {path for path, m in base_modules(base_model) if isinstance(m, LORA_TYPES)}
+    wrappable = {path for path, _ in lora_modules(base_model)}
     config = LoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, modules_to_save=modules_to_save)
     targets = resolve_targets(base_model, config)
 
     factors, report = {}, []
     for path in targets:
         module = base_model.get_submodule(path)
-        conv1d = not isinstance(module, nn.Linear)
+        kind = kind_of(module)
         ft_weight, base_weight = _common_precision(
             finetuned_model.get_parameter(f"{path}.weight").detach(), module.weight.detach()
         )
         delta = ft_weight.double() - base_weight.double()  # (exact: the difference of two stored values)
-        delta = delta.T if conv1d else delta  # (out, in)
+        delta = kind.as_oi(module, delta)  # (out, in)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         # Below this a singular value is rounding noise of the stored weights, not part of the update: the
         # spectral norm of a matrix of independent errors of up to eps * |W| (matrix_rank's S.max * max(m, n)

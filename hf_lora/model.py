@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import TASK_HEADS, LoRAConfig
 from .errors import AdapterStateError
-from .layers import BASE_ROWS, LoRALayer, ModulesToSave, combine_adapters, make_lora_layer, unmake_lora_layer
+from .layers import BASE_ROWS, LoRALayer, ModulesToSave, make_lora_layer, unmake_lora_layer
 from .loss import chunked_cross_entropy
 from .targets import (
     default_target_modules,
@@ -38,6 +38,7 @@ from .targets import (
     shared_parameters,
 )
 from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
+from .weights import combine_adapters
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def create_loraplus_optimizer(
     embedding_factors = {
         id(p)
         for m in model.modules()
-        if isinstance(m, LoRALayer) and isinstance(m, nn.Embedding)
+        if isinstance(m, LoRALayer) and m.lora_kind.lookup
         for p in (*m.lora_A.values(), *m.lora_B.values())
     }
     group_a, group_embedding, group_b, group_b_no_decay = [], [], [], []

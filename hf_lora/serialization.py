@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_write_files, folder_lock
 from .config import LoRAConfig
 from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, TargetModulesError, few
+from .kinds import KINDS, kind_of
 from .layers import LoRALayer, ModulesToSave
 from .model import (
     DEFAULT_ADAPTER,
@@ -46,7 +46,6 @@ from .model import (
 )
 from .model_card import write_model_card
 from .targets import (
-    LORA_TYPES,
     TokenTarget,
     base_modules,
     resolve_modules_to_save,
@@ -113,11 +112,9 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
 
 
 def lora_file_keys(module: nn.Module) -> tuple[str, str]:
-    """peft's names for a layer's A and B: a Linear's are the weights of two Linears, an Embedding's two
-    bare Parameters."""
-    if isinstance(module, nn.Embedding):
-        return "lora_embedding_A", "lora_embedding_B"
-    return "lora_A.weight", "lora_B.weight"
+    """peft's names for a layer's A and B, as its kind says: a Linear's are the weights of two Linears, an
+    Embedding's two bare Parameters."""
+    return kind_of(module).file_keys
 
 
 def _wrapper_bias_keys(path: str, adapter_name: str) -> dict[str, str]:
@@ -405,14 +402,20 @@ def as_plain_lora(
     same holds for embeddings, which PiSSA/OLoRA leave alone: their A0 is zero.)"""
     # the converted adapter applies to the original weights: no residual base weights go with it (those of
     # Linear/Conv1D layers; embeddings' and token-row modules', written for a resized vocabulary, stay)
+    moved_a_keys = tuple(f".{kind.file_keys[0]}" for kind in KINDS if kind.moves_base_weights)
     residual = {
-        k.removesuffix("lora_A.weight") + "base_layer.weight" for k in tensors if k.endswith(".lora_A.weight")
+        k.removesuffix(a_key) + ".base_layer.weight"
+        for k in tensors
+        for a_key in moved_a_keys
+        if k.endswith(a_key)
     }
+    a_keys = tuple({kind.file_keys[0] for kind in KINDS})
+    b_keys = tuple({kind.file_keys[1] for kind in KINDS})
     out = {k: t for k, t in tensors.items() if k not in residual}
     for key, t in tensors.items():
-        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+        if key.endswith(a_keys):
             out[key] = torch.cat([t, initial[key]], dim=0)
-        elif key.endswith(("lora_B.weight", "lora_embedding_B")):
+        elif key.endswith(b_keys):
             out[key] = torch.cat([t, -initial[key]], dim=1)
     grow = 2**0.5 if config["use_rslora"] else 2  # keep alpha / r (or alpha / sqrt(r)) unchanged at rank 2r
     config = config | {
@@ -435,7 +438,10 @@ def adapter_config(model: LoRAModel, adapter_name: str) -> dict[str, Any]:
     config = model.peft_config[adapter_name]
     d = config.to_dict()
     d["inference_mode"] = True
-    if any(isinstance(layer, Conv1D) and adapter_name in layer.lora_A for _, layer in model.lora_layers()):
+    if any(
+        layer.lora_kind.saved_fan_in_fan_out and adapter_name in layer.lora_A
+        for _, layer in model.lora_layers()
+    ):
         d["fan_in_fan_out"] = True
     if config.task_type is None:
         base = model._lora_base_class
@@ -712,7 +718,7 @@ def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[
     tensors = set()  # (module path, tensor name): only what the files carry, or PiSSA/OLoRA may move
     for f in files:
         if _moves_base_weights(f.config):
-            tensors |= {(path, "weight") for path, m in modules.items() if isinstance(m, LORA_TYPES)}
+            tensors |= {(path, "weight") for path, m in modules.items() if kind_of(m) is not None}
         for key in f.tensors:
             key = _normalise_key(key).removeprefix(PREFIX)
             path, sep, leaf = key.rpartition(".base_layer.")
@@ -1042,13 +1048,13 @@ def _expected_shapes(
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
     for path in targets:
         m = modules[path]
-        n_in, n_out = m.weight.shape if isinstance(m, (Conv1D, nn.Embedding)) else m.weight.shape[::-1]
-        r = config.rank_for(path)
-        a_key, b_key = lora_file_keys(m)
-        out[f"{PREFIX}{path}.{a_key}"] = ((r, n_in), True)
-        out[f"{PREFIX}{path}.{b_key}"] = ((n_out, r), True)
+        kind = kind_of(m)
+        a_shape, b_shape = kind.factor_shapes(m, config.rank_for(path))
+        a_key, b_key = kind.file_keys
+        out[f"{PREFIX}{path}.{a_key}"] = (a_shape, True)
+        out[f"{PREFIX}{path}.{b_key}"] = (b_shape, True)
         if config.use_dora:
-            out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((n_out,), True)
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((kind.shapes(m)[1],), True)
     for path, target in (tokens or {}).items():
         shape = (len(target.ids), modules[path].weight.shape[1])
         out[f"{PREFIX}{path}.{TOKENS_KEY}"] = (shape, True)

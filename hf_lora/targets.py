@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import TASK_HEADS, LoRAConfig
 from .errors import TargetModulesError
+from .kinds import KINDS, kind_names, kind_of
 from .layers import LoRALayer, ModulesToSave
 from .tokens import TokenRowsLayer
 
@@ -64,11 +64,6 @@ TARGET_MODULES: dict[str, list[str]] = {
     "mpt": ["Wqkv"],
 }
 
-# Module types "all-linear" takes. Conv1D is GPT-2's transposed Linear (weight stored as (in, out)).
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-# Module types a LoRA layer can wrap: embeddings too, when named (as in peft, "all-linear" leaves them).
-LORA_TYPES: tuple[type[nn.Module], ...] = (*LINEAR_TYPES, nn.Embedding)
-
 
 def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
@@ -86,17 +81,23 @@ def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
             yield from base_modules(child, path + ".")
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether "all-linear" takes this module (its kind says so: Linear and Conv1D, not embeddings)."""
+    kind = kind_of(module)
+    return kind is not None and kind.all_linear
+
+
 def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every Linear/Conv1D (path, module): what "all-linear" chooses from."""
+    """Every (path, module) "all-linear" chooses from (Linear/Conv1D)."""
     for name, module in base_modules(model):
-        if isinstance(module, LINEAR_TYPES):
+        if is_linear(module):
             yield name, module
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every (path, module) that LoRA can wrap: Linear/Conv1D and embeddings."""
+    """Every (path, module) that LoRA can wrap: a module of any base kind (`hf_lora.kinds`)."""
     for name, module in base_modules(model):
-        if isinstance(module, LORA_TYPES):
+        if kind_of(module) is not None:
             yield name, module
 
 
@@ -107,10 +108,11 @@ def describe_candidates(model: nn.Module, limit: int = 12) -> str:
         leaf = name.rsplit(".", 1)[-1]
         counts[leaf] = counts.get(leaf, 0) + 1
     if not counts:
-        return "the model has no nn.Linear, Conv1D or nn.Embedding modules"
+        return f"the model has no {kind_names('or')} modules"
     names = [f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items()]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return "Linear/Conv1D/Embedding modules in this model: " + ", ".join(names[:limit]) + more
+    kinds = "/".join(kind.name.removeprefix("nn.") for kind in KINDS)
+    return f"{kinds} modules in this model: " + ", ".join(names[:limit]) + more
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -190,7 +192,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         if targets == "all-linear":
             # (token rows of another adapter are left alone)
             token_rows = isinstance(module, TokenRowsLayer)
-            if isinstance(module, LINEAR_TYPES) and not token_rows and path != head and path not in wrapped:
+            if is_linear(module) and not token_rows and path != head and path not in wrapped:
                 found.append(path)
             continue
         if not matches_name(path, targets):
@@ -208,7 +210,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             saved_by_others.append(path)
         elif isinstance(module, TokenRowsLayer):
             unsupported.append(f"{path} (trainable token rows of another adapter)")
-        elif isinstance(module, LORA_TYPES):
+        elif kind_of(module) is not None:
             found.append(path)
         else:
             unsupported.append(f"{path} ({type(module).__name__})")
@@ -222,7 +224,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     if unsupported:
         raise TargetModulesError(
             f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"
-            f"{' ...' if len(unsupported) > 5 else ''}. Only nn.Linear, Conv1D and nn.Embedding are supported; "
+            f"{' ...' if len(unsupported) > 5 else ''}. Only {kind_names()} are supported; "
             f"name the projections inside them instead. {describe_candidates(model)}."
         )
     if not found:
@@ -281,7 +283,7 @@ def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[st
     too_big = [
         (path, config.rank_for(path), min(module.weight.shape))
         for path in targets
-        if not isinstance(module := model.get_submodule(path), nn.Embedding)  # (plain init there, as in peft)
+        if kind_of(module := model.get_submodule(path)).moves_base_weights  # (else plain init, as in peft)
         and config.rank_for(path) > min(module.weight.shape)
     ]
     if too_big:

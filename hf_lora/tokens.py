@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterStateError
-from .layers import BASE_ROWS, _embed_scale, _rows_for_batch, rebuild_swapped
+from .kinds.embedding import embed_scale
+from .layers import BASE_ROWS, rebuild_swapped, rows_for_batch
 
 # peft's state-dict names, under `<path>.token_adapter.`
 TOKENS_KEY = "token_adapter.trainable_tokens_delta"
@@ -164,7 +165,7 @@ class TokenRowsLayer(nn.Module):
                 f"token rows of adapter(s) {list(src._token_saved)} are merged into the weights; "
                 "unmerge_adapter() before a mixed-batch forward (adapter_names=...)."
             )
-        rows = _rows_for_batch(src._row_adapters, x.shape[0])
+        rows = rows_for_batch(src._row_adapters, x.shape[0])
         out = super().forward(x, *args, **kwargs)
         for name in dict.fromkeys(rows):
             if name == BASE_ROWS or name not in src.trainable_tokens_delta:
@@ -191,7 +192,7 @@ class TokenRowsLayer(nn.Module):
         out = F.embedding(
             x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
-        scale = _embed_scale(self)
+        scale = embed_scale(self)
         return out if scale is None else out * scale.to(out.dtype)
 
     def _put_rows(self, out: torch.Tensor, x: torch.Tensor, name: str, batch_rows: list[int] | None):
@@ -221,7 +222,7 @@ class TokenRowsLayer(nn.Module):
         # Rows in the weight's dtype first, then Gemma3's lookup scale, as the base lookup (and peft, and the
         # merged weight) do it: a bf16 base rounds the row before scaling it.
         picked = picked.to(out.dtype)
-        scale = _embed_scale(self)
+        scale = embed_scale(self)
         if scale is not None:
             picked = picked * scale.to(out.dtype)
         return torch.where((at >= 0).unsqueeze(-1), picked, out)

@@ -14,23 +14,17 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 from transformers.pytorch_utils import Conv1D
 
-from hf_lora import layers
+from hf_lora import dropout
+from hf_lora.dropout import _lanes, keep_mask, pack_mask, peft_dropout_masks, unpack_mask
+from hf_lora.fused import _LoRAFunction
 from hf_lora.layers import (
     LoRAConv1D,
     LoRAEmbedding,
     LoRALinear,
-    _lanes,
-    _LoRAFunction,
-    delta_weight,
-    init_lora_,
-    keep_mask,
     make_lora_layer,
-    merged_weight,
-    pack_mask,
-    peft_dropout_masks,
     unmake_lora_layer,
-    unpack_mask,
 )
+from hf_lora.weights import delta_weight, init_lora_, merged_weight
 
 
 def lora_layer(
@@ -87,15 +81,15 @@ def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratc
     """The default CPU masks: output and gradients are those of `base(x) + B A (x * keep) / (1-p) * s`
     for the mask `keep_mask` draws from the same seed, whether the dropout temporaries fit one reused
     buffer or go through it in row chunks (which stay at the buffer's cap)."""
-    import hf_lora.layers as layers
+    import hf_lora.dropout as dropout
 
-    monkeypatch.setattr(layers, "_SCRATCH_BYTES", scratch_bytes)
-    monkeypatch.setattr(layers, "_scratch", layers.threading.local())
+    monkeypatch.setattr(dropout, "_SCRATCH_BYTES", scratch_bytes)
+    monkeypatch.setattr(dropout, "_scratch", dropout.threading.local())
     p = 0.3
     layer = lora_layer(kind, bias=bias, dropout=p, width=width).train()
     x = torch.randn(5, 3, width)
     out, grads = run(layer, x, fused=True, seed=7)
-    for buf in layers._scratch.floats.values():
+    for buf in dropout._scratch.floats.values():
         assert buf.numel() * buf.element_size() <= max(scratch_bytes, width * 4)
     torch.manual_seed(7)
     keep = keep_mask((15, width), p, x.device).view(5, 3, width)
@@ -199,17 +193,17 @@ def test_keep_mask_is_seeded_and_fresh_each_call():
 def test_keep_mask_does_not_depend_on_the_scratch_buffer_size(monkeypatch):
     """Masks larger than the reused buffer of random words are drawn in batches: the same mask, and the
     buffer stays at its cap."""
-    import hf_lora.layers as layers
+    import hf_lora.dropout as dropout
 
     cpu = torch.device("cpu")
     torch.manual_seed(11)
     whole = keep_mask((37, 29), 0.4, cpu)
-    monkeypatch.setattr(layers, "_SCRATCH_WORDS", 50)
-    monkeypatch.setattr(layers, "_scratch", layers.threading.local())
+    monkeypatch.setattr(dropout, "_SCRATCH_WORDS", 50)
+    monkeypatch.setattr(dropout, "_scratch", dropout.threading.local())
     torch.manual_seed(11)
     # 1073 elements, 16-bit lanes (4 per word): 6 batches of 200, the last of 73 ends inside a word
     assert torch.equal(keep_mask((37, 29), 0.4, cpu), whole)
-    assert layers._scratch.words.numel() == 50
+    assert dropout._scratch.words.numel() == 50
 
 
 def test_peft_dropout_masks_draws_f_dropouts_elements():
@@ -237,7 +231,7 @@ def test_fused_path_is_the_one_that_runs():
 def test_training_after_a_forward_under_inference_mode(monkeypatch):
     # The dropout path's per-thread buffers must not be created as inference tensors: a later training
     # forward writes into them (sampling mid-training without eval() used to break every later step).
-    monkeypatch.setattr(layers, "_scratch", threading.local())  # no buffers yet on this thread
+    monkeypatch.setattr(dropout, "_scratch", threading.local())  # no buffers yet on this thread
     layer = lora_layer("linear", dropout=0.3).train()
     x = torch.randn(6, 24)
     with torch.inference_mode():
