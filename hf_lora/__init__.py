@@ -4,6 +4,7 @@ cfg = hf_lora.LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05)
 model = hf_lora.get_lora_model(AutoModelForCausalLM.from_pretrained("gpt2"), cfg)
 """
 
+from .adapter_files import adapter_state_dict
 from .config import LoRAConfig
 from .dropout import peft_dropout_masks
 from .errors import (
@@ -17,14 +18,25 @@ from .errors import (
 from .extract import extract_lora
 from .hub import download_adapter, push_adapter_to_hub
 from .layers import LoRALayer, ModulesToSave
+from .loading import from_pretrained, load_adapter
 from .model import LoRAModel, get_lora_model
+from .model_card import create_or_update_model_card
 from .optim import create_loraplus_optimizer
-from .serialization import adapter_state_dict, read_adapter
+from .reading import read_adapter
+from .serialization import save_pretrained
 from .targets import TARGET_MODULES
 from .tokens import TokenRowsLayer
 from .weights import delta_weight, merged_weight
 
 __version__ = "0.1.0"
+
+# Adapter I/O is a layer on top of the model (as huggingface_hub's ModelHubMixin is): the model never imports
+# it, and its functions, which take the model first, become LoRAModel's methods here.
+LoRAModel.save_pretrained = save_pretrained
+LoRAModel.load_adapter = load_adapter
+LoRAModel.from_pretrained = staticmethod(from_pretrained)  # LoRAModel.from_pretrained(base_model, path, ...)
+LoRAModel.push_to_hub = push_adapter_to_hub
+LoRAModel.create_or_update_model_card = create_or_update_model_card
 
 
 def __getattr__(name: str):

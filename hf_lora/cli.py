@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bad_input_message(e: Exception, command: str) -> str | None:
     """One line for an error the user can act on (bad input, the Hub unreachable or refusing); else None."""
-    from .hub import endpoint, network_cause
+    from .fetch import endpoint, network_cause
 
     if not isinstance(e, LoRAError) and (cause := network_cause(e)):
         offline = "" if command == "push" else ", or set HF_HUB_OFFLINE=1 to use files downloaded before"
@@ -177,7 +177,8 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .serialization import PREFIX, read_adapter
+    from .adapter_files import PREFIX
+    from .reading import read_adapter
 
     files = read_adapter(args.adapter, subfolder=args.subfolder, revision=args.revision, advice=_advice())
     cfg = files.config
@@ -215,7 +216,8 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
 
     from . import LoRAModel
-    from .serialization import read_adapter, saved_vocabulary
+    from .load_plan import saved_vocabulary
+    from .reading import read_adapter
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -267,8 +269,9 @@ def _push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import ADAPTER_FILES, _http_error, owners_cards
-    from .serialization import read_adapter
+    from .fetch import http_error
+    from .hub import ADAPTER_FILES, owners_cards
+    from .reading import read_adapter
 
     folder = Path(args.adapter_dir)
     if not folder.is_dir():
@@ -299,14 +302,14 @@ def _push(args: argparse.Namespace) -> None:
             commit_message=args.message or "Upload LoRA adapter (hf_lora)",
         )
     except HfHubHTTPError as e:
-        raise _http_error(e, args.repo_id) from None
+        raise http_error(e, args.repo_id) from None
     print(f"pushed {folder} to {args.repo_id}: {info.commit_url}")
 
 
 def _pushed_subfolders(folder: Path) -> list[str | None]:
     """The adapters a push uploads: the root one (None) and those in subfolders, but a Trainer's
     checkpoint-*/ folders (Trainer.push_to_hub leaves them out too)."""
-    from .serialization import list_adapters
+    from .reading import list_adapters
 
     found = [sub for _, sub in list_adapters(folder)]
     checkpoints = sorted((sub for sub in found if sub and _CHECKPOINT.fullmatch(sub)), key=_step)
@@ -335,7 +338,7 @@ def _pull(args: argparse.Namespace) -> None:
 
 def _advice():
     """How read_adapter's errors word the options they suggest, for users of this command."""
-    from .serialization import Advice
+    from .reading import Advice
 
     return Advice(
         pick_subfolder="pass --subfolder <name>",

@@ -190,6 +190,13 @@ class LoRAConfig:
         return json.dumps(self.to_dict(), indent=2) + "\n"  # not sort_keys: pattern order is meaning
 
 
+def moves_base_weights(config: LoRAConfig) -> bool:
+    """PiSSA and OLoRA take the adapter's share out of the base weight, also when the adapter is loaded:
+    the trained A and B are only right together with that residual."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and init.startswith(("pissa", "olora"))
+
+
 def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     """The first key of `rank_pattern`/`alpha_pattern` that matches `module_path` as peft matches it:
     the key, read as a regex, must match a dotted suffix of the path."""

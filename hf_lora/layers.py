@@ -16,6 +16,7 @@ trainable base weights, unknown Linear subclasses, tensor subclasses) takes the 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from .kinds import BaseKind, kind_of, kind_of_class
 from .weights import delta_weight, merged_weight, qr_init, svd_init, weight_norm
 
 BASE_ROWS = "__base__"  # name of "no adapter" in mixed batches, as in peft
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 # ---- the layer --------------------------------------------------------------------------------------
@@ -422,6 +424,20 @@ def rows_for_batch(rows: Sequence[str], batch: int) -> Sequence[str]:
         k = batch // len(rows)
         return [name for name in rows for _ in range(k)]
     raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows.")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter or '_' "
+            f"(no dots; {BASE_ROWS!r} is reserved)."
+        )
+    # Instances, not classes: `training`, `_parameters`, `_buffers`, ... are set in __init__.
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: torch's ParameterDict/ModuleDict, which hold the adapters, have "
+            f"an attribute of that name; choose another (e.g. {name.strip('_') + '_adapter'!r})."
+        )
 
 
 def make_lora_layer(module: nn.Module) -> LoRALayer:

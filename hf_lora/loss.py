@@ -9,6 +9,8 @@ a fraction of the memory, one extra (tokens x hidden x vocab) matmul in backward
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -90,3 +92,31 @@ def chunked_cross_entropy(
     else:
         denominator = float((labels != ignore_index).sum().clamp(min=1))
     return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index, denominator)
+
+
+def forward_with_chunked_loss(
+    base_forward: Any, model: Any, head: Any, chunk_size: int, *args: Any, **kwargs: Any
+) -> Any:
+    """A causal LM's forward (`base_forward(model, ...)`) for the hidden states and last-position logits
+    only, then the loss by chunks against `head`'s weight: the output with `loss` set (and the hidden states
+    only where asked for)."""
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)  # labels already aligned with positions (transformers')
+    num_items = kwargs.pop("num_items_in_batch", None)
+    want_hidden = kwargs.pop("output_hidden_states", False)
+    kwargs.pop("logits_to_keep", None)
+    out = base_forward(model, *args, output_hidden_states=True, logits_to_keep=1, **kwargs)
+    if shift_labels is None:
+        hidden, targets = out.hidden_states[-1][:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    else:
+        hidden, targets = out.hidden_states[-1], shift_labels
+    loss = chunked_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        targets.reshape(-1).to(hidden.device),
+        bias=getattr(head, "bias", None),
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items,
+    )
+    fields = {k: v for k, v in out.items() if k != "loss" and (want_hidden or k != "hidden_states")}
+    return type(out)(loss=loss, **fields)

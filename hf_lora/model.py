@@ -16,34 +16,33 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
-import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TASK_HEADS, LoRAConfig
+from .biases import set_bias_trainable, set_owned_biases_trainable
+from .config import TASK_HEADS, LoRAConfig, moves_base_weights
 from .errors import AdapterStateError
-from .layers import BASE_ROWS, LoRALayer, ModulesToSave, make_lora_layer, unmake_lora_layer
-from .loss import chunked_cross_entropy
-from .targets import (
-    default_target_modules,
-    resolve_modules_to_save,
-    resolve_targets,
-    resolve_token_targets,
-    shared_parameters,
+from .layers import (
+    BASE_ROWS,
+    LoRALayer,
+    ModulesToSave,
+    check_adapter_name,
+    make_lora_layer,
+    unmake_lora_layer,
 )
+from .loss import forward_with_chunked_loss
+from .targets import prepare_config, resolve_modules_to_save, resolve_targets, resolve_token_targets
+from .ties import check_tied_targets, untie_if_replaced, untie_merge_targets, untie_token_rows
 from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
 from .weights import combine_adapters
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER = "default"
-_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class LoRAModel(nn.Module):
@@ -89,7 +88,7 @@ class LoRAModel(nn.Module):
             if isinstance(module, TokenRowsLayer) and module.source is module:
                 yield name, module
 
-    def _adapter_layers(self) -> list[LoRALayer | TokenRowsLayer]:
+    def adapter_layers(self) -> list[LoRALayer | TokenRowsLayer]:
         """Every layer that merges, unmerges and disables adapters: LoRA layers and token rows."""
         return [
             m
@@ -104,17 +103,17 @@ class LoRAModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: LoRAConfig) -> None:
         """Add another adapter (not active: call `set_adapter`). The model is unchanged if this fails."""
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterStateError(
                 f"an adapter named {adapter_name!r} exists already; delete_adapter() it or choose another name."
             )
         if config.task_type is None and (task := self._task_type()):
             config = config.replace(task_type=task)  # as peft's task models: each new adapter gets the head
-        config = _prepare_config(self, config)
+        config = prepare_config(self, config)
         targets = resolve_targets(self, config)
         saved = resolve_modules_to_save(self, config)
-        _inject(self, adapter_name, config, targets, saved)
+        inject(self, adapter_name, config, targets, saved)
         self._activate(self._active)  # new adapter inactive; trainable flags follow the active ones
 
     def _task_type(self) -> str | None:
@@ -135,7 +134,7 @@ class LoRAModel(nn.Module):
         `svd_rank` (default: the largest rank); "linear" mixes the factors (same ranks only; approximate).
         Modules saved in full are taken from the one adapter that has them.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} exists already.")
         if unknown := [n for n in adapters if n not in self.peft_config]:
@@ -194,7 +193,7 @@ class LoRAModel(nn.Module):
             modules_to_save=sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []})
             or None,
         )
-        _inject(self, adapter_name, config, [p for p, _ in layers], list(saved), initialise=False)
+        inject(self, adapter_name, config, [p for p, _ in layers], list(saved), initialise=False)
         with torch.no_grad():
             for _, layer in layers:
                 present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
@@ -223,7 +222,7 @@ class LoRAModel(nn.Module):
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
         for _, layer in self.token_layers():
             check_disjoint(layer, names)
-        if any(layer.merged_adapters for layer in self._adapter_layers()):
+        if any(layer.merged_adapters for layer in self.adapter_layers()):
             logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
             self.unmerge_adapter()
         self._set_inference_mode(names, inference_mode)
@@ -256,7 +255,12 @@ class LoRAModel(nn.Module):
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
             for name, clone in wrapper.modules_to_save.items():
                 clone.requires_grad_(name in names and not self.peft_config[name].inference_mode)
-        _set_bias_trainable(self)
+        set_bias_trainable(self)
+
+    def refresh_adapters(self) -> None:
+        """Active adapters and trainable flags again, for the adapters as they are now (after one was added
+        or loaded): the active ones train unless their configs are in inference mode."""
+        self._activate(self._active)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -266,7 +270,7 @@ class LoRAModel(nn.Module):
                 "cannot delete the only adapter; use unload() to get the base model back."
             )
         if self.peft_config[adapter_name].bias != "none":  # the base biases it trained are frozen again
-            _set_owned_biases_trainable(self, adapter_name, False)
+            set_owned_biases_trainable(self, adapter_name, False)
         was_active = adapter_name in self._active
         for _, layer in list(self.lora_layers()):
             layer.delete_adapter(adapter_name)
@@ -285,7 +289,7 @@ class LoRAModel(nn.Module):
         remaining = [n for n in self._active if n != adapter_name] or [
             sorted(self.peft_config)[0]
         ]  # peft's pick
-        if any(set(layer.merged_adapters) - set(remaining) for layer in self._adapter_layers()):
+        if any(set(layer.merged_adapters) - set(remaining) for layer in self.adapter_layers()):
             logger.warning(
                 "adapters are merged, and %s will be the active ones: unmerging them first.", remaining
             )
@@ -301,7 +305,7 @@ class LoRAModel(nn.Module):
         """Run the base model inside the block: outputs equal the model without adapters (after a PiSSA/OLoRA
         init: the residual weights that init left, as in peft). Nested blocks, or a block inside
         disable_adapters(), leave the adapters disabled as they found them."""
-        layers = self._adapter_layers()
+        layers = self.adapter_layers()
         if any(layer.adapters_disabled for layer in layers):
             yield  # already disabled (and unmerged): whoever disabled them enables them
             return
@@ -318,7 +322,7 @@ class LoRAModel(nn.Module):
 
     def disable_adapters(self) -> None:
         """Switch adapters off until `enable_adapters()` (transformers' method names)."""
-        for layer in self._adapter_layers():
+        for layer in self.adapter_layers():
             layer.unmerge()
         self._set_disabled(True)
 
@@ -345,7 +349,7 @@ class LoRAModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        layers = self._adapter_layers()
+        layers = self.adapter_layers()
         if any(layer.adapters_disabled for layer in layers):
             raise AdapterStateError(
                 "adapters are disabled (disable_adapters(), or inside `with model.disable_adapter():`), and "
@@ -355,8 +359,8 @@ class LoRAModel(nn.Module):
             logger.warning(
                 "adapter(s) %s are already merged; merging is idempotent, nothing to do for them.", already
             )
-        _untie_merge_targets(self, names)
-        _untie_token_rows(self, names)
+        untie_merge_targets(self, names)
+        untie_token_rows(self, names)
         started: list[tuple[LoRALayer | TokenRowsLayer, list[str]]] = []
         try:
             for layer in tqdm(layers, desc="merging", unit="layer", disable=not progressbar):
@@ -370,7 +374,7 @@ class LoRAModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
-        layers = self._adapter_layers()
+        layers = self.adapter_layers()
         if not any(layer.merged_adapters for layer in layers):
             logger.warning("no adapter is merged; unmerge_adapter() has nothing to do.")
         for layer in layers:
@@ -389,7 +393,7 @@ class LoRAModel(nn.Module):
         """Remove every adapter without merging and return the base model (its original class and modules).
         After a PiSSA/OLoRA init its weights are the residual that init left, as in peft; save_pretrained(...,
         path_initial_model_for_weight_conversion=...) gives an adapter against the original weights."""
-        for layer in self._adapter_layers():
+        for layer in self.adapter_layers():
             layer.unmerge()
         return self._unload(keep_trained_copies=False)
 
@@ -404,7 +408,7 @@ class LoRAModel(nn.Module):
         for name in ("peft_config", "_active"):
             self.__dict__.pop(name, None)
         self.__class__ = self.__dict__.pop("_lora_base_class")
-        _untie_if_replaced(self)
+        untie_if_replaced(self)
         return self
 
     # ---- mixed batches --------------------------------------------------------------------------
@@ -489,12 +493,8 @@ class LoRAModel(nn.Module):
     def __repr__(self) -> str:
         return "LoRA" + super().__repr__()  # nn.Module's repr starts with _get_name(), the model's name
 
-    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
-        """Called by `Trainer.create_model_card` / `Trainer.push_to_hub` (as for a peft model) after it
-        wrote its training summary over README.md: the adapter's card is written again, summary kept."""
-        from .model_card import update_trainer_card
-
-        update_trainer_card(self, Path(output_dir))
+    # Adapter I/O (save_pretrained, load_adapter, from_pretrained, push_to_hub, create_or_update_model_card)
+    # lives a layer above (serialization, loading, hub, model_card); hf_lora/__init__.py binds it here.
 
     def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
         super()._set_gradient_checkpointing(*args, **kwargs)
@@ -504,30 +504,6 @@ class LoRAModel(nn.Module):
         # transformers does this itself for models whose main input is input_ids.
         if enable and getattr(self, "main_input_name", None) != "input_ids":
             self.enable_input_require_grads()
-
-    # Serialization and the Hub live in their own modules; bound here so the model offers them as methods.
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        from .serialization import save_pretrained
-
-        save_pretrained(self, save_directory, **kwargs)
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
-        from .serialization import load_adapter
-
-        load_adapter(self, model_id, adapter_name, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any
-    ) -> LoRAModel:
-        from .serialization import from_pretrained
-
-        return from_pretrained(model, model_id, adapter_name, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        from .hub import push_adapter_to_hub
-
-        return push_adapter_to_hub(self, repo_id, **kwargs)
 
 
 def get_lora_model(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRAModel:
@@ -544,14 +520,14 @@ def get_lora_model(model: nn.Module, config: LoRAConfig, adapter_name: str = DEF
         )
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be an hf_lora.LoRAConfig, got {type(config).__name__}.")
-    _check_adapter_name(adapter_name)
-    config = _prepare_config(model, config)
+    check_adapter_name(adapter_name)
+    config = prepare_config(model, config)
     targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
-    return _attach(model, adapter_name, config, targets, saved)
+    return attach(model, adapter_name, config, targets, saved)
 
 
-def _attach(
+def attach(
     model: nn.Module,
     name: str,
     config: LoRAConfig,
@@ -560,7 +536,7 @@ def _attach(
     initialise: bool = True,
 ) -> LoRAModel:
     """Freeze the model, make it a LoRAModel and add its first adapter (targets already resolved)."""
-    _check_tied_targets(model, config, targets, warn=False)  # before the model is touched
+    check_tied_targets(model, config, targets, warn=False)  # before the model is touched
     # Checkpointing switched on before wrapping (peft's idiom): the frozen embeddings' output must require
     # grad, as _set_gradient_checkpointing arranges when it is switched on after.
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # the name in transformers 5
@@ -575,12 +551,12 @@ def _attach(
     model._lora_base_class = base_cls
     model.peft_config = {}
     model._active = (name,)
-    _inject(model, name, config, targets, saved, initialise)
+    inject(model, name, config, targets, saved, initialise)
     model._activate((name,))  # not set_adapter: it would make an adapter created or loaded frozen trainable
     return model
 
 
-def _inject(
+def inject(
     model: LoRAModel,
     name: str,
     config: LoRAConfig,
@@ -596,9 +572,9 @@ def _inject(
             f"adapter {other[0]!r} already trains the base model's biases (bias={model.peft_config[other[0]].bias!r}); "
             f"only one adapter may, as in peft. Give {name!r} bias='none'."
         )
-    _check_tied_targets(model, config, targets)
+    check_tied_targets(model, config, targets)
     tokens = resolve_token_targets(model, config, targets)  # (raises before the model is touched)
-    disabled = any(layer.adapters_disabled for layer in model._adapter_layers())  # new layers follow suit
+    disabled = any(layer.adapters_disabled for layer in model.adapter_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
         layer.adapters_disabled = disabled
@@ -607,7 +583,7 @@ def _inject(
             r=config.rank_for(path),
             scaling=config.scaling_for(path),
             dropout=config.lora_dropout,
-            init=config.init_lora_weights if initialise or _moves_base_weights(config) else None,
+            init=config.init_lora_weights if initialise or moves_base_weights(config) else None,
             use_dora=config.use_dora,
         )
         layer.set_active(model._active)
@@ -635,29 +611,6 @@ def _inject(
     )
 
 
-def _check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str], warn: bool = True) -> None:
-    """A target whose weight another module shares (an output head tied to the input embeddings): PiSSA
-    and OLoRA would move part of the shared weight into the adapter, changing the other module too, so
-    they are refused; merging unties it first (`_untie_merge_targets`)."""
-    shared = shared_parameters(model)
-    tied = [path for path in targets if id(model.get_submodule(path).weight) in shared]
-    if not tied:
-        return
-    moved = [path for path in tied if not isinstance(model.get_submodule(path), nn.Embedding)]  # (left alone)
-    if moved and _moves_base_weights(config):
-        raise AdapterStateError(
-            f"init_lora_weights={config.init_lora_weights!r} moves part of each targeted weight into the "
-            f"adapter, but {moved} share their weight with another module (tied input/output embeddings), which "
-            "would change too. Leave them out (exclude_modules), or untie them first."
-        )
-    if warn:
-        logger.info(
-            "LoRA on %s, whose weight another module shares (tied input/output embeddings): merging will give "
-            "it its own copy of the weight.",
-            tied,
-        )
-
-
 def _holds(layer: LoRALayer | TokenRowsLayer, name: str) -> bool:
     return name in (layer.lora_A if isinstance(layer, LoRALayer) else layer.trainable_tokens_delta)
 
@@ -666,143 +619,6 @@ def _unmake_token_layers(model: nn.Module, source: TokenRowsLayer) -> None:
     """`source` and the modules tied to it get their own classes back."""
     for module in [m for m in model.modules() if isinstance(m, TokenRowsLayer) and m.source is source]:
         unmake_token_layer(module)
-
-
-def _set_bias_trainable(model: LoRAModel) -> None:
-    """The base model's biases train while the adapter with bias="all" or "lora_only" (there is at most
-    one) is active and trainable, and only then: training another adapter must not change them."""
-    owner = next((n for n, c in model.peft_config.items() if c.bias != "none"), None)
-    if owner is not None:
-        config = model.peft_config[owner]
-        _set_owned_biases_trainable(model, owner, owner in model._active and not config.inference_mode)
-
-
-def _set_owned_biases_trainable(model: LoRAModel, owner: str, train: bool) -> None:
-    config = model.peft_config[owner]
-    lora_paths = {path for path, layer in model.lora_layers() if owner in layer.lora_A}
-    wrapped = [path for path, _ in model.saved_modules()]  # their copies follow their adapters
-    for pname, p in model.named_parameters():
-        path, _, leaf = pname.rpartition(".")
-        # Parameters named `bias` only (T5's relative_attention_bias is an embedding, not a bias).
-        if leaf != "bias" or any(path == w or path.startswith(w + ".") for w in wrapped):
-            continue
-        if config.bias == "all" or path in lora_paths:
-            p.requires_grad_(train)
-
-
-def _moves_base_weights(config: LoRAConfig) -> bool:
-    """PiSSA and OLoRA take the adapter's share out of the base weight, also when the adapter is loaded:
-    the trained A and B are only right together with that residual."""
-    init = config.init_lora_weights
-    return isinstance(init, str) and init.startswith(("pissa", "olora"))
-
-
-def _prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
-    """Fill what the model tells us: its name, the default targets, the classification heads to save.
-
-    The default targets are written into the config, as peft does: the saved file then names what it
-    adapts, so peft (whose defaults differ: GPT-2's is only c_attn) loads it right, and a later change of
-    our defaults cannot change what an old adapter means."""
-    changes: dict[str, Any] = {}
-    if config.target_modules is None:
-        changes["target_modules"] = default_target_modules(model)
-    if config.base_model_name_or_path is None:
-        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
-            model, "name_or_path", None
-        )
-        if name:
-            changes["base_model_name_or_path"] = str(name)
-    if config.task_type in TASK_HEADS:
-        heads = list(config.modules_to_save or [])
-        changes["modules_to_save"] = heads + [h for h in TASK_HEADS[config.task_type] if h not in heads]
-    return config.replace(**changes) if changes else config
-
-
-def _untie_if_replaced(model: nn.Module, untied: bool = False) -> None:
-    """Modules that shared one weight no longer do (`untied`: a merge gave one its own copy; or a trained
-    copy of a tied output head replaced it): record that in the config, which transformers ties by on
-    save, load and tie_weights(), or the merged update would be dropped. With the flag off, no module may
-    share a weight any more: save_pretrained would keep one of them and the reload fill the others from a
-    weight they no longer equal (T5's encoder/decoder embed_tokens from `shared`), so each gets a copy."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "tie_word_embeddings", False):
-        return
-    if not untied:
-        get_in, get_out = (
-            getattr(model, "get_input_embeddings", None),
-            getattr(model, "get_output_embeddings", None),
-        )
-        emb_in = get_in() if callable(get_in) else None
-        emb_out = get_out() if callable(get_out) else None
-        untied = emb_in is not None and emb_out is not None and emb_in.weight is not emb_out.weight
-    if not untied:
-        return
-    config.tie_word_embeddings = False
-    for names in shared_parameters(model).values():
-        for name in names[1:]:
-            path, _, leaf = name.rpartition(".")
-            module = model.get_submodule(path)
-            p = getattr(module, leaf)
-            setattr(module, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-    logger.info("tied weights now differ: tie_word_embeddings=False, and each module has its own weights")
-
-
-def _untie_merge_targets(model: LoRAModel, names: Sequence[str]) -> None:
-    """Give each LoRA layer about to merge an adapter, whose weight another module shares, a copy of its
-    own: merging into the shared weight would change the modules tied to it too (an output head and the
-    input embeddings)."""
-    shared = shared_parameters(model)
-    untied = False
-    for path, layer in model.lora_layers():
-        if id(layer.weight) in shared and any(n in layer.lora_A for n in names):
-            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-            untied = True
-            logger.warning(
-                "%s shared its weight with another module (tied embeddings); it now has its own copy, so that "
-                "merging leaves the other module as it was.",
-                path,
-            )
-    _untie_if_replaced(model, untied)
-
-
-def _untie_token_rows(model: LoRAModel, names: Sequence[str]) -> None:
-    """A module with token rows of its own whose weight other modules share without showing those rows (a
-    tied head given rows apart from the embedding, as peft allows) gets a copy of the weight before merging,
-    with the modules that show its rows: merging into the shared weight would change the others too. As
-    for LoRA on a tied head (`_untie_merge_targets`) the copy stays after unmerging, and the config says the
-    weights are no longer tied (re-tying on unmerge has too many orders to get right: other ids on the
-    embedding, several adapters, a merge failing half way)."""
-    for path, layer in model.token_layers():
-        if not any(n in layer.trainable_tokens_delta for n in names):
-            continue
-        shows = [m for m in model.modules() if isinstance(m, TokenRowsLayer) and m.source is layer]
-        sharing = [m for m in model.modules() if getattr(m, "weight", None) is layer.weight]
-        if len(sharing) > len(shows):
-            weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-            for module in shows:
-                module.weight = weight
-            config = getattr(model, "config", None)
-            if getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
-            logger.warning(
-                "%s shared its weight with modules that do not show its token rows; it now has its own copy, so "
-                "that merging leaves them as they were.",
-                path,
-            )
-
-
-def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
-        raise ValueError(
-            f"invalid adapter name {name!r}: use letters, digits, '_' or '-', starting with a letter or '_' "
-            f"(no dots; {BASE_ROWS!r} is reserved)."
-        )
-    # Instances, not classes: `training`, `_parameters`, `_buffers`, ... are set in __init__.
-    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
-        raise ValueError(
-            f"invalid adapter name {name!r}: torch's ParameterDict/ModuleDict, which hold the adapters, have "
-            f"an attribute of that name; choose another (e.g. {name.strip('_') + '_adapter'!r})."
-        )
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -821,26 +637,7 @@ def _forward_with_chunked_loss(base_forward, self: LoRAModel, *args: Any, **kwar
             "the chunked loss multiplies by the output head's weight, but the head now carries an adapter (LoRA "
             "or token rows) it would leave out; call model.disable_chunked_loss()."
         )
-    labels = kwargs.pop("labels")
-    shift_labels = kwargs.pop("shift_labels", None)  # labels already aligned with positions (transformers')
-    num_items = kwargs.pop("num_items_in_batch", None)
-    want_hidden = kwargs.pop("output_hidden_states", False)
-    kwargs.pop("logits_to_keep", None)
-    out = base_forward(self, *args, output_hidden_states=True, logits_to_keep=1, **kwargs)
-    if shift_labels is None:
-        hidden, targets = out.hidden_states[-1][:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    else:
-        hidden, targets = out.hidden_states[-1], shift_labels
-    loss = chunked_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        head.weight,
-        targets.reshape(-1).to(hidden.device),
-        bias=getattr(head, "bias", None),
-        chunk_size=self._loss_chunk_size,
-        num_items_in_batch=num_items,
-    )
-    fields = {k: v for k, v in out.items() if k != "loss" and (want_hidden or k != "hidden_states")}
-    return type(out)(loss=loss, **fields)
+    return forward_with_chunked_loss(base_forward, self, head, self._loss_chunk_size, *args, **kwargs)
 
 
 def _lora_model_class(base_cls: type[nn.Module]) -> type[LoRAModel]:
@@ -889,3 +686,8 @@ def _rebuild_lora_model(base_cls: type[nn.Module], state: dict[str, Any]) -> LoR
     obj.__dict__.update(state)
     obj.__class__ = _lora_model_class(base_cls)
     return obj
+
+
+def base_class(model: LoRAModel) -> type[nn.Module]:
+    """The model's own class, which `LoRA<Model>` subclasses (and `unload()` gives back)."""
+    return model._lora_base_class

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .adapter_files import adapter_state_dict
 from .atomic import atomic_write
+from .model import base_class
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 MARKER = "<!-- hf_lora model card"
 CARD_NAME = "README.md"
 LOSS_CURVE_NAME = "loss_curve.svg"
+# The attribute LoRATrainer sets on the model while it saves: the Trainer's log, for the card's metrics.
+LOG_HISTORY_ATTR = "_card_log_history"
 _TEMPLATE_NAME = "adapter_card.md"
 _TASKS = {  # task_type -> (Auto class, pipeline tag)
     "CAUSAL_LM": ("AutoModelForCausalLM", "text-generation"),
@@ -91,7 +96,7 @@ def task_of(model: LoRAModel, adapter_name: str) -> str | None:
     task = model.peft_config[adapter_name].task_type
     if task:
         return task
-    cls_name = model._lora_base_class.__name__
+    cls_name = base_class(model).__name__
     return next((t for suffix, t in _CLASS_SUFFIXES.items() if cls_name.endswith(suffix)), None)
 
 
@@ -254,8 +259,6 @@ def update_trainer_card(model: LoRAModel, directory: Path) -> bool:
     README.md: the root adapter's card again, with the summary kept (its metadata in the front matter, its
     text as a section). Without a root adapter ("default"; the others live in subfolders) the summary
     stays, marked as a peft-format adapter repo as peft marks it. True if the card was written."""
-    from .serialization import adapter_state_dict  # serialization imports this module
-
     card_path = directory / CARD_NAME
     if "default" not in model.peft_config:
         if card_path.is_file() and _is_trainer_summary(text := card_path.read_text(encoding="utf-8")):
@@ -268,7 +271,7 @@ def update_trainer_card(model: LoRAModel, directory: Path) -> bool:
         model,
         directory,
         "default",
-        log_history=getattr(model, "_card_log_history", None),
+        log_history=getattr(model, LOG_HISTORY_ATTR, None),
         tensors=adapter_state_dict(model, "default"),
     )
 
@@ -346,3 +349,10 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} bytes"
+
+
+def create_or_update_model_card(model: LoRAModel, output_dir: str | os.PathLike) -> None:
+    """`LoRAModel.create_or_update_model_card`, called by `Trainer.create_model_card` / `Trainer.push_to_hub`
+    (as for a peft model) after it wrote its training summary over README.md: the adapter's card is written
+    again, summary kept."""
+    update_trainer_card(model, Path(output_dir))

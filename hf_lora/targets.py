@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -167,6 +167,27 @@ def output_head_path(model: nn.Module) -> str | None:
     if head is None:
         return None
     return next((name for name, m in base_modules(model) if m is head), None)
+
+
+def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """Fill what the model tells us: its name, the default targets, the classification heads to save.
+
+    The default targets are written into the config, as peft does: the saved file then names what it
+    adapts, so peft (whose defaults differ: GPT-2's is only c_attn) loads it right, and a later change of
+    our defaults cannot change what an old adapter means."""
+    changes: dict[str, Any] = {}
+    if config.target_modules is None:
+        changes["target_modules"] = default_target_modules(model)
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+            model, "name_or_path", None
+        )
+        if name:
+            changes["base_model_name_or_path"] = str(name)
+    if config.task_type in TASK_HEADS:
+        heads = list(config.modules_to_save or [])
+        changes["modules_to_save"] = heads + [h for h in TASK_HEADS[config.task_type] if h not in heads]
+    return config.replace(**changes) if changes else config
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:

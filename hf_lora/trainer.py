@@ -35,10 +35,10 @@ from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .adapter_files import CONFIG_NAME, adapter_dir
 from .errors import AdapterStateError
 from .model import LoRAModel
-from .model_card import is_generated_card
-from .serialization import CONFIG_NAME, adapter_dir
+from .model_card import LOG_HISTORY_ATTR, is_generated_card
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
@@ -118,11 +118,11 @@ class LoRATrainerMixin:
         if not isinstance(target, LoRAModel):
             yield
             return
-        target._card_log_history = list(self.state.log_history)
+        setattr(target, LOG_HISTORY_ATTR, list(self.state.log_history))
         try:
             yield
         finally:
-            target.__dict__.pop("_card_log_history", None)
+            target.__dict__.pop(LOG_HISTORY_ATTR, None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)

@@ -1,0 +1,182 @@
+"""Reading an adapter's files from a folder or a Hub repo and checking their integrity (JSON, the
+safetensors header against the file size, no pickle unless asked), before anything is checked against a
+model (`load_plan`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from .adapter_files import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
+from .config import LoRAConfig
+from .errors import AdapterFormatError, AdapterNotFoundError
+from .fetch import list_repo_files, resolve_adapter_file
+from .model import DEFAULT_ADAPTER
+
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Advice:
+    """How read_adapter's errors tell the user to pass the options they suggest: the caller's keywords
+    (from_pretrained also has all_adapters), or the hf-lora command's flags."""
+
+    pick_subfolder: str = "pass subfolder=<name>"
+    allow_pickle: str = (
+        "pass allow_pickle=True if you trust its author (it is then read with torch.load(weights_only=True))"
+    )
+
+
+FROM_PRETRAINED_ADVICE = Advice(pick_subfolder="pass subfolder=<name>, or all_adapters=True for all of them")
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk or the Hub, checked for integrity but not yet against a model."""
+
+    config: LoRAConfig
+    raw_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    source: str  # where it came from, for messages
+
+
+def read_adapter(
+    model_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    advice: Advice = Advice(),
+) -> AdapterFiles:
+    """Read `adapter_config.json` and the weights from a local directory or a Hub repo. `advice` words the
+    options the errors suggest in the caller's terms."""
+
+    def resolve(filename: str) -> Path | None:
+        return resolve_adapter_file(model_id, filename, subfolder=subfolder, revision=revision, token=token)
+
+    config_path = resolve(CONFIG_NAME)
+    where = str(model_id) + (f"/{subfolder}" if subfolder else "")
+    if config_path is None:
+        named = (
+            [n for n, _ in list_adapters(model_id, revision=revision, token=token)] if not subfolder else []
+        )
+        hint = (
+            f" It holds adapters in subfolders: {', '.join(named)}; {advice.pick_subfolder}."
+            if named
+            else " Is this an adapter directory or repo?"
+        )
+        raise AdapterNotFoundError(f"no {CONFIG_NAME} in {where}.{hint}")
+    raw = _read_json(config_path)
+    config = LoRAConfig.from_dict(raw, source=str(config_path))
+
+    weights_path = resolve(WEIGHTS_NAME)
+    if weights_path is not None:
+        tensors = read_safetensors(weights_path)
+    else:
+        pickled = next((p for name in PICKLE_WEIGHTS_NAMES if (p := resolve(name)) is not None), None)
+        if pickled is None:
+            raise AdapterNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{pickled} is a pickle file, and loading pickle can run arbitrary code, so hf_lora refuses "
+                f"it. Convert it to {WEIGHTS_NAME} where you trust it, or {advice.allow_pickle}."
+            )
+        tensors = _read_pickle(pickled)
+    return AdapterFiles(config=config, raw_config=raw, tensors=tensors, source=where)
+
+
+def list_adapters(
+    model_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> list[tuple[str, str | None]]:
+    """(adapter name, subfolder) of every adapter saved in a directory or repo, the root one first."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        files = [str(p.relative_to(path)) for p in path.rglob(CONFIG_NAME)]
+    else:
+        files = list_repo_files(str(model_id), revision=revision, token=token)
+    found = []
+    for f in files:
+        parts = Path(f).parts
+        if parts == (CONFIG_NAME,):
+            found.insert(0, (DEFAULT_ADAPTER, None))
+        elif len(parts) == 2 and parts[1] == CONFIG_NAME:
+            found.append((parts[0], parts[0]))
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(
+            f"{path} is not valid JSON ({e}); the file is damaged or not a config."
+        ) from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its header against the file size, so a truncated,
+    corrupted or hostile file (a header claiming huge tensors) fails with a clear error, not an
+    allocation."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{path} is truncated ({size} bytes): not a safetensors file.")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise AdapterFormatError(
+                f"{path}: header claims {n:,} bytes but the file has {size:,}: truncated or corrupted."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AdapterFormatError(
+                f"{path}: the safetensors header is not valid JSON (corrupted file)."
+            ) from None
+        _check_header(path, header, data_bytes=size - 8 - n)
+        f.seek(0)
+        data = f.read()
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise AdapterFormatError(f"{path}: cannot read tensors ({e}).") from None
+
+
+def _check_header(path: Path, header: Any, data_bytes: int) -> None:
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: the safetensors header is not a JSON object (corrupted file).")
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end <= data_bytes
+        except (KeyError, TypeError, ValueError):
+            ok, nbytes, begin, end = False, -1, 0, 0
+        if not ok or end - begin != nbytes:
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} does not fit the file (truncated or corrupted); save the adapter again."
+            )
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterFormatError(f"{path}: cannot be read as a weights-only torch file ({e}).") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AdapterFormatError(f"{path}: expected a dict of tensors.")
+    return obj
