@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .config import TASK_HEADS, LoRAConfig
+from .config import TASK_HEADS, LoRAConfig, moves_base_weights
 from .errors import TargetModulesError
 from .kinds import KINDS, kind_names, kind_of
 from .layers import LoRALayer, ModulesToSave
@@ -299,13 +299,15 @@ def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[st
     QR factors), so r cannot exceed min(in_features, out_features) there. Checked before the model is
     touched: the init itself would fail half way through the layers, with some weights already moved."""
     init = config.init_lora_weights
-    if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
+    if not moves_base_weights(config):
         return
     too_big = [
-        (path, config.rank_for(path), min(module.weight.shape))
+        (path, config.rank_for(path), min(kind.shapes(module)))
         for path in targets
-        if kind_of(module := model.get_submodule(path)).moves_base_weights  # (else plain init, as in peft)
-        and config.rank_for(path) > min(module.weight.shape)
+        if (
+            kind := kind_of(module := model.get_submodule(path))
+        ).moves_base_weights  # (else plain init, as peft)
+        and config.rank_for(path) > min(kind.shapes(module))
     ]
     if too_big:
         examples = ", ".join(f"{path} (r={r}, min(in, out)={n})" for path, r, n in too_big[:3])
