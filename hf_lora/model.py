@@ -96,6 +96,8 @@ class LoRAModel(nn.Module):
             if isinstance(m, LoRALayer) or (isinstance(m, TokenRowsLayer) and m.source is m)
         ]
 
+    _adapter_layers = adapter_layers  # (its name before it was public)
+
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         for name, module in self.named_modules():
             if isinstance(module, ModulesToSave):
