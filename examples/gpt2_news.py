@@ -301,7 +301,9 @@ def save(mode: str, model, trainer, args: argparse.Namespace) -> Path:
     if mode == "lora":
         # every process calls it, only the main one writes (safe under accelerate launch / torchrun)
         model.save_pretrained(
-            args.output_dir / "adapter", log_history=trainer.state.log_history, is_main_process=is_main_process()
+            args.output_dir / "adapter",
+            log_history=trainer.state.log_history,
+            is_main_process=is_main_process(),
         )
         return args.output_dir / "adapter" / "adapter_model.safetensors"
     trainer.save_model(str(args.output_dir / "full_model"))  # the Trainer writes on the main process only
