@@ -127,3 +127,18 @@ BF16_LAYER_ROUNDINGS = 4
 """One LoRA layer in a 16-bit type (bf16, fp16), where one path rounds to it after each of its ~4 stages
 (x A^T, then B, * s, + base) and the other once: each rounding within u = eps/2 of the output's magnitude,
 2 eps in all; 4 eps with room (3e-2 relative in bf16, 4e-3 in fp16)."""
+
+
+def adamw_atol(steps: int, lr: float, *weights: torch.Tensor | float, betas=(0.9, 0.999)) -> float:
+    """Bound for two AdamW runs of the same `steps` whose gradients differ by rounding alone (the same
+    algorithm in another order: a batch split over ranks, micro-batches, a loss in chunks), on weights of
+    `weights`' magnitude. A step moves a weight by lr * m / (sqrt(v) + eps_adam), and |m / sqrt(v)| is at
+    most max(1, (1 - beta1) / sqrt(1 - beta2)) (Kingma & Ba, section 2.1). Gradients that differ by a
+    relative ROUNDINGS eps (as one evaluation does, for a component that is not a near-total cancellation)
+    change m by that relative amount and sqrt(v) by as much, so m / sqrt(v) by twice that; and each update
+    rounds the weight once (eps |w|). Summed over the steps. A gap in the weights feeds back into later
+    gradients through lr |H| (1e-2 x O(1) here) per step: within the room that ROUNDINGS leaves."""
+    beta1, beta2 = betas
+    gain = max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
+    per_step = 2 * gain * lr * ROUNDINGS * eps() + eps() * magnitude(*weights)
+    return steps * per_step
