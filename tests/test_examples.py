@@ -116,7 +116,10 @@ def test_gpt2_news_compare_trains_saves_plots_and_pushes(tmp_path, news_csv, hub
     report = results(out)
     assert report["world_size"] == 1 and set(report["runs"]) == {"lora", "full"}
     lora, full = report["runs"]["lora"], report["runs"]["full"]
-    assert lora["eval_loss_before"] == pytest.approx(full["eval_loss_before"]), "same data, same start"
+    # same data, same start (B = 0): one evaluation, equal up to rounding
+    assert abs(lora["eval_loss_before"] - full["eval_loss_before"]) <= atol(full["eval_loss_before"]), (
+        "same data, same start"
+    )
     for run in (lora, full):
         assert run["eval_loss_after"] < run["eval_loss_before"]
         # trainer.train() evaluated before the first step, at step 3 and at step 6: timed apart from training

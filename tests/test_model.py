@@ -22,6 +22,7 @@ from tolerance import (
     assert_close,
     assert_close_states,
     assert_same_training,
+    atol,
 )
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
@@ -389,9 +390,8 @@ def test_pipelines_take_the_model_without_an_error_and_give_peft_outputs(task, k
         assert ours == theirs
     else:
         ours, theirs = (p("w5 w6 w7 w8") for p in pipes)
-        assert ours[0]["label"] == theirs[0]["label"] and ours[0]["score"] == pytest.approx(
-            theirs[0]["score"]
-        )
+        assert ours[0]["label"] == theirs[0]["label"]
+        assert abs(ours[0]["score"] - theirs[0]["score"]) <= atol(theirs[0]["score"])  # one evaluation
     name = type(base).__name__
     assert type(model).__name__ == name and repr(model).startswith(f"LoRA{name}(\n")
     assert type(model).__qualname__ == f"LoRA{name}" and repr(type(model)).endswith(f".LoRA{name}'>")

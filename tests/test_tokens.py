@@ -378,7 +378,7 @@ def test_trainer_trains_checkpoints_and_resumes_the_rows(tmp_path):
     full = run(tmp_path / "full", 4)
     start = full.transformer.wte.weight[[1, 5]]
     rows = full.transformer.wte.trainable_tokens_delta["default"].detach()
-    assert (rows - start).abs().max() > 1e-3
+    assert (rows - start).abs().max() > 1e-3  # 4 AdamW steps of lr 1e-2 move the rows by O(1e-2)
     saved = load_file(tmp_path / "full" / "checkpoint-4" / "adapter_model.safetensors")
     assert torch.equal(saved["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"], rows)
     assert not any("base_layer" in k or k.endswith("wte.weight") for k in saved)

@@ -176,7 +176,7 @@ def test_label_smoothing_shifts_a_causal_lms_labels_as_for_the_base_model(tmp_pa
         trainer = Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1))
         with torch.no_grad():
             losses.append(trainer.compute_loss(model, dict(batch)).item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert losses[0] == losses[1]  # B = 0: the LoRA layers add exactly 0, so the same loss bit for bit
     assert repr(model).startswith("LoRAGPT2LMHeadModel(\n  (transformer)")
 
 
