@@ -96,6 +96,11 @@ within u of what it sums, and a sum of n terms in another order adds ~sqrt(n) u 
 <= 12 u = 6 eps for the n <= 15 x 40 = 600 terms of A's gradient in the layer tests: 16 eps of the largest
 magnitude covers both (measured: at most 0.4 of it)."""
 
+BF16_LAYER_ROUNDINGS = 4
+"""One LoRA layer in a 16-bit type (bf16, fp16), where one path rounds to it after each of its ~4 stages
+(x A^T, then B, * s, + base) and the other once: each rounding within u = eps/2 of the output's magnitude,
+2 eps in all; 4 eps with room (3e-2 relative in bf16, 4e-3 in fp16)."""
+
 
 def assert_close_states(actual: dict, expected: dict, *, dtype: torch.dtype | None = None,
                         roundings: int = ROUNDINGS, what: str = "") -> None:  # fmt: skip
@@ -121,12 +126,6 @@ def assert_as_accurate(actual: torch.Tensor, reference: torch.Tensor, exact: tor
     assert ours_err <= ACCURACY_FACTOR * max(ref_err, floor), (
         f"{what or 'values'}: ours are {ours_err:.3g} from the exact ones, the reference's {ref_err:.3g}"
     )
-
-
-BF16_LAYER_ROUNDINGS = 4
-"""One LoRA layer in a 16-bit type (bf16, fp16), where one path rounds to it after each of its ~4 stages
-(x A^T, then B, * s, + base) and the other once: each rounding within u = eps/2 of the output's magnitude,
-2 eps in all; 4 eps with room (3e-2 relative in bf16, 4e-3 in fp16)."""
 
 
 def adamw_atol(steps: int, lr: float, *weights: torch.Tensor | float, betas=(0.9, 0.999)) -> float:
