@@ -19,6 +19,7 @@ from peft import PeftModel
 from reference import randomise_B
 from safetensors.torch import load_file
 from tiny_models import batch_for, make_model
+from tolerance import assert_close
 
 import hf_lora
 from hf_lora import AdapterNotFoundError, HubAccessError, LoRAConfig, LoRAModel, get_lora_model
@@ -56,7 +57,7 @@ def test_push_then_pull_gives_identical_tensors_and_logits(hub_server, hub_repo_
     pulled = LoRAModel.from_pretrained(make_model("gpt2"), hub_repo_id)
     assert torch.equal(logits(pulled), logits(model))
     peft_pulled = PeftModel.from_pretrained(make_model("gpt2"), hub_repo_id)  # an independent client
-    assert (logits(peft_pulled) - logits(model)).abs().max().item() <= 1e-6
+    assert_close(logits(peft_pulled), logits(model))
 
     local = hf_lora.download_adapter(hub_repo_id, tmp_path / "dl")
     assert load_file(local / "adapter_model.safetensors").keys() == hf_lora.adapter_state_dict(model).keys()

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import BF16_LAYER_ROUNDINGS, LAYER_ROUNDINGS, MERGE_ROUNDINGS, ROUNDINGS, assert_close, eps
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 from transformers.pytorch_utils import Conv1D
@@ -66,11 +67,12 @@ def test_fused_path_equals_plain_path(kind, bias, dropout, shape):
     with peft_dropout_masks():
         fused_out, fused_grads = run(layer, x, fused=True)
         plain_out, plain_grads = run(layer, x, fused=False)
-    assert (fused_out - plain_out).abs().max().item() <= 1e-5
+    assert_close(fused_out, plain_out, roundings=LAYER_ROUNDINGS, what="output")
     for f, p in zip(fused_grads, plain_grads):
-        assert (f - p).abs().max().item() <= 1e-5
+        assert_close(f, p, roundings=LAYER_ROUNDINGS, what="gradient")
     if dropout:  # and dropout really drops something: a different seed changes the output
         other, _ = run(layer, x, fused=True, seed=8)
+        # another mask moves the LoRA term (|s B A x| / (1 - p) ~ 1 here) by O(1): 1e-3 is far above rounding
         assert (other - fused_out).abs().max() > 1e-3
 
 
@@ -98,9 +100,9 @@ def test_fused_path_with_fast_masks_is_dropout_with_that_mask(kind, bias, scratc
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     ref = layer._base_forward(xr) + ((xr * keep / (1 - p)) @ A.T @ B.T) * 2.0
     ref.backward(torch.linspace(-1, 1, ref.numel()).view_as(ref))
-    assert (out - ref.detach()).abs().max().item() <= 1e-5
-    for got, want in zip(grads, [xr.grad, A.grad, B.grad]):  # fp32 sums over 15 rows: relative 1e-6
-        assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item())
+    assert_close(out, ref, roundings=LAYER_ROUNDINGS, what="output")
+    for got, want in zip(grads, [xr.grad, A.grad, B.grad]):  # fp32 sums over 15 rows, in another order
+        assert_close(got, want, roundings=LAYER_ROUNDINGS, what="gradient")
 
 
 def test_pack_mask_golden_value():
@@ -161,6 +163,7 @@ def test_lanes_are_the_narrowest_that_resolve_p(p, lane_dtype, threshold):
     if lanes is not None:
         assert lanes == (lane_dtype, threshold)
         bits = 8 * lane_dtype.itemsize
+        # (not rounding: the resolution `_lanes` promises, layers._P_TOLERANCE relative to min(p, 1 - p))
         assert abs((threshold + 2 ** (bits - 1)) / 2**bits - p) <= 1e-4 * min(p, 1 - p)
 
 
@@ -268,11 +271,14 @@ def test_fused_path_under_autocast_matches_the_plain_path(kind, bias, dropout):
         layer._fused = True
         assert type(layer(x.requires_grad_()).grad_fn).__name__ == "_LoRAFunctionBackward"
     assert fused_out.dtype == plain_out.dtype == torch.bfloat16
-    scale = plain_out.float().abs().max().item()
-    assert (fused_out.float() - plain_out.float()).abs().max().item() <= 2e-2 * scale
+    # the plain path rounds to bf16 after each of x A^T, (.) B^T, * s and + base, the fused path once: a
+    # handful of bf16 roundings of the output's magnitude (BF16_LAYER_ROUNDINGS); the same for each gradient
+    assert_close(fused_out.float(), plain_out.float(), dtype=torch.bfloat16, roundings=BF16_LAYER_ROUNDINGS)
     for f, p in zip(fused_grads, plain_grads):
         assert f.dtype == p.dtype
-        assert (f.float() - p.float()).abs().max().item() <= 2e-2 * p.float().abs().max().item()
+        assert_close(
+            f.float(), p.float(), dtype=torch.bfloat16, roundings=BF16_LAYER_ROUNDINGS, what="gradient"
+        )
     assert fused_grads[1].dtype == fused_grads[2].dtype == torch.float32, "A and B grads stay fp32"
 
 
@@ -287,7 +293,9 @@ def test_mixed_dtypes_take_the_plain_path(dtype):
         layer._base_forward(x).float()
         + (x.float() @ layer.lora_A["default"].T @ layer.lora_B["default"].T) * 2.0
     ).to(dtype)
-    assert torch.allclose(out.float(), expected.float(), atol=1e-2)
+    # the layer's LoRA term is computed in `dtype` (x A^T, B, * s, + base each rounded), `expected` in fp32
+    # and rounded once: a handful of roundings of `dtype` (BF16_LAYER_ROUNDINGS, whatever the 16-bit type)
+    assert_close(out.float(), expected.float(), dtype=dtype, roundings=BF16_LAYER_ROUNDINGS)
 
 
 def test_delta_and_merge_golden_values():
@@ -313,10 +321,11 @@ def test_layer_merge_is_idempotent_and_exact(kind):
     layer.merge()
     layer.merge()
     assert layer.merged_adapters == ["default"]
-    assert torch.allclose(layer(x), expected, atol=1e-5), "merged forward equals unmerged"
+    assert_close(layer(x), expected, roundings=LAYER_ROUNDINGS, what="merged forward against unmerged")
     layer.unmerge()
     layer.unmerge()
-    assert torch.allclose(layer.weight, w0, atol=1e-6) and not layer.merged_adapters
+    assert_close(layer.weight, w0, roundings=MERGE_ROUNDINGS, what="unmerged weight")
+    assert not layer.merged_adapters
 
 
 def test_init_modes():
@@ -327,7 +336,10 @@ def test_init_modes():
     init_lora_(A, B, "gaussian")
     assert torch.all(B == 0) and abs(A.std().item() - 1 / 8) < 0.01
     init_lora_(A, B, "orthogonal")  # peft's: both factors non-zero, their product zero
-    assert A.abs().min() > 0 and B.abs().min() > 0 and (B @ A).abs().max().item() <= 1e-6
+    # B @ A is 0 exactly; what is left is rounding (of Q's orthogonality and of the products), relative to
+    # the terms summed: ROUNDINGS eps of |B| @ |A|
+    assert A.abs().min() > 0 and B.abs().min() > 0
+    assert (B @ A).abs().max().item() <= ROUNDINGS * eps() * (B.abs() @ A.abs()).max().item()
     init_lora_(A, B, False)
     assert B.abs().sum() > 0
 
@@ -402,11 +414,13 @@ def test_embedding_layer_matches_peft(case, dtype):
             ref.base_model.model.emb.lora_magnitude_vector["default"].weight
         )
     ids = torch.tensor([[0, 3, 7, 3], [49, 0, 1, 2]])
+    # one layer's roundings: in float32 LAYER_ROUNDINGS; in bf16 a handful of bf16 roundings of the output
+    roundings = LAYER_ROUNDINGS if dtype == torch.float32 else BF16_LAYER_ROUNDINGS
     grad = torch.linspace(-1, 1, 2 * 4 * 16).view(2, 4, 16)
 
     out_ref, out = ref(ids), ours(ids)
     assert out.dtype == out_ref.dtype == dtype
-    assert torch.allclose(out.float(), out_ref.float(), rtol=1e-6, atol=1e-6)
+    assert_close(out.float(), out_ref.float(), dtype=dtype, roundings=roundings, what="output")
     assert (out.float() - base_output(ours, ids).float()).abs().max() > 0.1, "the adapter changes the output"
     out_ref.backward(grad.to(dtype)), out.backward(grad.to(dtype))
     twin = ref.base_model.model.emb
@@ -417,7 +431,8 @@ def test_embedding_layer_matches_peft(case, dtype):
     if use_dora:
         pairs.append((layer.lora_magnitude["default"], twin.lora_magnitude_vector["default"].weight))
     for mine, theirs in pairs:
-        assert mine.grad is not None and torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+        assert mine.grad is not None
+        assert_close(mine.grad, theirs.grad, dtype=dtype, roundings=roundings, what="gradient")
     assert torch.all(layer.lora_A["default"].grad[:, 0] == 0), "no gradient for the padding row"
 
     w0 = layer.weight.detach().clone()
@@ -425,15 +440,19 @@ def test_embedding_layer_matches_peft(case, dtype):
     if dtype == torch.float32:
         assert torch.equal(layer.weight, twin.base_layer.weight)
     else:  # peft rounds an embedding's delta to bf16 before adding it; we round once, as peft's Linear does
-        assert torch.allclose(layer.weight.float(), twin.base_layer.weight.float(), rtol=1e-2, atol=1e-2)
+        # the two merged weights differ by that extra rounding of the delta (and of its sum): MERGE_ROUNDINGS
+        assert_close(
+            layer.weight.float(), twin.base_layer.weight.float(), dtype=dtype, roundings=MERGE_ROUNDINGS
+        )
         if not use_dora:
             assert torch.equal(layer.weight, (w0.float() + layer.delta_weight("default")).to(dtype))
     ours.merge_adapter()  # idempotent
-    assert torch.allclose(
-        ours(ids).float(), out.detach().float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5
-    )
+    # a lookup of the merged weight (rounded to `dtype` once) against the lookup plus s * B A (each rounded)
+    assert_close(ours(ids).float(), out.float(), dtype=dtype, roundings=roundings, what="merged output")
     ours.unmerge_adapter()
-    assert torch.allclose(layer.weight.float(), w0.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert_close(
+        layer.weight.float(), w0.float(), dtype=dtype, roundings=MERGE_ROUNDINGS, what="unmerged weight"
+    )
 
 
 def base_output(model, ids):
@@ -466,7 +485,7 @@ def test_embedding_layer_has_no_dropout_and_pickles():
     ids = torch.arange(30)
     assert torch.equal(layer(ids), layer(ids))
     expected = layer.weight + (layer.lora_A["default"].T @ layer.lora_B["default"].T)
-    assert torch.allclose(layer(ids), expected, atol=1e-6)
+    assert_close(layer(ids), expected, roundings=MERGE_ROUNDINGS)  # a sum of r = 2 products, and an add
     again = pickle.loads(pickle.dumps(layer))
     assert type(again) is LoRAEmbedding and torch.equal(again(ids), layer(ids))
     assert type(unmake_lora_layer(layer)) is nn.Embedding

@@ -15,7 +15,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from reference import copy_lora_weights, peft_twin, randomise_B, training_curve
 from tiny_models import MLP, batch_for, make_model, word_tokenizer
-from tolerance import assert_same_training
+from tolerance import (
+    LAYER_ROUNDINGS,
+    MERGE_ROUNDINGS,
+    assert_close,
+    assert_close_states,
+    assert_same_training,
+    atol,
+)
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 from transformers.pytorch_utils import Conv1D
@@ -61,8 +68,7 @@ def test_parameter_counts_and_logits_match_peft(kind, settings):
     assert trainable, "something must train"
     batch = batch_for(kind)
     with torch.no_grad():
-        diff = (ours(**batch).logits - ref(**batch).logits).abs().max().item()
-    assert diff <= 1e-6
+        assert_close(ours(**batch).logits, ref(**batch).logits, what="logits")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -133,10 +139,11 @@ def test_merge_and_unload_gives_the_plain_model_with_peft_weights(kind, settings
     ref_merged = ref.merge_and_unload()
     assert type(merged) is type(ref_merged)
     assert not any(isinstance(m, (hf_lora.LoRALayer, hf_lora.ModulesToSave)) for m in merged.modules())
-    assert (after - before).abs().max().item() <= 1e-5
+    assert_close(after, before, what="merged logits")
     ours_sd, ref_sd = merged.state_dict(), ref_merged.state_dict()
     assert ours_sd.keys() == ref_sd.keys()
-    assert max((ours_sd[k] - ref_sd[k]).abs().max().item() for k in ours_sd) <= 1e-6
+    # a merged weight is W + s * B A: r products summed in another order, scaled and added (as one layer)
+    assert_close_states(ours_sd, ref_sd, roundings=LAYER_ROUNDINGS, what="merged weight")
     if kind == "gpt2":
         assert type(merged.transformer.h[0].attn.c_attn) is Conv1D
     if "modules_to_save" in settings:  # a trained lm_head copy is no longer the tied embedding
@@ -158,13 +165,13 @@ def test_merging_into_one_of_tied_embeddings_leaves_the_other_alone(tmp_path, ta
     with torch.no_grad():
         expected = model(**batch).logits
         merged = model.merge_and_unload()
-        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
+        assert_close(merged(**batch).logits, expected, what="merged logits")
     assert torch.equal(merged.get_submodule(other).weight, untouched)
     assert merged.config.tie_word_embeddings is False  # saved and reloaded, it is not tied again
     merged.save_pretrained(tmp_path)
     with torch.no_grad():
         reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)(**batch).logits
-    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+    assert_close(reloaded, expected, what="reloaded logits")
 
 
 @pytest.mark.parametrize("targets", [["embed_tokens", "q"], ["shared", "q"]])
@@ -180,9 +187,9 @@ def test_merging_into_t5s_tied_embeddings_survives_saving_and_tie_weights(tmp_pa
         assert merged.config.tie_word_embeddings is False
         merged.save_pretrained(tmp_path)
         merged.tie_weights()
-        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-4)
+        assert_close(merged(**batch).logits, expected, what="merged logits")
         reloaded = type(merged).from_pretrained(tmp_path)
-        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=1e-4)
+        assert_close(reloaded(**batch).logits, expected, what="reloaded logits")
 
 
 def test_pissa_on_a_tied_head_is_refused_before_the_model_is_touched():
@@ -208,7 +215,10 @@ def test_safe_merge_refuses_non_finite_weights_and_merges_nothing():
         model.merge_and_unload(safe_merge=True)  # peft's argument, by keyword
     assert not any(layer.merged_adapters for _, layer in model.lora_layers())
     for n, p in model.named_parameters():  # layers merged before the broken one are unmerged again
-        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+        if p.requires_grad:  # A and B (one of them inf) are read, never written
+            assert torch.equal(p, before[n]), n
+        else:
+            assert_close(p, before[n], roundings=MERGE_ROUNDINGS, what=n)
     with pytest.raises(ValueError, match="NaN/inf"):
         model.merge_adapter(safe_merge=True)
     plain = model.merge_and_unload(True)  # peft's first positional argument is progressbar
@@ -225,17 +235,18 @@ def test_adapter_starts_as_the_identity_and_disable_gives_the_base():
         assert torch.equal(model(**batch).logits, expected), "B = 0 at init: output is the base's"
         randomise_B(model)
         adapted = model(**batch).logits
+        # B ~ 0.1 N(0, 1) moves the logits by far more than 1e-3, itself far above rounding (atol ~1e-5)
         assert (adapted - expected).abs().max() > 1e-3
         with model.disable_adapter():
             assert torch.equal(model(**batch).logits, expected)
         assert torch.equal(model(**batch).logits, adapted)
         model.merge_adapter()
         with model.disable_adapter():
-            assert (model(**batch).logits - expected).abs().max().item() <= 1e-5
+            assert_close(model(**batch).logits, expected, what="disabled merged logits")
         assert model.transformer.h[0].attn.c_attn.merged_adapters == ["default"], (
             "merged again after the block"
         )
-        assert (model(**batch).logits - adapted).abs().max().item() <= 1e-5
+        assert_close(model(**batch).logits, adapted, what="merged logits")
 
 
 def test_nested_disable_blocks_restore_the_state_they_found():
@@ -273,7 +284,7 @@ def test_merge_is_idempotent_and_unmerge_restores(caplog):
     assert all(torch.equal(once[k], v) for k, v in model.state_dict().items())
     model.unmerge_adapter()
     restored = model.unload().state_dict()
-    assert max((restored[k] - original[k]).abs().max().item() for k in original) <= 1e-6
+    assert_close_states(restored, original, roundings=MERGE_ROUNDINGS, what="unmerged")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -309,9 +320,10 @@ def test_plain_pytorch_module():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert not torch.allclose(model(x), expected)
-    with model.disable_adapter():
-        assert torch.allclose(model(x), expected)
+    # 5 SGD steps of lr 0.1 on a loss of O(1) move the output by O(0.1): 1e-3 is far above rounding
+    assert (model(x) - expected).abs().max() > 1e-3
+    with model.disable_adapter():  # the base modules themselves: the same computation, bit for bit
+        assert torch.equal(model(x), expected)
     merged = model.merge_and_unload()
     assert type(merged) is MLP and isinstance(merged.head, torch.nn.Linear)
 
@@ -370,9 +382,8 @@ def test_pipelines_take_the_model_without_an_error_and_give_peft_outputs(task, k
         assert ours == theirs
     else:
         ours, theirs = (p("w5 w6 w7 w8") for p in pipes)
-        assert ours[0]["label"] == theirs[0]["label"] and ours[0]["score"] == pytest.approx(
-            theirs[0]["score"]
-        )
+        assert ours[0]["label"] == theirs[0]["label"]
+        assert abs(ours[0]["score"] - theirs[0]["score"]) <= atol(theirs[0]["score"])  # one evaluation
     name = type(base).__name__
     assert type(model).__name__ == name and repr(model).startswith(f"LoRA{name}(\n")
     assert type(model).__qualname__ == f"LoRA{name}" and repr(type(model)).endswith(f".LoRA{name}'>")
@@ -396,10 +407,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reentrant, dro
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert abs(losses[0] - losses[1]) <= 1e-6
+    # the recomputed forward is the same computation in the same order (and the same dropout masks)
+    assert losses[0] == losses[1]
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
     assert all(g.abs().sum() > 0 for g in grads[1].values()), "every LoRA weight gets a gradient"
-    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) <= 1e-6
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0]), "bit-identical gradients"
 
 
 def test_modules_to_save_trains_a_copy_and_keeps_the_original():

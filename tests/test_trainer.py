@@ -15,6 +15,7 @@ from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import make_model
+from tolerance import adamw_atol
 from transformers import Trainer, TrainingArguments
 
 import hf_lora
@@ -107,7 +108,9 @@ def test_gradient_checkpointing_in_the_trainer_changes_nothing(tmp_path, reentra
         )
         Trainer(model=model, args=targs, train_dataset=dataset()).train()
         results.append(hf_lora.adapter_state_dict(model))
-    assert max_diff(*results) <= 1e-6
+    # the recomputed forward is the same computation in the same order: the same steps, bit for bit
+    assert max_diff(*results) == 0
+    # and training did happen: 4 AdamW steps of lr 1e-2 move the weights by O(1e-2), far above 1e-4
     assert (
         max_diff(results[0], hf_lora.adapter_state_dict(lora_gpt2(target_modules=["c_attn", "c_fc"]))) > 1e-4
     )
@@ -133,7 +136,7 @@ def test_bf16_mixed_precision_keeps_adapters_fp32(tmp_path):
     trainer.train()
     after = hf_lora.adapter_state_dict(model)
     assert all(t.dtype == torch.float32 for t in after.values())
-    assert max_diff(before, after) > 1e-4
+    assert max_diff(before, after) > 1e-4  # AdamW steps of lr 1e-2 move weights by O(1e-2): far above 1e-4
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
 
 
@@ -173,7 +176,7 @@ def test_label_smoothing_shifts_a_causal_lms_labels_as_for_the_base_model(tmp_pa
         trainer = Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1))
         with torch.no_grad():
             losses.append(trainer.compute_loss(model, dict(batch)).item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert losses[0] == losses[1]  # B = 0: the LoRA layers add exactly 0, so the same loss bit for bit
     assert repr(model).startswith("LoRAGPT2LMHeadModel(\n  (transformer)")
 
 
@@ -291,7 +294,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_adapter(tmp_path):
     run(script(tmp_path / "crash", *flags, "--resume"), tmp_path)
     straight, resumed = adapter(tmp_path / "straight" / "final"), adapter(tmp_path / "crash" / "final")
     assert "base_model.model.lm_head.weight" in resumed
-    assert max_diff(straight, resumed) <= 1e-6
+    # the resumed run restores weights, optimizer, scheduler and RNG, and runs the same steps on the same
+    # code path as the uninterrupted one: bit for bit
+    assert max_diff(straight, resumed) == 0
     losses = reports(tmp_path / "straight")[0]["losses"]
     assert losses[-1] < losses[0]
 
@@ -315,7 +320,9 @@ def check_two_ranks(
         assert all(f["sharded"] for f in facts), "LoRA weights were DTensors sharded over the ranks"
     a, b = rank_adapters(out)
     assert max_diff(a, b) == 0, "both ranks hold the same adapter"
-    assert max_diff(adapter(out / "final"), reference) <= 1e-5, (
+    # 6 AdamW steps of lr <= 1e-2 on gradients averaged over two ranks instead of one batch: another
+    # order of the same sums, so the gap is bounded as tolerance.adamw_atol derives
+    assert max_diff(adapter(out / "final"), reference) <= adamw_atol(6, 1e-2, *reference.values()), (
         "equal to one process with the same global batch"
     )
     writers = (out / "writes.log").read_text().split()
@@ -380,6 +387,7 @@ def test_token_rows_train_over_two_processes_as_in_one(tmp_path, setup):
     run(torchrun(tmp_path / "two", *two, "--batch", "4", *flags), tmp_path)
     reference = adapter(tmp_path / "one" / "final")
     rows = reference["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"]
+    # 6 AdamW steps of lr 1e-2 move the rows by O(1e-2): 1e-3 is far above rounding
     assert rows.shape == (3, 32) and (rows - build_base_rows([3, 7, 11])).abs().max() > 1e-3, (
         "the rows trained"
     )

@@ -80,3 +80,64 @@ def assert_same_training(ours: dict[torch.dtype, torch.Tensor], ref: dict[torch.
     assert ours_err <= ACCURACY_FACTOR * max(peft_err, floor), (
         f"our float32 curve is {ours_err:.3g} from the exact one, peft's {peft_err:.3g}"
     )
+
+
+# ---- bounds for cases with their own arithmetic ------------------------------------------------------
+
+MERGE_ROUNDINGS = 4
+"""A merge and its unmerge of the same delta (W + d, then - d, with d computed the same way both times): two
+roundings, each within u of |W| + |d|, i.e. 1 eps of the magnitude; 4 eps leaves room and is still far below
+a forgotten or doubled delta (|d| ~ 1e-2 and more in these tests)."""
+
+LAYER_ROUNDINGS = 16
+"""One LoRA layer alone (base(x) + s * B A x, or its gradients) computed in two orders (a fused addmm
+against a matmul, a matmul and an add; a mask applied before or after): each of the ~4 stages rounds
+within u of what it sums, and a sum of n terms in another order adds ~sqrt(n) u in the random-walk model,
+<= 12 u = 6 eps for the n <= 15 x 40 = 600 terms of A's gradient in the layer tests: 16 eps of the largest
+magnitude covers both (measured: at most 0.4 of it)."""
+
+BF16_LAYER_ROUNDINGS = 4
+"""One LoRA layer in a 16-bit type (bf16, fp16), where one path rounds to it after each of its ~4 stages
+(x A^T, then B, * s, + base) and the other once: each rounding within u = eps/2 of the output's magnitude,
+2 eps in all; 4 eps with room (3e-2 relative in bf16, 4e-3 in fp16)."""
+
+
+def assert_close_states(actual: dict, expected: dict, *, dtype: torch.dtype | None = None,
+                        roundings: int = ROUNDINGS, what: str = "") -> None:  # fmt: skip
+    """Each tensor of `actual` equals the same-named one of `expected` up to rounding (see `assert_close`),
+    each bounded relative to its own magnitude."""
+    for key in actual:
+        assert_close(
+            actual[key], expected[key], dtype=dtype, roundings=roundings, what=f"{what} {key}".strip()
+        )
+
+
+def assert_as_accurate(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor, *, floor_dtype: torch.dtype,
+                       what: str = "") -> None:  # fmt: skip
+    """In a low precision (bf16, fp16) one evaluation of a whole model may be off by dozens of that
+    precision's roundings, so an absolute bound derived from eps would be too loose to catch anything. The
+    same algorithm in the same precision is equally accurate, though: `actual` (ours) must be as close to
+    `exact` (the float32 or float64 result) as `reference` (peft, same precision) is, within
+    `ACCURACY_FACTOR`, with a floor of a few roundings of `floor_dtype` (should peft be exact by chance)."""
+    exact = exact.detach().double()
+    ours_err = (actual.detach().double() - exact).abs().max().item()
+    ref_err = (reference.detach().double() - exact).abs().max().item()
+    floor = atol(exact, dtype=floor_dtype, roundings=MERGE_ROUNDINGS)
+    assert ours_err <= ACCURACY_FACTOR * max(ref_err, floor), (
+        f"{what or 'values'}: ours are {ours_err:.3g} from the exact ones, the reference's {ref_err:.3g}"
+    )
+
+
+def adamw_atol(steps: int, lr: float, *weights: torch.Tensor | float, betas=(0.9, 0.999)) -> float:
+    """Bound for two AdamW runs of the same `steps` whose gradients differ by rounding alone (the same
+    algorithm in another order: a batch split over ranks, micro-batches, a loss in chunks), on weights of
+    `weights`' magnitude. A step moves a weight by lr * m / (sqrt(v) + eps_adam), and |m / sqrt(v)| is at
+    most max(1, (1 - beta1) / sqrt(1 - beta2)) (Kingma & Ba, section 2.1). Gradients that differ by a
+    relative ROUNDINGS eps (as one evaluation does, for a component that is not a near-total cancellation)
+    change m by that relative amount and sqrt(v) by as much, so m / sqrt(v) by twice that; and each update
+    rounds the weight once (eps |w|). Summed over the steps. A gap in the weights feeds back into later
+    gradients through lr |H| (1e-2 x O(1) here) per step: within the room that ROUNDINGS leaves."""
+    beta1, beta2 = betas
+    gain = max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
+    per_step = 2 * gain * lr * ROUNDINGS * eps() + eps() * magnitude(*weights)
+    return steps * per_step
