@@ -54,16 +54,27 @@ def randomise_B(model: hf_lora.LoRAModel, seed: int = 0) -> None:
 
 
 def training_curve(model, batches: list[dict], steps: int, lr: float = 5e-3, seed: int = 123) -> torch.Tensor:
-    """The losses of `steps` AdamW steps over `batches` in turn, dropout masks drawn as peft draws them."""
+    """The losses of `steps` AdamW steps over `batches` in turn, dropout masks drawn as peft draws them.
+    The loss is computed here in the model's dtype: transformers' own casts the logits to float32, which
+    would round a float64 run's loss and gradients at float32 precision."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     torch.manual_seed(seed)
     losses = []
     with hf_lora.peft_dropout_masks():
         for step in range(steps):
-            loss = model(**batches[step % len(batches)]).loss
+            batch = dict(batches[step % len(batches)])
+            labels = batch.pop("labels")
+            loss = cross_entropy(model(**batch).logits, labels)
             loss.backward()
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
     return torch.tensor(losses, dtype=torch.float64)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's next-token loss ((B, T, V) logits) or a classifier's ((B, C)), in the logits' dtype."""
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
