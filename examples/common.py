@@ -88,6 +88,22 @@ def no_accelerator() -> bool:
     return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
+def fast_bf16() -> bool:
+    """Whether bfloat16 matmuls are fast on this machine: a CUDA GPU that supports them, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU, say) torch emulates them, tens of times slower than
+    float32 (measured on a 2-core AVX2 EPYC: 1.3 against 66 GFLOP/s), and bf16 autocast would slow training
+    down instead of speeding it up."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def setup_logging(verbose: bool = False) -> None:
     """INFO from the examples (and hf_lora) on the main process, warnings only from the others."""
     level = logging.DEBUG if verbose else logging.INFO

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     Timer,
     check_range,
+    fast_bf16,
     human_bytes,
     human_seconds,
     load_causal_lm,
@@ -69,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=48, help="tokens per prompt + review")
     p.add_argument("--eval-pairs", type=int, default=128, help="held-out pairs to score")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 autocast (default; faster on CPUs with AVX512-BF16/AMX and on recent GPUs)")  # fmt: skip
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: where bf16 matmuls are fast: CPUs with AVX512-BF16/AMX, recent GPUs)")  # fmt: skip
     p.add_argument("--output-dir", type=Path, help="default: runs/dpo_<model>/")
     p.add_argument("--tiny", action="store_true", help="random tiny model, a few steps: a smoke test")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -79,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_range(p, args, flag, 1)
     check_range(p, args, "--beta", 0, low_open=True)
     args.output_dir = args.output_dir or Path("runs") / f"dpo_{args.model}"
+    args.bf16 = fast_bf16() if args.bf16 is None else args.bf16
     return args
 
 

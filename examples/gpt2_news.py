@@ -36,6 +36,7 @@ from common import (
     count_params,
     dataset_file,
     disk_size,
+    fast_bf16,
     human_bytes,
     human_seconds,
     is_main_process,
@@ -64,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model="tiny", max_rows=48, block_size=32, batch_size=4, max_steps=6, eval_blocks=8, evals=2,
                  logging_steps=1, lora_lr=1e-2, full_lr=1e-3, max_new_tokens=8),
     # the README's main job: LoRA and full fine-tuning of SmolLM2 on 2 CPU cores in well under 15 minutes
-    "quick": dict(block_size=64, batch_size=8, max_steps=60, eval_blocks=64, evals=4, logging_steps=5, bf16=True),
+    "quick": dict(block_size=64, batch_size=8, max_steps=60, eval_blocks=64, evals=4, logging_steps=5),
 }  # fmt: skip
 
 
@@ -93,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full-lr", type=float, default=5e-5, help="learning rate for full fine-tuning")
     g.add_argument("--evals", type=int, default=4, help="evaluations during training (plus one before)")
     g.add_argument("--logging-steps", type=int, default=10)
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on recent GPUs)")  # fmt: skip
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: where bf16 matmuls are fast: CPUs with AVX512-BF16/AMX, "
+                        "recent GPUs; elsewhere they are emulated and slower than float32)")  # fmt: skip
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("LoRA")
     g.add_argument("-r", "--rank", type=int, default=8)
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range(p, args, "--epochs", 0, low_open=True)
     if args.push_to_hub and not (args.compare or args.mode == "lora"):
         p.error("--push-to-hub uploads the LoRA adapter: use it with --mode lora or --compare")
+    if args.bf16 is None:
+        args.bf16 = fast_bf16()
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{_short_name(args.model)}_{_short_name(args.dataset)}"
     return args
@@ -441,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
+    log.info("bf16 autocast: %s", "on" if args.bf16 else "off, float32 (--bf16 to force it)")
     base_model, tokenizer = load_causal_lm(args.model)
     positions = getattr(base_model.config, "max_position_embeddings", None)
     if positions and args.block_size > positions:
