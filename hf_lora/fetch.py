@@ -73,6 +73,15 @@ def resolve_adapter_file(
         raise http_error(e, repo_id) from None
 
 
+def missing_repo(
+    error: RepositoryNotFoundError | RevisionNotFoundError, repo_id: str, revision: str | None
+) -> AdapterNotFoundError:
+    """The error to raise when listing or downloading a repo finds no such repo, or no such revision."""
+    if isinstance(error, RepositoryNotFoundError):
+        return AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).")
+    return AdapterNotFoundError(f"revision {revision!r} not found in {repo_id!r} at {endpoint()}.")
+
+
 def list_repo_files(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
@@ -82,12 +91,8 @@ def list_repo_files(
         files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
     except OfflineModeIsEnabled:
         files = _cached_repo_files(repo_id, revision)
-    except RepositoryNotFoundError:
-        raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
-    except RevisionNotFoundError:
-        raise AdapterNotFoundError(
-            f"revision {revision!r} not found in {repo_id!r} at {endpoint()}."
-        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise missing_repo(e, repo_id, revision) from None
     except HfHubHTTPError as e:
         raise http_error(e, repo_id) from None
     except Exception as e:

@@ -33,6 +33,7 @@ from .fetch import (  # (fetching; offered here too, as they always were)
     endpoint,
     http_error,
     list_repo_files,
+    missing_repo,
     network_cause,
     not_cached,
     resolve_adapter_file,
@@ -121,12 +122,8 @@ def download_adapter(
                 repo_id, revision=revision, allow_patterns=patterns, local_files_only=True
             )
             path = shutil.copytree(cached, local_dir, dirs_exist_ok=True)
-    except RepositoryNotFoundError:
-        raise AdapterNotFoundError(f"no Hub repo {repo_id!r} at {endpoint()} (or it is private).") from None
-    except RevisionNotFoundError:
-        raise AdapterNotFoundError(
-            f"revision {revision!r} not found in {repo_id!r} at {endpoint()}."
-        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise missing_repo(e, repo_id, revision) from None
     except LocalEntryNotFoundError:
         raise not_cached(repr(repo_id)) from None
     except HfHubHTTPError as e:
