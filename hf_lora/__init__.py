@@ -24,6 +24,7 @@ from .loading import from_pretrained, load_adapter
 from .model import LoRAModel, get_lora_model
 from .model_card import create_or_update_model_card
 from .optim import create_loraplus_optimizer
+from .quantized import dequantize, prepare_model_for_kbit_training
 from .reading import read_adapter
 from .serialization import save_pretrained
 from .targets import TARGET_MODULES
@@ -39,6 +40,7 @@ LoRAModel.load_adapter = load_adapter
 LoRAModel.from_pretrained = staticmethod(from_pretrained)  # LoRAModel.from_pretrained(base_model, path, ...)
 LoRAModel.push_to_hub = push_adapter_to_hub
 LoRAModel.create_or_update_model_card = create_or_update_model_card
+LoRAModel.dequantize = dequantize  # (over transformers' own, which would drop the LoRA layers)
 
 
 def __getattr__(name: str):
@@ -73,6 +75,7 @@ __all__ = [
     "get_lora_model",
     "merged_weight",
     "peft_dropout_masks",
+    "prepare_model_for_kbit_training",
     "push_adapter_to_hub",
     "read_adapter",
 ]

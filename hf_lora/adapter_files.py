@@ -75,7 +75,7 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
 def lora_file_keys(module: nn.Module) -> tuple[str, str]:
     """peft's names for a layer's A and B, as its kind says: a Linear's are the weights of two Linears, an
     Embedding's two bare Parameters."""
-    return kind_of(module).file_keys
+    return (getattr(module, "lora_kind", None) or kind_of(module)).file_keys
 
 
 def wrapper_bias_keys(path: str, adapter_name: str) -> dict[str, str]:

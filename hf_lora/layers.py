@@ -16,6 +16,8 @@ trainable base weights, unknown Linear subclasses, tensor subclasses) takes the 
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +29,9 @@ from transformers.pytorch_utils import Conv1D
 from .errors import AdapterStateError
 from .fused import fusable, fused_lora
 from .kinds import BaseKind, kind_of, kind_of_class
-from .weights import delta_weight, merged_weight, qr_init, svd_init, weight_norm
+from .weights import delta_weight, merged_weight, qr_init, rounding_share, svd_init, weight_norm
+
+logger = logging.getLogger(__name__)
 
 BASE_ROWS = "__base__"  # name of "no adapter" in mixed batches, as in peft
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -55,6 +59,7 @@ class LoRALayer(nn.Module):
     _fusable_adapter: str | None  # the only live adapter, if not DoRA: the one the fused path may run
     _row_adapters: Sequence[str] | None  # one adapter name per batch row (mixed batches), or None
     _fused: bool  # the base class is exactly its kind's (fused kinds), so hf_lora.fused may run its forward
+    merge_rounding: dict[str, float]  # quantised bases: share of a merged update lost to requantising
 
     @property
     def in_features_(self) -> int:
@@ -160,18 +165,22 @@ class LoRALayer(nn.Module):
         for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            kind = self.lora_kind
             with torch.no_grad():
+                before = kind.weight(self)  # (dequantised, for a quantised base)
                 if name in self.lora_magnitude:
                     weight = self._merged_dora(name)
                 else:
-                    weight = merged_weight(self.lora_kind.weight(self), self.delta_weight(name))
+                    weight = merged_weight(before, self.delta_weight(name))
                 if safe and not torch.isfinite(weight).all():
                     self._dora_norms.pop(name, None)
                     raise ValueError(
                         f"merging adapter {name!r} would put NaN/inf into the weights; the adapter is broken "
                         "(check its training: learning rate, loss scaling)."
                     )
-                self.lora_kind.write_weight(self, weight)
+                kind.write_weight(self, weight)
+                if kind.requantises:  # what the base stores is `weight` rounded: measure what that loses
+                    self.merge_rounding[name] = rounding_share(kind.weight(self), weight, before)
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -309,7 +318,8 @@ class LoRALayer(nn.Module):
         if type(self) in _NAMED_CLASSES:
             return super().__reduce_ex__(protocol)
         # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
-        return (rebuild_swapped, (lora_layer_class, self._lora_base_class, self.__dict__.copy()))
+        class_for = functools.partial(lora_layer_class, kind=self.lora_kind)
+        return (rebuild_swapped, (class_for, self._lora_base_class, self.__dict__.copy()))
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
@@ -338,7 +348,7 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
 
 
 _NAMED_CLASSES = (LoRALinear, LoRAConv1D, LoRAEmbedding)
-_LAYER_CLASSES: dict[type, type[LoRALayer]] = {
+_LAYER_CLASSES: dict[type | tuple[type, str], type[LoRALayer]] = {
     nn.Linear: LoRALinear,
     Conv1D: LoRAConv1D,
     nn.Embedding: LoRAEmbedding,
@@ -349,14 +359,16 @@ def lora_layer_class(base_cls: type[nn.Module], kind: BaseKind | None = None) ->
     """The LoRA class for a base class (of `kind`, by default the first kind its class matches); other
     subclasses of a kind's types (quantised layers and the like) get a generated subclass that keeps
     their own forward for the base projection."""
-    if base_cls not in _LAYER_CLASSES:
-        kind = kind or kind_of_class(base_cls)
-        if kind is None:
-            raise TypeError(f"LoRA cannot wrap {base_cls.__name__}: no base kind (hf_lora.kinds) matches it.")
-        _LAYER_CLASSES[base_cls] = type(
-            f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {"lora_kind": kind}
-        )
-    return _LAYER_CLASSES[base_cls]
+    kind = kind or kind_of_class(base_cls)
+    if kind is None:
+        raise TypeError(f"LoRA cannot wrap {base_cls.__name__}: no base kind (hf_lora.kinds) matches it.")
+    # (a plain class whose instances are of another kind, e.g. an nn.Linear holding a torchao weight,
+    # gets a class of its own for that kind)
+    known = getattr(_LAYER_CLASSES.get(base_cls), "lora_kind", None)
+    key = base_cls if known is None or type(known) is type(kind) else (base_cls, kind.name)
+    if key not in _LAYER_CLASSES:
+        _LAYER_CLASSES[key] = type(f"LoRA{base_cls.__name__}", (LoRALayer, base_cls), {"lora_kind": kind})
+    return _LAYER_CLASSES[key]
 
 
 def _rebuild_lora_layer(base_cls: type[nn.Module], state: dict[str, Any]) -> LoRALayer:
@@ -426,6 +438,44 @@ def rows_for_batch(rows: Sequence[str], batch: int) -> Sequence[str]:
     raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows.")
 
 
+def report_requantising(layers: Sequence[nn.Module], names: Sequence[str] | None) -> None:
+    """After merging `names` (None: after unmerging) into layers whose base is quantised, say once what
+    rounding the merged weights to the base's precision cost."""
+    kinds = sorted(
+        {
+            layer.lora_kind.name
+            for layer in layers
+            if getattr(layer, "lora_kind", None) and layer.lora_kind.requantises
+        }
+    )
+    if not kinds:
+        return
+    if names is None:
+        logger.warning(
+            "unmerged adapters from quantised weights (%s): the weights are requantised, so they are not exactly "
+            "the original ones; reload the base model for those.",
+            ", ".join(kinds),
+        )
+        return
+    shares = [
+        layer.merge_rounding[n]
+        for layer in layers
+        for n in names
+        if n in getattr(layer, "merge_rounding", {})
+    ]
+    if shares:
+        logger.warning(
+            "merged adapter(s) %s into quantised weights (%s): requantising the merged weights loses %.0f%% of an "
+            "adapter's update in the worst layer (%.0f%% in the median one; ||rounding|| / ||update||), so the "
+            "merged model's outputs differ from the unmerged one's. For inference keep the adapter unmerged; for "
+            "an exact merged model in full precision, call model.dequantize() first, then merge_and_unload().",
+            list(names),
+            ", ".join(kinds),
+            100 * max(shares),
+            100 * sorted(shares)[len(shares) // 2],
+        )
+
+
 def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROWS:
         raise ValueError(
@@ -453,7 +503,7 @@ def make_lora_layer(module: nn.Module) -> LoRALayer:
     module.lora_A = nn.ParameterDict()
     module.lora_B = nn.ParameterDict()
     module.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
-    module._dora_norms = {}
+    module._dora_norms, module.merge_rounding = {}, {}
     module.lora_scaling, module.lora_dropout = {}, {}
     module.active_adapters, module.merged_adapters = (), []
     module.adapters_disabled = False
@@ -481,6 +531,8 @@ def unmake_lora_layer(module: LoRALayer) -> nn.Module:
         "_live",
         "_fusable_adapter",
         "_dora_norms",
+        "merge_rounding",
+        "lora_requantize_config",
     ):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")

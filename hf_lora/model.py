@@ -26,12 +26,14 @@ from tqdm.auto import tqdm
 from .biases import set_bias_trainable, set_owned_biases_trainable
 from .config import TASK_HEADS, LoRAConfig, moves_base_weights
 from .errors import AdapterStateError
+from .kinds import weights_in
 from .layers import (
     BASE_ROWS,
     LoRALayer,
     ModulesToSave,
     check_adapter_name,
     make_lora_layer,
+    report_requantising,
     unmake_lora_layer,
 )
 from .loss import forward_with_chunked_loss
@@ -312,6 +314,7 @@ class LoRAModel(nn.Module):
             yield  # already disabled (and unmerged): whoever disabled them enables them
             return
         merged = [(layer, list(layer.merged_adapters)) for layer in layers]
+        report_requantising([la for la in layers if la.merged_adapters], None)
         for layer in layers:
             layer.unmerge()
         self._set_disabled(True)
@@ -373,12 +376,14 @@ class LoRAModel(nn.Module):
             for layer, todo in started:
                 layer.unmerge([n for n in todo if n in layer.merged_adapters])
             raise
+        report_requantising(layers, names)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
         layers = self.adapter_layers()
         if not any(layer.merged_adapters for layer in layers):
             logger.warning("no adapter is merged; unmerge_adapter() has nothing to do.")
+        report_requantising([la for la in layers if la.merged_adapters], None)
         for layer in layers:
             layer.unmerge()
 
@@ -468,11 +473,8 @@ class LoRAModel(nn.Module):
     # ---- parameters -----------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
+        counts = [(weights_in(p), p.requires_grad) for p in self.parameters()]
+        return sum(n for n, grad in counts if grad), sum(n for n, _ in counts)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -579,6 +581,7 @@ def inject(
     disabled = any(layer.adapters_disabled for layer in model.adapter_layers())  # new layers follow suit
     for path in targets:
         layer = make_lora_layer(model.get_submodule(path))
+        layer.lora_kind.attach(layer, model)
         layer.adapters_disabled = disabled
         layer.add_adapter(
             name,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import TASK_HEADS, LoRAConfig, moves_base_weights
 from .errors import TargetModulesError
-from .kinds import KINDS, kind_names, kind_of
+from .kinds import kind_names, kind_of, refusal
 from .layers import LoRALayer, ModulesToSave
 from .tokens import TokenRowsLayer
 
@@ -111,8 +111,7 @@ def describe_candidates(model: nn.Module, limit: int = 12) -> str:
         return f"the model has no {kind_names('or')} modules"
     names = [f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items()]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    kinds = "/".join(kind.name.removeprefix("nn.") for kind in KINDS)
-    return f"{kinds} modules in this model: " + ", ".join(names[:limit]) + more
+    return "modules LoRA can wrap in this model: " + ", ".join(names[:limit]) + more
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -215,6 +214,8 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             token_rows = isinstance(module, TokenRowsLayer)
             if is_linear(module) and not token_rows and path != head and path not in wrapped:
                 found.append(path)
+            elif isinstance(module, nn.Linear) and path != head and kind_of(module) is None:
+                unsupported.append(f"{path} ({refusal(module)})")  # never skip a projection silently
             continue
         if not matches_name(path, targets):
             continue
@@ -234,7 +235,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         elif kind_of(module) is not None:
             found.append(path)
         else:
-            unsupported.append(f"{path} ({type(module).__name__})")
+            unsupported.append(f"{path} ({refusal(module)})")
 
     if saved_by_others:
         raise TargetModulesError(
@@ -301,6 +302,13 @@ def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[st
     init = config.init_lora_weights
     if not moves_base_weights(config):
         return
+    quantised = [p for p in targets if getattr(kind_of(model.get_submodule(p)), "requantises", False)]
+    if quantised and str(init).startswith("pissa"):  # as peft
+        raise TargetModulesError(
+            f"init_lora_weights={init!r} (PiSSA) on a quantised base ({quantised[0]}, ...): its residual would be "
+            "requantised, losing what PiSSA keeps. Initialise PiSSA on the model in float32/16/bf16, then quantise "
+            "the residual model and load the adapter onto it; or use init_lora_weights='olora' or True here."
+        )
     too_big = [
         (path, config.rank_for(path), min(kind.shapes(module)))
         for path in targets

@@ -79,7 +79,8 @@ class LoRATrainerMixin:
             # GRPO loads a second copy of the base as its reference when its KL weight is non-zero: build it
             # with the weight at zero, then give it the weight back and the model itself as the reference.
             beta, targs.beta = targs.beta, 0.0
-        super().__init__(*bound.args, **bound.kwargs)
+        with _adapters_shown(model):
+            super().__init__(*bound.args, **bound.kwargs)
         if beta:
             self.args.beta = self.beta = beta
             self.ref_model = reference
@@ -207,6 +208,21 @@ def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
         if isinstance(value, torch.Tensor):
             return value.shape[0]
     raise ValueError("the reference model needs input_ids or inputs_embeds to know the batch size.")
+
+
+@contextlib.contextmanager
+def _adapters_shown(model: LoRAModel) -> Iterator[None]:
+    """transformers' Trainer refuses a quantised model unless it sees adapters on it, which it knows only by
+    peft's flag `_hf_peft_config_loaded`: raise the flag while the Trainer is built (only then: elsewhere
+    it would make transformers call into peft)."""
+    if not getattr(model, "is_quantized", False) or "_hf_peft_config_loaded" in vars(model):
+        yield
+        return
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del model._hf_peft_config_loaded
 
 
 def _disable_lora_dropout(model: LoRAModel) -> None:

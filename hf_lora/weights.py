@@ -27,6 +27,13 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> t
     return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)
 
 
+def rounding_share(stored: torch.Tensor, intended: torch.Tensor, before: torch.Tensor) -> float:
+    """How much of an update `intended - before` a lossy store (a quantised weight) lost: ||stored -
+    intended|| / ||intended - before|| (0: all of it kept; 1: as much error as the update itself)."""
+    update = (intended.float() - before.float()).norm()
+    return ((stored.float() - intended.float()).norm() / update.clamp_min(1e-30)).item()
+
+
 def init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
     """True: A kaiming-uniform(a=sqrt(5)), B zeros (the update starts at zero, as in the LoRA paper);
     "gaussian": A ~ N(0, 1/r); "orthogonal" (peft's): A and B both non-zero, built on the odd and even rows

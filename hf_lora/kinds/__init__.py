@@ -7,14 +7,20 @@ quantised Linear subclass goes before `LinearKind`).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import BaseKind
+from .bnb import Linear4bitKind, Linear8bitKind, weights_in
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
 from .linear import LinearKind
+from .torchao import TorchaoKind
 
 KINDS: list[BaseKind] = [
+    Linear4bitKind(),  # (nn.Linear subclasses: before LinearKind)
+    Linear8bitKind(),
+    TorchaoKind(),
     LinearKind(),
     Conv1DKind(),
     EmbeddingKind(),
@@ -30,6 +36,19 @@ def kind_of_class(cls: type) -> BaseKind | None:
     return next((kind for kind in KINDS if kind.matches_class(cls)), None)
 
 
+def refusal(module: nn.Module) -> str:
+    """Why no kind takes `module`, for messages: "QuantLinear (its weight is a packed int32 tensor ...)"."""
+    cls = type(module).__name__
+    w = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or not isinstance(w, torch.Tensor):
+        return cls
+    return (
+        f"{cls}, an nn.Linear whose weight is a {type(w).__name__} of {w.dtype} {tuple(w.shape)}, not a dense "
+        "(out, in) float tensor: a quantised layer that no hf_lora base kind knows (supported: bitsandbytes "
+        "4-bit and 8-bit, torchao; otherwise load the model unquantised)"
+    )
+
+
 def kind_names(last: str = "and") -> str:
     """The kinds' names for messages: "nn.Linear, Conv1D and nn.Embedding"."""
     names = [kind.name for kind in KINDS]
@@ -41,8 +60,13 @@ __all__ = [
     "BaseKind",
     "Conv1DKind",
     "EmbeddingKind",
+    "Linear4bitKind",
+    "Linear8bitKind",
     "LinearKind",
+    "TorchaoKind",
     "kind_names",
     "kind_of",
     "kind_of_class",
+    "refusal",
+    "weights_in",
 ]

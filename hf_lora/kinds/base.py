@@ -26,6 +26,7 @@ class BaseKind:
     saved_fan_in_fan_out: bool = False  # an adapter on it is written with "fan_in_fan_out": true (peft's)
     fused: bool = False  # `hf_lora.fused` may run the forward of exactly `types` (x @ W.T + b)
     moves_base_weights: bool = True  # PiSSA/OLoRA apply (else they init as init_factors says, as peft)
+    requantises: bool = False  # write_weight rounds (a quantised base): merges are measured, see layers
     lookup: bool = False  # the factors are looked up, not multiplied (LoRA+ gives them their own lr)
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")  # peft's names of A and B under `<path>.`
 
@@ -46,6 +47,10 @@ class BaseKind:
         """Shapes of A and B (also in the adapter file)."""
         n_in, n_out = self.shapes(module)
         return (r, n_in), (n_out, r)
+
+    def attach(self, module: nn.Module, model: nn.Module) -> None:
+        """Called once a module of this kind becomes a LoRA layer of `model`: keep what the kind needs from
+        the model (a quantisation config to requantise merged weights with)."""
 
     # -- its weight --
 

@@ -12,11 +12,22 @@ from ..weights import init_lora_, weight_norm
 from .base import BaseKind
 
 
+def dense_weight(module: nn.Module) -> bool:
+    """Whether the module's weight is a plain dense float tensor (a quantised Linear subclass's is packed,
+    integer, or a tensor subclass that only its own forward understands)."""
+    w = getattr(module, "weight", None)
+    plain = type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor"  # (FSDP2 shards)
+    return plain and w.is_floating_point()  # (any shape: ZeRO-3 leaves empty partitions outside a gather)
+
+
 class LinearKind(BaseKind):
     name = "nn.Linear"
     types = (nn.Linear,)
     all_linear = True
     fused = True
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, self.types) and dense_weight(module)
 
     def shapes(self, module: nn.Module) -> tuple[int, int]:
         w = self.weight(module)
