@@ -87,7 +87,15 @@ def results(out: Path) -> dict:
 
 
 def test_every_example_has_help():
-    for script in ("gpt2_news.py", "sentiment_classification.py", "mlp_digits.py", "new_tokens.py", "dpo.py"):
+    scripts = (
+        "gpt2_news.py",
+        "sentiment_classification.py",
+        "mlp_digits.py",
+        "new_tokens.py",
+        "dpo.py",
+        "qlora.py",
+    )
+    for script in scripts:
         proc = run_example(script, "--help", timeout=60)
         assert "--output-dir" in proc.stdout and "usage:" in proc.stdout
 
@@ -245,6 +253,22 @@ def test_dpo_sft_then_dpo_against_the_sft_adapter(tmp_path):
     assert any(not torch.equal(sft[k], policy[k]) for k in sft), (
         "DPO moved the policy away from the SFT adapter"
     )
+
+
+# ---- qlora -----------------------------------------------------------------------------------------
+
+
+def test_qlora_trains_the_same_adapter_on_a_4bit_base(tmp_path):
+    out = tmp_path / "qlora"
+    proc = run_example("qlora.py", "--tiny", "--output-dir", str(out))
+    assert "QLoRA, 4-bit nf4 base" in proc.stdout
+    report = results(out)
+    lora, qlora = report["lora"], report["qlora"]
+    assert lora["trainable"] == qlora["trainable"] and qlora["base_bytes"] < lora["base_bytes"]
+    for run in (lora, qlora):
+        assert run["loss_after"] < run["loss_before"]
+    a, b = (hf_lora.read_adapter(out / run).tensors for run in ("lora", "qlora"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained on other bases
 
 
 # ---- sentiment_classification ---------------------------------------------------------------------
