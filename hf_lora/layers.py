@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import AdapterStateError
 from .fused import fusable, fused_lora
 from .kinds import BaseKind, kind_of, kind_of_class
-from .weights import delta_weight, merged_weight, qr_init, svd_init, weight_norm
+from .weights import delta_weight, factor_product, merged_weight, qr_init, svd_init, weight_norm
 
 BASE_ROWS = "__base__"  # name of "no adapter" in mixed batches, as in peft
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -109,9 +109,9 @@ class LoRALayer(nn.Module):
                 magnitude = (
                     torch.empty(self.out_features_, dtype=dtype, device=w.device)
                     if init is None
-                    else weight_norm(self._weight_oi().float(), (B @ A).float() * scaling)
+                    else weight_norm(self._weight_oi().float(), factor_product(A, B).float() * scaling)
                 )
-            self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype))
+            self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype).reshape(kind.magnitude_shape(self)))
         self._refresh()
 
     def _weight_oi(self) -> torch.Tensor:
@@ -160,6 +160,8 @@ class LoRALayer(nn.Module):
         for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            if problem := self.lora_kind.merge_problem(self):
+                raise AdapterStateError(f"cannot merge adapter {name!r}: {problem}.")
             with torch.no_grad():
                 if name in self.lora_magnitude:
                     weight = self._merged_dora(name)
@@ -208,7 +210,11 @@ class LoRALayer(nn.Module):
                 dtype
             )
             if name in self.lora_magnitude:
-                W.mul_((self._dora_norms[name].to(dtype) / self.lora_magnitude[name].to(dtype)).view(-1, 1))
+                W.mul_(
+                    (self._dora_norms[name].to(dtype) / self.lora_magnitude[name].to(dtype).reshape(-1)).view(
+                        -1, 1
+                    )
+                )
             W.sub_(delta)
         return W
 
@@ -231,7 +237,7 @@ class LoRALayer(nn.Module):
         base = self._unmerged_weight_oi(wide) if self.merged_adapters else W.to(wide)
         norm = weight_norm(base, delta.to(wide))
         self._dora_norms[name] = norm
-        factor = (self.lora_magnitude[name].to(wide) / norm).view(-1, 1)
+        factor = (self.lora_magnitude[name].to(wide).reshape(-1) / norm).view(-1, 1)
         merged = (factor * (W.to(wide) + delta.to(wide))).to(W.dtype)
         return self.lora_kind.to_layout(self, merged)
 
@@ -239,7 +245,7 @@ class LoRALayer(nn.Module):
         W = self._weight_oi()
         delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
         wide = torch.promote_types(W.dtype, delta.dtype)
-        factor = (self.lora_magnitude[name].to(wide) / self._dora_norms.pop(name)).view(-1, 1)
+        factor = (self.lora_magnitude[name].to(wide).reshape(-1) / self._dora_norms.pop(name)).view(-1, 1)
         kind = self.lora_kind
         kind.write_weight(self, kind.to_layout(self, (W.to(wide) / factor - delta.to(wide)).to(W.dtype)))
 

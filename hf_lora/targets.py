@@ -275,6 +275,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             raise TargetModulesError(message)
         logger.warning("%s It has no effect.", message)
     _check_rank_fits_init(model, config, found)
+    _check_kind_problems(model, config, found)
     if strict_patterns and (clashes := _peft_suffix_clashes(config, found)):
         logger.warning(
             "LoRA on %s, whose name ends with a modules_to_save name (%s) though not on a dot boundary: peft "
@@ -292,6 +293,26 @@ def _peft_suffix_clashes(config: LoRAConfig, targets: list[str]) -> list[tuple[s
     """(target, modules_to_save name) pairs where peft's plain suffix match would take the LoRA target
     for a module to save in full (DistilBERT's pre_classifier for "classifier")."""
     return [(p, m) for p in targets for m in config.modules_to_save or () if p.endswith(m)]
+
+
+def _check_kind_problems(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
+    """What a target's kind refuses (a convolution: a rank not divisible by its groups, an init that does not
+    apply to it), before the model is touched."""
+    problems = [
+        f"{path}: {problem}"
+        for path in targets
+        if (
+            problem := kind_of(m := model.get_submodule(path)).problem(
+                m, config.rank_for(path), config.init_lora_weights
+            )
+        )
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TargetModulesError(
+            f"LoRA cannot go on {len(problems)} targeted module(s): {'; '.join(problems[:3])}{more}. Change the "
+            "config as said, or leave them out (exclude_modules=[...])."
+        )
 
 
 def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:

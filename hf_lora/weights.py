@@ -11,11 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def factor_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B @ A (out, in), with a convolution's factors flattened: A (r, in, *k) as (r, in * k), B (out, r, 1...)
+    as (out, r)."""
+    return B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """The dense update `scaling * B @ A` in at least fp32, laid out like the base weight ((in, out) for
-    Conv1D)."""
+    """The dense update `scaling * B @ A` in at least fp32, laid out (out, in) ((in, out) with
+    `fan_in_fan_out`: Conv1D; a convolution's kernel flattened, see `factor_product`)."""
     dtype = torch.promote_types(A.dtype, torch.float32)
-    delta = (B.to(dtype) @ A.to(dtype)) * scaling  # (out, in)
+    delta = factor_product(A.to(dtype), B.to(dtype)) * scaling  # (out, in)
     return delta.T if fan_in_fan_out else delta
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import BaseKind
+from .conv import ConvKind
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
 from .linear import LinearKind
@@ -17,6 +18,7 @@ from .linear import LinearKind
 KINDS: list[BaseKind] = [
     LinearKind(),
     Conv1DKind(),
+    ConvKind(),
     EmbeddingKind(),
 ]
 
@@ -40,6 +42,7 @@ __all__ = [
     "KINDS",
     "BaseKind",
     "Conv1DKind",
+    "ConvKind",
     "EmbeddingKind",
     "LinearKind",
     "kind_names",

@@ -47,6 +47,18 @@ class BaseKind:
         n_in, n_out = self.shapes(module)
         return (r, n_in), (n_out, r)
 
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """Shape of a DoRA magnitude (also in the adapter file): (out,), peft's for this kind."""
+        return (self.shapes(module)[1],)
+
+    def problem(self, module: nn.Module, r: int, init: bool | str) -> str | None:
+        """Why an adapter of rank `r` and init `init_lora_weights` cannot go on this module, or None."""
+        return None
+
+    def merge_problem(self, module: nn.Module) -> str | None:
+        """Why an adapter on this module cannot be merged into its weight, or None."""
+        return None
+
     # -- its weight --
 
     def weight(self, module: nn.Module) -> torch.Tensor:
