@@ -62,6 +62,24 @@ TARGET_MODULES: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "falcon": ["query_key_value"],
     "mpt": ["Wqkv"],
+    # Vision, audio and multimodal encoders (peft has no defaults for them): the attention's query and
+    # value projections, as peft's image-classification and ASR guides target them; ConvNeXt, which has no
+    # attention, its pointwise Linears; ResNet, which is convolutions only, every convolution.
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["vit", "deit", "beit", "dinov2", "dinov2_with_registers", "vit_mae", "vivit", "swin"]
+    },
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["clip", "clip_vision_model", "clip_text_model", "siglip", "siglip_vision_model"]
+    },
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "audio-spectrogram-transformer"]
+    },
+    **{key: ["query", "value"] for key in ["yolos", "mobilevit", "videomae", "swinv2"]},
+    **{key: ["pwconv1", "pwconv2"] for key in ["convnext", "convnextv2"]},
+    "resnet": ["convolution"],
 }
 
 

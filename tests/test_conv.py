@@ -230,3 +230,22 @@ def test_unwrappable_modules_are_named_with_the_kinds():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     with pytest.raises(TargetModulesError, match=r"1 \(BatchNorm2d\).*nn\.ConvNd"):
         get_lora_model(model, LoRAConfig(target_modules=["1"]))
+
+
+def test_conv_weighted_adapters_equal_peft():
+    """ "cat" is exact in both libraries; "svd" at the full combined rank is exact too (up to rounding)."""
+    ours, ref = pair(2)
+    ours.add_adapter("other", LoRAConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    ref.add_adapter("other", LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    randomise_B(ours, seed=3)
+    copy_lora_weights(ours, ref, "default")
+    copy_lora_weights(ours, ref, "other")
+    for model in (ours, ref):
+        model.add_weighted_adapter(["default", "other"], [0.7, -0.4], "cat", combination_type="cat")
+        model.set_adapter("cat")
+    assert ours.get_submodule("conv1").lora_A["cat"].shape == (12, 3, 3, 3)
+    expected = logits(ref)
+    assert_close(logits(ours), expected, what="cat logits")
+    ours.add_weighted_adapter(["default", "other"], [0.7, -0.4], "svd", combination_type="svd", svd_rank=12)
+    ours.set_adapter("svd")
+    assert_close(logits(ours), expected, what="full-rank svd logits")
