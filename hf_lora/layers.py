@@ -260,6 +260,8 @@ class LoRALayer(nn.Module):
         live = self._live
         if not live:
             return self._base_forward(x, *args, **kwargs)
+        if self.lora_kind.wraps_forward:
+            return self.lora_kind.lora_forward(self, x, *args, **kwargs)
         name = self._fusable_adapter
         if name is not None and self._fused:
             # getattr, as ParameterDict's [] does (FSDP may put plain tensors there), minus a call layer.
@@ -295,6 +297,11 @@ class LoRALayer(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
+        if self.lora_kind.wraps_forward:
+            raise AdapterStateError(
+                f"{self.lora_kind.name} layers do not take mixed batches (adapter_names=...), as in peft: their "
+                "adapters act on the weights for the whole batch; run one adapter per batch instead."
+            )
         if self.merged_adapters:  # a merged adapter would be in every row, "__base__" ones included
             raise AdapterStateError(
                 f"adapter(s) {self.merged_adapters} are merged into the weights; unmerge_adapter() before a "

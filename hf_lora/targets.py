@@ -129,7 +129,7 @@ def describe_candidates(model: nn.Module, limit: int = 12) -> str:
         return f"the model has no {kind_names('or')} modules"
     names = [f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items()]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    kinds = "/".join(kind.name.removeprefix("nn.") for kind in KINDS)
+    kinds = "/".join(kind.name.removeprefix("nn.") for kind in KINDS if kind.listed)
     return f"{kinds} modules in this model: " + ", ".join(names[:limit]) + more
 
 
@@ -292,6 +292,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         if strict_patterns:
             raise TargetModulesError(message)
         logger.warning("%s It has no effect.", message)
+    found = _with_companions(model, found)
     _check_rank_fits_init(model, config, found)
     _check_kind_problems(model, config, found)
     if strict_patterns and (clashes := _peft_suffix_clashes(config, found)):
@@ -313,17 +314,34 @@ def _peft_suffix_clashes(config: LoRAConfig, targets: list[str]) -> list[tuple[s
     return [(p, m) for p in targets for m in config.modules_to_save or () if p.endswith(m)]
 
 
+def _with_companions(model: nn.Module, found: list[str]) -> list[str]:
+    """The targets and the children their kind adapts with them (nn.MultiheadAttention's out_proj, as peft
+    does). A companion targeted without its parent is refused: the parent never calls its forward."""
+    out = list(found)
+    for path in found:
+        out += [
+            f"{path}.{leaf}"
+            for leaf in kind_of(model.get_submodule(path)).companions
+            if f"{path}.{leaf}" not in out
+        ]
+    for path in found:
+        parent, _, leaf = path.rpartition(".")
+        owner = kind_of(model.get_submodule(parent)) if parent else None
+        if owner is not None and leaf in owner.companions and parent not in found:
+            raise TargetModulesError(
+                f"{path} is the {leaf} of {parent} ({owner.name}), which never calls its forward: LoRA on it alone "
+                f"would do nothing. Target {parent} instead (its {leaf} is adapted with it, as in peft)."
+            )
+    return out
+
+
 def _check_kind_problems(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
     """What a target's kind refuses (a convolution: a rank not divisible by its groups, an init that does not
     apply to it), before the model is touched."""
     problems = [
         f"{path}: {problem}"
         for path in targets
-        if (
-            problem := kind_of(m := model.get_submodule(path)).problem(
-                m, config.rank_for(path), config.init_lora_weights
-            )
-        )
+        if (problem := kind_of(m := model.get_submodule(path)).problem(m, config.rank_for(path), config))
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

@@ -14,12 +14,15 @@ from .conv import ConvKind
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
 from .linear import LinearKind
+from .mha import MultiheadAttentionKind, OutProjKind
 
 KINDS: list[BaseKind] = [
+    OutProjKind(),  # (an nn.Linear subclass)
     LinearKind(),
     Conv1DKind(),
     ConvKind(),
     EmbeddingKind(),
+    MultiheadAttentionKind(),
 ]
 
 
@@ -34,7 +37,7 @@ def kind_of_class(cls: type) -> BaseKind | None:
 
 def kind_names(last: str = "and") -> str:
     """The kinds' names for messages: "nn.Linear, Conv1D and nn.Embedding"."""
-    names = [kind.name for kind in KINDS]
+    names = [kind.name for kind in KINDS if kind.listed]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
@@ -45,6 +48,8 @@ __all__ = [
     "ConvKind",
     "EmbeddingKind",
     "LinearKind",
+    "MultiheadAttentionKind",
+    "OutProjKind",
     "kind_names",
     "kind_of",
     "kind_of_class",

@@ -48,8 +48,8 @@ class ConvKind(LinearKind):
     def to_layout(self, module: nn.Module, weight_oi: torch.Tensor) -> torch.Tensor:
         return weight_oi.reshape(weight_oi.shape[0], *module.weight.shape[1:])
 
-    def problem(self, module: nn.Module, r: int, init: bool | str) -> str | None:
-        groups = module.groups
+    def problem(self, module: nn.Module, r: int, config: Any) -> str | None:
+        groups, init = module.groups, config.init_lora_weights
         if r % groups:
             return (
                 f"r={r} is not divisible by its groups={groups} (B is a grouped convolution, as in peft); "
