@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tolerance import (
     LAYER_ROUNDINGS,
     MERGE_ROUNDINGS,
+    adamw_atol,
     assert_close,
     assert_close_states,
     assert_same_training,
@@ -41,10 +42,14 @@ class TinyCNN(nn.Module):
         self.dw = conv(8, 8, 3, padding=1, groups=8) if depthwise else nn.Identity()
         self.head = nn.Linear(8, 4)
 
-    def forward(self, pixel_values: torch.Tensor) -> ImageClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> ImageClassifierOutput:
         h = torch.relu(self.conv1(pixel_values))
         h = self.dw(torch.relu(self.conv3(torch.relu(self.conv2(h)))))
-        return ImageClassifierOutput(logits=self.head(h.flatten(2).mean(-1)))
+        logits = self.head(h.flatten(2).mean(-1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
 
 def make_cnn(dim: int = 2, seed: int = 0, **kwargs) -> TinyCNN:
@@ -249,3 +254,53 @@ def test_conv_weighted_adapters_equal_peft():
     ours.add_weighted_adapter(["default", "other"], [0.7, -0.4], "svd", combination_type="svd", svd_rank=12)
     ours.set_adapter("svd")
     assert_close(logits(ours), expected, what="full-rank svd logits")
+
+
+def test_extracting_a_conv_adapter_reproduces_a_low_rank_fine_tune():
+    """A fine-tune that moved conv1 by a rank-2 kernel update: extract_lora at r=2 gives it back (as LoRA
+    factors in peft's conv shapes); a grouped convolution, whose update cannot factor so, is refused."""
+    import hf_lora
+
+    base, tuned = make_cnn(), make_cnn()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        tuned.conv1.weight += (torch.randn(8, 2, generator=g) @ torch.randn(2, 27, generator=g)).view(
+            8, 3, 3, 3
+        ) / 10
+    model = hf_lora.extract_lora(base, tuned, r=2, target_modules=["conv1"])
+    assert model.get_submodule("conv1").lora_A["default"].shape == (2, 3, 3, 3)
+    # float64 SVD of the float32 difference, rounded to float32 factors: a few roundings of the weights
+    assert_close(logits(model), logits(tuned), roundings=LAYER_ROUNDINGS, what="extracted logits")
+    grouped, grouped_tuned = make_cnn(depthwise=True), make_cnn(depthwise=True)
+    with torch.no_grad():
+        grouped_tuned.dw.weight += 0.1
+    with pytest.raises(ValueError, match=r"cannot extract an adapter for dw.*grouped convolution"):
+        hf_lora.extract_lora(grouped, grouped_tuned, r=8, target_modules=["dw"])
+
+
+def test_lora_trainer_trains_conv_adapters_as_peft_with_the_trainer(tmp_path):
+    """Four AdamW steps of LoRATrainer against transformers' Trainer on the peft twin: the same adapter,
+    checkpointed in peft's format."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    import hf_lora
+
+    batch = images(2, batch=16, seed=7)
+    data = Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
+    ours, ref = pair(2)
+    initial = {k: v.clone() for k, v in ours.state_dict().items() if "lora" in k}
+    runs = {}
+    for name, model, trainer_class in (("ours", ours, hf_lora.LoRATrainer), ("peft", ref, Trainer)):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer_class(model=model, args=args, train_dataset=data).train()
+        model.save_pretrained(tmp_path / name / "adapter")
+        runs[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    trained = max((v - initial[k]).abs().max().item() for k, v in ours.state_dict().items() if k in initial)
+    assert trained > 1e-3, "the adapter trained"
+    moved = max((runs["ours"][k] - runs["peft"][k]).abs().max().item() for k in runs["peft"])
+    bound = adamw_atol(4, 1e-2, *runs["peft"].values())
+    assert moved <= bound, f"adapters differ by {moved:.3g} > {bound:.3g} after 4 steps"
