@@ -162,3 +162,15 @@ def test_mha_refusals():
     assert not any("lora" in n for n, _ in model.named_parameters()), "the model is as before"
     linear = get_lora_model(make(), LoRAConfig(r=4, target_modules="all-linear"))
     assert [p for p, _ in linear.lora_layers()] == ["head"], "all-linear leaves the attention's out_proj"
+
+
+def test_a_failing_forward_leaves_the_attention_s_parameters_in_place():
+    """The updated weights stand in for the Parameters during a call only: after a forward that raises (here
+    a wrong embedding width), the module holds the very same Parameter objects, in the same order."""
+    ours, _ = pair()
+    attn = ours.get_submodule("attn")
+    before = [(n, id(p)) for n, p in ours.named_parameters()]
+    with pytest.raises(AssertionError):
+        attn(torch.randn(2, 5, 12), torch.randn(2, 5, 12), torch.randn(2, 5, 12))
+    assert [(n, id(p)) for n, p in ours.named_parameters()] == before
+    assert isinstance(attn.in_proj_weight, nn.Parameter) and isinstance(attn.out_proj.weight, nn.Parameter)
