@@ -192,6 +192,8 @@ def test_depthwise_conv_groups_as_peft():
     untouched = make_cnn(depthwise=True)
     with pytest.raises(TargetModulesError, match=r"r=4 is not divisible by its groups=8.*multiple of 8"):
         get_lora_model(untouched, LoRAConfig(r=4, target_modules=["conv1", "dw"]))
+    with pytest.raises(TargetModulesError, match=r"dw: DoRA needs the update as a kernel.*groups=8"):
+        get_lora_model(untouched, LoRAConfig(r=8, target_modules=["conv1", "dw"], use_dora=True))
     with pytest.raises(ValueError, match="divisible by groups"):
         get_peft_model(make_cnn(depthwise=True), LoraConfig(r=4, target_modules=["conv1", "dw"]))
     assert not any("lora" in n for n, _ in untouched.named_parameters()), "the model is as before"

@@ -8,7 +8,7 @@ Where peft differs: its A leaves out the base's dilation and padding mode, so on
 forward fails (the shapes differ) and on a circular/reflect-padded one its merge changes the outputs; here
 A takes both, and the merged weight computes exactly what the adapter did. Everything else is peft's,
 including what it refuses: a rank not divisible by `groups`, merging a grouped convolution, and the inits
-that move base weights (PiSSA, OLoRA, orthogonal).
+that move base weights (PiSSA, OLoRA, orthogonal); DoRA on a grouped convolution is refused too.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class ConvKind(LinearKind):
             return (
                 f"r={r} is not divisible by its groups={groups} (B is a grouped convolution, as in peft); "
                 f"choose a multiple of {groups} (rank_pattern can give this layer its own)"
+            )
+        if groups > 1 and config.use_dora:
+            return (
+                f"DoRA needs the update as a kernel of the base's shape, which a grouped convolution's "
+                f"(groups={groups}) adapter does not have (its A sees every input channel; peft's DoRA reshapes it into one that "
+                "means nothing); set use_dora=False or leave this layer out"
             )
         if init not in (True, False, "gaussian"):
             return f"init_lora_weights={init!r} does not apply to convolutions (peft refuses it too)"
