@@ -43,8 +43,9 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
         if adapter_name in layer.lora_A:
             lora_paths.add(path)
             a_key, b_key = lora_file_keys(layer)
-            keys[f"{PREFIX}{path}.{a_key}"] = f"{path}.lora_A.{adapter_name}"
-            keys[f"{PREFIX}{path}.{b_key}"] = f"{path}.lora_B.{adapter_name}"
+            where = layer.lora_kind.file_path(path)
+            keys[f"{PREFIX}{where}.{a_key}"] = f"{path}.lora_A.{adapter_name}"
+            keys[f"{PREFIX}{where}.{b_key}"] = f"{path}.lora_B.{adapter_name}"
             if adapter_name in layer.lora_magnitude:
                 keys[f"{PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude.{adapter_name}"
     for path, layer in model.token_layers():

@@ -141,6 +141,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from . import LoRAConfig, get_lora_model
+    from .kinds import kind_of
     from .targets import default_target_modules, lora_modules, model_type
 
     config = AutoConfig.from_pretrained(args.model)
@@ -160,7 +161,7 @@ def _inspect(args: argparse.Namespace) -> None:
         key = (
             path if args.all_layers else path.rsplit(".", 1)[-1],
             type(module).__name__,
-            tuple(module.weight.shape),
+            tuple(kind_of(module).weight(module).shape),  # (nn.MultiheadAttention's: in_proj_weight)
         )
         rows[key] = rows.get(key, 0) + 1
     print(f"\n{'layer':<40} {'type':<8} {'weight shape':<16} count")

@@ -13,6 +13,7 @@ update full rank.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,14 @@ def extract_lora(
                 error=max(total - kept, 0.0) ** 0.5,
             )
         )
-        factors[path] = (A, B)
+        a_shape, b_shape = kind.factor_shapes(module, r)
+        if A.numel() != math.prod(a_shape) or B.numel() != math.prod(b_shape):
+            raise ValueError(
+                f"cannot extract an adapter for {path} ({kind.name}): LoRA on it has factors {a_shape} and "
+                f"{b_shape}, which a dense update of shape {tuple(delta.shape)} does not factor into (a grouped "
+                "convolution); leave it out of target_modules."
+            )
+        factors[path] = (A.reshape(a_shape), B.reshape(b_shape))  # (a convolution's kernel unflattened)
 
     covered = {f"{p}.weight" for p in targets}
     model = get_lora_model(base_model, config, adapter_name)

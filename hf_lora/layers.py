@@ -29,7 +29,15 @@ from transformers.pytorch_utils import Conv1D
 from .errors import AdapterStateError
 from .fused import fusable, fused_lora
 from .kinds import BaseKind, kind_of, kind_of_class
-from .weights import delta_weight, merged_weight, qr_init, rounding_share, svd_init, weight_norm
+from .weights import (
+    delta_weight,
+    factor_product,
+    merged_weight,
+    qr_init,
+    rounding_share,
+    svd_init,
+    weight_norm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +122,9 @@ class LoRALayer(nn.Module):
                 magnitude = (
                     torch.empty(self.out_features_, dtype=dtype, device=w.device)
                     if init is None
-                    else weight_norm(self._weight_oi().float(), (B @ A).float() * scaling)
+                    else weight_norm(self._weight_oi().float(), factor_product(A, B).float() * scaling)
                 )
-            self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype))
+            self.lora_magnitude[name] = nn.Parameter(magnitude.to(dtype).reshape(kind.magnitude_shape(self)))
         self._refresh()
 
     def _weight_oi(self) -> torch.Tensor:
@@ -165,6 +173,8 @@ class LoRALayer(nn.Module):
         for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            if problem := self.lora_kind.merge_problem(self):
+                raise AdapterStateError(f"cannot merge adapter {name!r}: {problem}.")
             kind = self.lora_kind
             with torch.no_grad():
                 before = kind.weight(self)  # (dequantised, for a quantised base)
@@ -217,7 +227,11 @@ class LoRALayer(nn.Module):
                 dtype
             )
             if name in self.lora_magnitude:
-                W.mul_((self._dora_norms[name].to(dtype) / self.lora_magnitude[name].to(dtype)).view(-1, 1))
+                W.mul_(
+                    (self._dora_norms[name].to(dtype) / self.lora_magnitude[name].to(dtype).reshape(-1)).view(
+                        -1, 1
+                    )
+                )
             W.sub_(delta)
         return W
 
@@ -240,7 +254,7 @@ class LoRALayer(nn.Module):
         base = self._unmerged_weight_oi(wide) if self.merged_adapters else W.to(wide)
         norm = weight_norm(base, delta.to(wide))
         self._dora_norms[name] = norm
-        factor = (self.lora_magnitude[name].to(wide) / norm).view(-1, 1)
+        factor = (self.lora_magnitude[name].to(wide).reshape(-1) / norm).view(-1, 1)
         merged = (factor * (W.to(wide) + delta.to(wide))).to(W.dtype)
         return self.lora_kind.to_layout(self, merged)
 
@@ -248,7 +262,7 @@ class LoRALayer(nn.Module):
         W = self._weight_oi()
         delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
         wide = torch.promote_types(W.dtype, delta.dtype)
-        factor = (self.lora_magnitude[name].to(wide) / self._dora_norms.pop(name)).view(-1, 1)
+        factor = (self.lora_magnitude[name].to(wide).reshape(-1) / self._dora_norms.pop(name)).view(-1, 1)
         kind = self.lora_kind
         kind.write_weight(self, kind.to_layout(self, (W.to(wide) / factor - delta.to(wide)).to(W.dtype)))
 
@@ -263,6 +277,8 @@ class LoRALayer(nn.Module):
         live = self._live
         if not live:
             return self._base_forward(x, *args, **kwargs)
+        if self.lora_kind.wraps_forward:
+            return self.lora_kind.lora_forward(self, x, *args, **kwargs)
         name = self._fusable_adapter
         if name is not None and self._fused:
             # getattr, as ParameterDict's [] does (FSDP may put plain tensors there), minus a call layer.
@@ -298,6 +314,11 @@ class LoRALayer(nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row gets the adapter named for it (or none, for "__base__")."""
+        if self.lora_kind.wraps_forward:
+            raise AdapterStateError(
+                f"{self.lora_kind.name} layers do not take mixed batches (adapter_names=...), as in peft: their "
+                "adapters act on the weights for the whole batch; run one adapter per batch instead."
+            )
         if self.merged_adapters:  # a merged adapter would be in every row, "__base__" ones included
             raise AdapterStateError(
                 f"adapter(s) {self.merged_adapters} are merged into the weights; unmerge_adapter() before a "

@@ -269,10 +269,10 @@ def _expected_shapes(
         kind = kind_of(m)
         a_shape, b_shape = kind.factor_shapes(m, config.rank_for(path))
         a_key, b_key = kind.file_keys
-        out[f"{PREFIX}{path}.{a_key}"] = (a_shape, True)
-        out[f"{PREFIX}{path}.{b_key}"] = (b_shape, True)
+        out[f"{PREFIX}{kind.file_path(path)}.{a_key}"] = (a_shape, True)
+        out[f"{PREFIX}{kind.file_path(path)}.{b_key}"] = (b_shape, True)
         if config.use_dora:
-            out[f"{PREFIX}{path}.lora_magnitude_vector"] = ((kind.shapes(m)[1],), True)
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = (kind.magnitude_shape(m), True)
     for path, target in (tokens or {}).items():
         shape = (len(target.ids), modules[path].weight.shape[1])
         out[f"{PREFIX}{path}.{TOKENS_KEY}"] = (shape, True)

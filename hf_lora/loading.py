@@ -128,7 +128,9 @@ def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[
     tensors = set()  # (module path, tensor name): only what the files carry, or PiSSA/OLoRA may move
     for f in files:
         if moves_base_weights(f.config):
-            tensors |= {(path, "weight") for path, m in modules.items() if kind_of(m) is not None}
+            tensors |= {
+                (path, "weight") for path, m in modules.items() if kind_of(m) and hasattr(m, "weight")
+            }
         for key in f.tensors:
             key = normalise_key(key).removeprefix(PREFIX)
             path, sep, leaf = key.rpartition(".base_layer.")

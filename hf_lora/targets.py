@@ -62,6 +62,24 @@ TARGET_MODULES: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "falcon": ["query_key_value"],
     "mpt": ["Wqkv"],
+    # Vision, audio and multimodal encoders (peft has no defaults for them): the attention's query and
+    # value projections, as peft's image-classification and ASR guides target them; ConvNeXt, which has no
+    # attention, its pointwise Linears; ResNet, which is convolutions only, every convolution.
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["vit", "deit", "beit", "dinov2", "dinov2_with_registers", "vit_mae", "vivit", "swin"]
+    },
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["clip", "clip_vision_model", "clip_text_model", "siglip", "siglip_vision_model"]
+    },
+    **{
+        key: ["q_proj", "v_proj"]
+        for key in ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "audio-spectrogram-transformer"]
+    },
+    **{key: ["query", "value"] for key in ["yolos", "mobilevit", "videomae", "swinv2"]},
+    **{key: ["pwconv1", "pwconv2"] for key in ["convnext", "convnextv2"]},
+    "resnet": ["convolution"],
 }
 
 
@@ -275,7 +293,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
         if strict_patterns:
             raise TargetModulesError(message)
         logger.warning("%s It has no effect.", message)
+    found = _with_companions(model, found)
     _check_rank_fits_init(model, config, found)
+    _check_kind_problems(model, config, found)
     if strict_patterns and (clashes := _peft_suffix_clashes(config, found)):
         logger.warning(
             "LoRA on %s, whose name ends with a modules_to_save name (%s) though not on a dot boundary: peft "
@@ -293,6 +313,43 @@ def _peft_suffix_clashes(config: LoRAConfig, targets: list[str]) -> list[tuple[s
     """(target, modules_to_save name) pairs where peft's plain suffix match would take the LoRA target
     for a module to save in full (DistilBERT's pre_classifier for "classifier")."""
     return [(p, m) for p in targets for m in config.modules_to_save or () if p.endswith(m)]
+
+
+def _with_companions(model: nn.Module, found: list[str]) -> list[str]:
+    """The targets and the children their kind adapts with them (nn.MultiheadAttention's out_proj, as peft
+    does). A companion targeted without its parent is refused: the parent never calls its forward."""
+    out = list(found)
+    for path in found:
+        out += [
+            f"{path}.{leaf}"
+            for leaf in kind_of(model.get_submodule(path)).companions
+            if f"{path}.{leaf}" not in out
+        ]
+    for path in found:
+        parent, _, leaf = path.rpartition(".")
+        owner = kind_of(model.get_submodule(parent)) if parent else None
+        if owner is not None and leaf in owner.companions and parent not in found:
+            raise TargetModulesError(
+                f"{path} is the {leaf} of {parent} ({owner.name}), which never calls its forward: LoRA on it alone "
+                f"would do nothing. Target {parent} instead (its {leaf} is adapted with it, as in peft)."
+            )
+    return out
+
+
+def _check_kind_problems(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
+    """What a target's kind refuses (a convolution: a rank not divisible by its groups, an init that does not
+    apply to it), before the model is touched."""
+    problems = [
+        f"{path}: {problem}"
+        for path in targets
+        if (problem := kind_of(m := model.get_submodule(path)).problem(m, config.rank_for(path), config))
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TargetModulesError(
+            f"LoRA cannot go on {len(problems)} targeted module(s): {'; '.join(problems[:3])}{more}. Change the "
+            "config as said, or leave them out (exclude_modules=[...])."
+        )
 
 
 def _check_rank_fits_init(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:

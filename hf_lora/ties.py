@@ -23,7 +23,7 @@ def check_tied_targets(model: nn.Module, config: LoRAConfig, targets: list[str],
     and OLoRA would move part of the shared weight into the adapter, changing the other module too, so
     they are refused; merging unties it first (`untie_merge_targets`)."""
     shared = shared_parameters(model)
-    tied = [path for path in targets if id(model.get_submodule(path).weight) in shared]
+    tied = [path for path in targets if id(getattr(model.get_submodule(path), "weight", None)) in shared]
     if not tied:
         return
     moved = [
@@ -79,7 +79,7 @@ def untie_merge_targets(model: Any, names: Sequence[str]) -> None:
     shared = shared_parameters(model)
     untied = False
     for path, layer in model.lora_layers():
-        if id(layer.weight) in shared and any(n in layer.lora_A for n in names):
+        if id(getattr(layer, "weight", None)) in shared and any(n in layer.lora_A for n in names):
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
             untied = True
             logger.warning(

@@ -11,11 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def factor_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B @ A (out, in), with a convolution's factors flattened: A (r, in, *k) as (r, in * k), B (out, r, 1...)
+    as (out, r)."""
+    return B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """The dense update `scaling * B @ A` in at least fp32, laid out like the base weight ((in, out) for
-    Conv1D)."""
+    """The dense update `scaling * B @ A` in at least fp32, laid out (out, in) ((in, out) with
+    `fan_in_fan_out`: Conv1D; a convolution's kernel flattened, see `factor_product`)."""
     dtype = torch.promote_types(A.dtype, torch.float32)
-    delta = (B.to(dtype) @ A.to(dtype)) * scaling  # (out, in)
+    delta = factor_product(A.to(dtype), B.to(dtype)) * scaling  # (out, in)
     return delta.T if fan_in_fan_out else delta
 
 
@@ -121,8 +127,10 @@ def combine_adapters(
     "cat" is exact (ranks concatenated: B_new @ A_new = sum w_i s_i B_i @ A_i); "svd" truncates that same
     sum to `rank` by SVD (the best rank-`rank` approximation); "linear" adds the factors themselves
     (sqrt(w s) on each side), which is only an approximation, as in peft. The result is zero-padded to
-    `rank` so every layer of the new adapter has the rank its config states."""
-    A0 = parts[0][0]
+    `rank` so every layer of the new adapter has the rank its config states. A convolution's factors are
+    combined flattened (see `factor_product`) and come back in their own shapes."""
+    A0, B0 = parts[0][0], parts[0][1]
+    parts = [(A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), s) for A, B, s in parts]
     if how == "cat":
         A = torch.cat([A * (w * s) for (A, _, s), w in zip(parts, weights)])
         B = torch.cat([B for _, B, _ in parts], dim=1)
@@ -143,4 +151,6 @@ def combine_adapters(
         raise ValueError(f"combination_type must be 'cat', 'svd' or 'linear', got {how!r}.")
     A = F.pad(A, (0, 0, 0, rank - A.shape[0]))  # (rank, in)
     B = F.pad(B, (0, rank - B.shape[1]))  # (out, rank)
+    A = A.reshape(rank, *A0.shape[1:])
+    B = B.reshape(B.shape[0], rank, *B0.shape[2:])
     return A.to(A0.dtype).contiguous(), B.to(A0.dtype).contiguous()

@@ -397,6 +397,30 @@ def test_mlp_digits_fixes_the_worst_digit_and_disabling_restores_the_base(tmp_pa
     assert per_digit_accuracy(model, x_test, y_test).tolist() == report["after"], "the saved adapter reloads"
 
 
+# ---- cnn_digits ------------------------------------------------------------------------------------
+
+
+def test_cnn_digits_fixes_the_worst_digit_with_conv_lora_and_disabling_restores_the_base(tmp_path):
+    from cnn_digits import CNN
+    from mlp_digits import load_digits_split, per_digit_accuracy
+
+    out = tmp_path / "cnn"
+    proc = run_example("cnn_digits.py", "--tiny", "--output-dir", str(out), timeout=120)
+    assert "identical to the base model" in proc.stdout
+    report = results(out)
+    digit = report["digit"]
+    assert report["before"][digit] == min(report["before"]), "the worst digit was chosen"
+    assert report["after"][digit] > report["before"][digit] + 0.05, "its accuracy rose"
+    assert report["disabled"] == report["before"], "adapter disabled == the original model, every digit"
+
+    base = CNN()
+    base.load_state_dict(torch.load(out / "base_model.pt"))
+    model = hf_lora.LoRAModel.from_pretrained(base, out)
+    assert sorted(p for p, _ in model.lora_layers()) == ["conv1", "conv2"]
+    _, _, x_test, y_test = load_digits_split(seed=0)
+    assert per_digit_accuracy(model, x_test, y_test).tolist() == report["after"], "the saved adapter reloads"
+
+
 # ---- the real pretrained assets (90 MB downloads) ------------------------------------------------
 
 

@@ -118,6 +118,7 @@ def test_embeddings_are_targets_when_named_but_not_in_all_linear():
     linear = get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules="all-linear"))
     assert not any(isinstance(layer, torch.nn.Embedding) for _, layer in linear.lora_layers())
     with pytest.raises(
-        TargetModulesError, match=r"Only .*nn\.Linear, Conv1D and nn\.Embedding are supported"
+        TargetModulesError,
+        match=r"Only nn\.Linear, Conv1D, nn\.ConvNd, nn\.Embedding and nn\.MultiheadAttention are supported",
     ):
         get_lora_model(make_model("llama"), LoRAConfig(r=2, target_modules=["input_layernorm"]))

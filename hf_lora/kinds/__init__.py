@@ -12,18 +12,23 @@ from torch import nn
 
 from .base import BaseKind
 from .bnb import Linear4bitKind, Linear8bitKind, weights_in
+from .conv import ConvKind
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
 from .linear import LinearKind
+from .mha import MultiheadAttentionKind, OutProjKind
 from .torchao import TorchaoKind
 
 KINDS: list[BaseKind] = [
     Linear4bitKind(),  # (nn.Linear subclasses: before LinearKind)
     Linear8bitKind(),
     TorchaoKind(),
+    OutProjKind(),
     LinearKind(),
     Conv1DKind(),
+    ConvKind(),
     EmbeddingKind(),
+    MultiheadAttentionKind(),
 ]
 
 
@@ -51,7 +56,7 @@ def refusal(module: nn.Module) -> str:
 
 def kind_names(last: str = "and") -> str:
     """The kinds' names for messages: "nn.Linear, Conv1D and nn.Embedding"."""
-    names = [kind.name for kind in KINDS]
+    names = [kind.name for kind in KINDS if kind.listed]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
@@ -59,10 +64,13 @@ __all__ = [
     "KINDS",
     "BaseKind",
     "Conv1DKind",
+    "ConvKind",
     "EmbeddingKind",
     "Linear4bitKind",
     "Linear8bitKind",
     "LinearKind",
+    "MultiheadAttentionKind",
+    "OutProjKind",
     "TorchaoKind",
     "kind_names",
     "kind_of",

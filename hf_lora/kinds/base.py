@@ -20,6 +20,7 @@ class BaseKind:
     """Subclass this (or a kind close to yours: `LinearKind`) and override what differs."""
 
     name: str = "base"  # for messages: "nn.Linear"
+    listed: bool = True  # named in messages among the modules LoRA can wrap
     types: tuple[type[nn.Module], ...] = ()  # base classes it wraps (subclasses too, unless `fused`)
     all_linear: bool = False  # taken by target_modules="all-linear"
     fan_in_fan_out: bool = False  # the module stores its weight (in, out)
@@ -51,6 +52,30 @@ class BaseKind:
     def attach(self, module: nn.Module, model: nn.Module) -> None:
         """Called once a module of this kind becomes a LoRA layer of `model`: keep what the kind needs from
         the model (a quantisation config to requantise merged weights with)."""
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """Shape of a DoRA magnitude (also in the adapter file): (out,), peft's for this kind."""
+        return (self.shapes(module)[1],)
+
+    def problem(self, module: nn.Module, r: int, config: Any) -> str | None:
+        """Why an adapter of rank `r` (and the rest of `config`, a LoRAConfig) cannot go on this module, or
+        None."""
+        return None
+
+    companions: tuple[str, ...] = ()  # child modules adapted with it (nn.MultiheadAttention's out_proj)
+    wraps_forward: bool = False  # the adapters act through `lora_forward`, not base output + `lora_branch`
+
+    def file_path(self, path: str) -> str:
+        """The module's path in peft's file keys (`<file_path>.<file_keys>`): its own, unless peft nests it."""
+        return path
+
+    def lora_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The whole forward with the live adapters, for a kind that `wraps_forward`."""
+        raise NotImplementedError
+
+    def merge_problem(self, module: nn.Module) -> str | None:
+        """Why an adapter on this module cannot be merged into its weight, or None."""
+        return None
 
     # -- its weight --
 

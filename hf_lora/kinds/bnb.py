@@ -34,6 +34,7 @@ class BnbKind(LinearKind):
     class_name = ""  # the bitsandbytes class, e.g. "Linear4bit"
     fused = False  # the base forward is the quantised matmul: the plain path
     requantises = True  # write_weight rounds: a merge is measured and warned about (see layers)
+    listed = False  # (messages name nn.Linear, which covers it)
     bits = 0
 
     def matches(self, module: nn.Module) -> bool:

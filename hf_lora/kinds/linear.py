@@ -27,7 +27,10 @@ class LinearKind(BaseKind):
     fused = True
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, self.types) and dense_weight(module)
+        # (a module without `weight`, nn.MultiheadAttention, holds its weights under other names)
+        return isinstance(module, self.types) and (
+            getattr(module, "weight", None) is None or dense_weight(module)
+        )
 
     def shapes(self, module: nn.Module) -> tuple[int, int]:
         w = self.weight(module)

@@ -29,6 +29,7 @@ class TorchaoKind(LinearKind):
     name = "torchao-quantised nn.Linear"
     fused = False  # the base forward is torchao's quantised matmul: the plain path
     requantises = True
+    listed = False  # (messages name nn.Linear, which covers it)
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and is_torchao_weight(getattr(module, "weight", None))
