@@ -246,7 +246,8 @@ def main(argv=None) -> None:
     print_table(
         f"DPO ({args.dpo_steps} steps, beta {args.beta}, reference: "
         f"{'the SFT adapter, same model' if args.reference == 'adapter' else 'a second full model'})",
-        ["reward accuracy", "reward margin", "first loss (ln 2 = 0.6931)", "peak RSS", "SFT time", "DPO time"],
+        ["reward accuracy", "reward margin", f"first logged loss (steps 1-{max(1, args.dpo_steps // 10)}; "
+         "ln 2 = 0.6931 at step 1)", "peak RSS", "SFT time", "DPO time"],
         [[f"{100 * results['dpo_reward_accuracy']:.1f} %", f"{results['dpo_reward_margin']:.3f}", f"{first_loss:.4f}",
           human_bytes(peak), human_seconds(sft_time.seconds), human_seconds(dpo_time.seconds)]],
     )  # fmt: skip
