@@ -377,3 +377,17 @@ def test_torchao_int8_equals_peft_outputs_training_and_merge(saved_llama, caplog
         # but for the weights requantised by the merge and unmerge above (half a step each)
         dense = ours(**batch).logits
         assert (dense - unmerged).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_merge_and_unload_gives_a_quantised_model_as_peft(saved_llama, mode):
+    ours, ref = pair(saved_llama, mode)
+    ours.eval(), ref.eval()
+    batch = batch_for("llama")
+    with torch.no_grad():
+        merged, twin = ours.merge_and_unload(), ref.merge_and_unload()
+        cls = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
+        assert type(merged.get_submodule(Q_PATH)) is cls and not any(
+            isinstance(m, hf_lora.LoRALayer) for m in merged.modules()
+        )
+        assert torch.equal(merged(**batch).logits, twin(**batch).logits)
