@@ -116,6 +116,10 @@ def setup_logging(verbose: bool = False) -> None:
 
     # transformers' own INFO messages are many and rarely useful here; its warnings stay on
     hf_logging.set_verbosity_warning()
+    # transformers imports torchao (installed for the tests) on every from_pretrained; its CUDA-only
+    # extensions then fail to load on a CPU machine, and torch warns about its enums: noise, not advice
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def seed_everything(seed: int) -> None:
