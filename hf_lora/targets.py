@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import TASK_HEADS, LoRAConfig, moves_base_weights
 from .errors import TargetModulesError
-from .kinds import kind_names, kind_of, refusal
+from .kinds import ParameterSlot, ParameterSlots, kind_names, kind_of, parameter_targets, refusal
 from .layers import LoRALayer, ModulesToSave
 from .tokens import TokenRowsLayer
 
@@ -115,7 +115,7 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every (path, module) that LoRA can wrap: a module of any base kind (`hf_lora.kinds`)."""
     for name, module in base_modules(model):
-        if kind_of(module) is not None:
+        if kind_of(module) is not None and not isinstance(module, ParameterSlot):
             yield name, module
 
 
@@ -193,7 +193,7 @@ def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     adapts, so peft (whose defaults differ: GPT-2's is only c_attn) loads it right, and a later change of
     our defaults cannot change what an old adapter means."""
     changes: dict[str, Any] = {}
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         changes["target_modules"] = default_target_modules(model)
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
@@ -213,8 +213,8 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     an error when creating an adapter (a typo), and a warning when loading one (peft saves such configs,
     and they have no effect)."""
     targets = config.target_modules
-    if targets is None:
-        targets = default_target_modules(model)
+    if targets is None:  # (with target_parameters alone, as in peft, no modules)
+        targets = [] if config.target_parameters else default_target_modules(model)
     layers = config.layers_to_transform
     if isinstance(layers, int):
         layers = [layers]
@@ -223,7 +223,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     head = output_head_path(model) if targets == "all-linear" else None
     wrapped = {path for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
     for path, module in base_modules(model):
-        if in_modules_to_save(path, config.modules_to_save):
+        if in_modules_to_save(path, config.modules_to_save) or isinstance(
+            module, (ParameterSlot, ParameterSlots)
+        ):
             continue
         if config.exclude_modules and matches_name(path, config.exclude_modules):
             continue
@@ -266,6 +268,12 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"
             f"{' ...' if len(unsupported) > 5 else ''}. Only {kind_names()} are supported; "
             f"name the projections inside them instead. {describe_candidates(model)}."
+        )
+    if config.target_parameters:  # (after the modules: a parameter of an adapted module is refused)
+        found += parameter_targets(
+            model,
+            config.target_parameters,
+            lambda p, m: p in found or p in wrapped or isinstance(m, (LoRALayer, ModulesToSave)),
         )
     if not found:
         where = f" in layers {layers}" if layers else ""
