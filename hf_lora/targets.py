@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .config import TASK_HEADS, LoRAConfig, moves_base_weights
+from .config import TASK_HEADS, LoRAConfig, moves_base_weights, pattern_key
 from .errors import TargetModulesError
-from .kinds import ParameterSlot, ParameterSlots, kind_names, kind_of, parameter_targets, refusal
+from .kinds import ParameterSlot, ParameterSlots, kind_names, kind_of, parameter_targets, prune_slots, refusal
 from .layers import LoRALayer, ModulesToSave
 from .tokens import TokenRowsLayer
 
@@ -208,6 +208,16 @@ def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
+    """Paths of the modules `config` adapts (see `find_targets`); the slots of targeted parameters
+    (`target_parameters`) are created here, and removed again if the targets are refused."""
+    try:
+        return find_targets(model, config, strict_patterns)
+    except ValueError:
+        prune_slots(model)
+        raise
+
+
+def find_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
     """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none.
     A rank/alpha pattern key that matches no target, or a layers_to_transform index the model lacks, is
     an error when creating an adapter (a typo), and a warning when loading one (peft saves such configs,
@@ -399,7 +409,7 @@ def _unused_patterns(config: LoRAConfig, targets: list[str]) -> list[str]:
         f"{kind} key {key!r}"
         for kind, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
         for key in patterns
-        if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets)
+        if not any(pattern_key({key: None}, t) for t in targets)
     ]
 
 

@@ -15,7 +15,7 @@ from .bnb import Linear4bitKind, Linear8bitKind, weights_in
 from .conv import ConvKind
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
-from .experts import ExpertsKind, ParameterSlot, ParameterSlots, parameter_targets
+from .experts import ExpertsKind, ParameterSlot, ParameterSlots, parameter_targets, prune_slots
 from .linear import LinearKind
 from .mha import MultiheadAttentionKind, OutProjKind
 from .torchao import TorchaoKind
@@ -81,6 +81,7 @@ __all__ = [
     "kind_of",
     "kind_of_class",
     "parameter_targets",
+    "prune_slots",
     "refusal",
     "weights_in",
 ]

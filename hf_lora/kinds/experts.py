@@ -308,3 +308,14 @@ def parameter_targets(model: nn.Module, names: list[str], skip: Any) -> list[str
             "'<module path>.<parameter>' or a dotted suffix of it, e.g. 'experts.gate_up_proj')."
         )
     return found
+
+
+def prune_slots(model: nn.Module) -> None:
+    """Remove the slots that carry no adapter (made for targets that were then refused)."""
+    for module in list(model.modules()):
+        slots = module._modules.get(PARAMETER_SLOTS)
+        if isinstance(slots, ParameterSlots):
+            for pname in [n for n, s in slots.items() if not hasattr(s, "lora_A")]:
+                del slots[pname]
+            if not slots:
+                del module._modules[PARAMETER_SLOTS]

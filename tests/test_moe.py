@@ -1,0 +1,224 @@
+"""LoRA on parameters (`target_parameters`) of MoE models against peft's `ParamWrapper`: the fused 3-D
+experts of transformers 5 (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert, gpt-oss with biases and
+the (E, in, out) layout) and a router's 2-D weight. Outputs, gradients, merging, files both ways, several
+adapters, disabling, and what both refuse. Tiny models from configs, in float32.
+
+Tolerances: one model evaluation computed in two orders (peft: the weights W + s B A for the call; ours,
+per routed token, x W^T + s (x A^T) B^T) differs by rounding only: `ROUNDINGS` eps of the largest
+magnitude (tests/tolerance.py). A merge differs from peft's by the rounding of W + delta: MERGE_ROUNDINGS.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import copy_lora_weights, randomise_B
+from safetensors.torch import load_file
+from tolerance import MERGE_ROUNDINGS, assert_close
+from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+import hf_lora.kinds.experts as experts_kind
+from hf_lora import LoRAConfig, LoRAModel, get_lora_model
+from hf_lora.errors import AdapterStateError, TargetModulesError
+
+VOCAB = 128
+COMMON = dict(
+    num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+    num_experts_per_tok=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+)  # fmt: skip
+
+
+def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=16, num_experts=4, head_dim=8, **COMMON
+        )
+        model = Qwen3MoeForCausalLM(cfg)
+    elif arch == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=16, num_local_experts=4, **COMMON))
+    elif arch == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+            **COMMON,
+        )  # fmt: skip
+        model = Qwen2MoeForCausalLM(cfg)
+    else:
+        model = GptOssForCausalLM(
+            GptOssConfig(intermediate_size=16, num_local_experts=4, head_dim=8, **COMMON)
+        )
+        with torch.no_grad():  # (its biases and router start at zero: give them values)
+            for name, p in model.named_parameters():
+                if "bias" in name or "router" in name:
+                    p.normal_(0, 0.2)
+    return model.eval()
+
+
+ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def batch(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def pair(arch: str, **fields):
+    fields = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "target_parameters": EXPERTS, **fields}
+    base = tiny(arch)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    randomise_B(ours)
+    copy_lora_weights(ours, ref)
+    return ours, ref
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def peft_state(ref) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_adapters_forward_gradients_and_keys_equal_peft(arch):
+    ours, ref = pair(arch)
+    from hf_lora.adapter_files import adapter_state_dict
+
+    assert sorted(adapter_state_dict(ours)) == sorted(peft_state(ref))  # (peft's nested keys)
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    x = batch()
+    expected, actual = ref(input_ids=x).logits, ours(input_ids=x).logits
+    assert (expected - tiny(arch)(input_ids=x).logits).abs().max() > 1e-3  # the experts' adapters act
+    assert_close(actual, expected, what="logits")
+    (expected**2).mean().backward()
+    (actual**2).mean().backward()
+    ref_grads = {k.removeprefix("base_model.model."): g for k, g in grads(ref).items()}
+    for path, layer in ours.lora_layers():
+        where = layer.lora_kind.file_path(path, layer)
+        for f in ("A", "B"):
+            g = getattr(layer, f"lora_{f}")["default"].grad
+            assert_close(g, ref_grads[f"{where}.lora_{f}.weight"], what=f"{where} lora_{f} grad")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_routed_path_equals_weights_path(arch, monkeypatch):
+    """Per routed token (the fast path) and W + delta for the call (the reference): same outputs, gradients."""
+    ours, _ = pair(arch, target_modules=None)
+    x = batch()
+    out = {}
+    for routed in (True, False):
+        monkeypatch.setattr(experts_kind, "routable", lambda owner, r=routed: r)
+        ours.zero_grad()
+        logits = ours(input_ids=x).logits
+        (logits**2).mean().backward()
+        out[routed] = (logits, {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad})
+    assert_close(out[True][0], out[False][0], what="logits")
+    for n, g in out[False][1].items():
+        assert_close(out[True][1][n], g, what=n)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_merge_unmerge_and_merge_and_unload_equal_peft(arch):
+    ours, ref = pair(arch)
+    x = batch()
+    unmerged = ours(input_ids=x).logits.detach()
+    ours.merge_adapter()
+    ref.merge_adapter()
+    for name, p in ref.base_model.model.named_parameters():
+        if "experts" in name and "lora" not in name:
+            own = ours.get_parameter(name.replace(".base_layer", ""))
+            assert_close(own, p, roundings=MERGE_ROUNDINGS, what=name)
+    assert_close(ours(input_ids=x).logits, unmerged, what="merged logits")
+    ours.unmerge_adapter()
+    base = tiny(arch)
+    for name, p in base.named_parameters():
+        assert_close(ours.get_parameter(name), p, roundings=MERGE_ROUNDINGS, what=name)
+    plain = ours.merge_and_unload()
+    assert type(plain) is type(base)
+    assert not any("lora" in n for n, _ in plain.named_modules())
+    assert type(plain.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+    assert_close(plain(input_ids=x).logits, unmerged, what="merge_and_unload logits")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_files_load_both_ways(arch, tmp_path):
+    ours, ref = pair(arch)
+    x = batch()
+    expected = ref(input_ids=x).logits.detach()
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(mine) == sorted(theirs)
+    for k in theirs:
+        assert_close(mine[k], theirs[k], what=k)
+    loaded = LoRAModel.from_pretrained(tiny(arch), tmp_path / "peft")
+    assert_close(loaded(input_ids=x).logits, expected, what="ours from peft's files")
+    in_peft = PeftModel.from_pretrained(tiny(arch), tmp_path / "ours")
+    assert_close(in_peft(input_ids=x).logits, expected, what="peft from our files")
+
+
+def test_router_weight_rank_pattern_and_several_adapters():
+    fields = dict(
+        target_parameters=["gate.weight", *EXPERTS],
+        target_modules=None,
+        rank_pattern={"experts.down_proj": 3},
+    )
+    ours, ref = pair("qwen3_moe", **fields)
+    slot = ours.get_submodule("model.layers.0.mlp.experts.lora_params.down_proj")
+    assert slot.rank("default") == 3 and slot.lora_A["default"].shape == (12, 16)
+    x = batch()
+    assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, what="logits")
+    # a second adapter, both active, then disabled
+    second = dict(r=2, lora_alpha=4, target_parameters=[*EXPERTS, "gate.weight"])
+    ours.add_adapter("other", LoRAConfig(**second))
+    ref.add_adapter("other", LoraConfig(**second))
+    randomise_B(ours, seed=5)  # (every adapter's B)
+    for name in ("default", "other"):
+        copy_lora_weights(ours, ref, adapter=name)
+    ours.set_adapter(["default", "other"])
+    ref.base_model.set_adapter(["default", "other"])
+    assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, what="two adapters")
+    with ours.disable_adapter(), ref.disable_adapter():
+        assert_close(ours(input_ids=x).logits, tiny("qwen3_moe")(input_ids=x).logits, what="disabled")
+    with pytest.raises(AdapterStateError, match="mixed batches"):
+        ours(input_ids=x, adapter_names=["default", "other"])
+
+
+def test_refused_as_in_peft():
+    for fields, match in (
+        (dict(lora_dropout=0.1), "lora_dropout"),
+        (dict(use_dora=True), "use_dora"),
+        (dict(init_lora_weights="pissa"), "pissa"),
+    ):
+        model = tiny("qwen3_moe")
+        before = {n: type(m) for n, m in model.named_modules()}
+        with pytest.raises(TargetModulesError, match=match):
+            get_lora_model(model, LoRAConfig(target_parameters=EXPERTS, **fields))
+        assert {n: type(m) for n, m in model.named_modules()} == before  # untouched
+    with pytest.raises(TargetModulesError, match="matches no parameter"):
+        get_lora_model(tiny("qwen3_moe"), LoRAConfig(target_parameters=["experts.nothing"]))
+    with pytest.raises(ValueError, match="target_parameters must be a list"):
+        LoRAConfig(target_parameters="experts.down_proj")
+
+
+def test_peft_config_with_target_parameters_round_trips():
+    config = LoRAConfig(target_parameters=EXPERTS, target_modules=None)
+    again = LoRAConfig.from_dict(config.to_dict())
+    assert again.target_parameters == EXPERTS and again.target_modules is None
+    assert LoraConfig(**{k: v for k, v in config.to_dict().items() if k != "peft_type"}).target_parameters
