@@ -18,6 +18,7 @@ from .config import TASK_HEADS, LoRAConfig, moves_base_weights, pattern_key
 from .errors import TargetModulesError
 from .kinds import ParameterSlot, ParameterSlots, kind_names, kind_of, parameter_targets, prune_slots, refusal
 from .layers import LoRALayer, ModulesToSave
+from .moe_targets import convert_moe_config
 from .tokens import TokenRowsLayer
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,10 @@ def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     if config.task_type in TASK_HEADS:
         heads = list(config.modules_to_save or [])
         changes["modules_to_save"] = heads + [h for h in TASK_HEADS[config.task_type] if h not in heads]
-    return config.replace(**changes) if changes else config
+    config = config.replace(**changes) if changes else config
+    head = output_head_path(model)
+    leaves = lambda: [p.rsplit(".", 1)[-1] for p, _ in linear_modules(model) if p != head]  # noqa: E731
+    return convert_moe_config(model, config, leaves)
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:

@@ -222,3 +222,27 @@ def test_peft_config_with_target_parameters_round_trips():
     again = LoRAConfig.from_dict(config.to_dict())
     assert again.target_parameters == EXPERTS and again.target_modules is None
     assert LoraConfig(**{k: v for k, v in config.to_dict().items() if k != "peft_type"}).target_parameters
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_linear_covers_what_peft_covers(arch, tmp_path):
+    """peft's "all-linear" on Mixtral and Qwen3-MoE (transformers 5) also takes the router and the experts,
+    the fused gate_up_proj with twice the rank and alpha; on Qwen2-MoE and gpt-oss, the Linears only."""
+    ours, ref = pair(arch, target_modules="all-linear", target_parameters=None)
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    from hf_lora.adapter_files import adapter_state_dict
+
+    assert sorted(adapter_state_dict(ours)) == sorted(peft_state(ref))
+    fused = arch in ("qwen3_moe", "mixtral")
+    assert any("mlp.gate" in k for k in adapter_state_dict(ours)) == fused
+    x = batch()
+    assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, what="logits")
+    ours.save_pretrained(tmp_path)
+    saved = LoRAConfig.from_dict(__import__("json").loads((tmp_path / "adapter_config.json").read_text()))
+    assert set(saved.target_parameters or []) == set(ref.peft_config["default"].target_parameters or [])
+    if fused:  # (elsewhere peft writes the Linears' full paths, ours "all-linear")
+        assert set(saved.target_modules) == set(ref.peft_config["default"].target_modules)
+    assert saved.rank_pattern == ref.peft_config["default"].rank_pattern
+    assert saved.alpha_pattern == ref.peft_config["default"].alpha_pattern
+    in_peft = PeftModel.from_pretrained(tiny(arch), tmp_path)
+    assert_close(in_peft(input_ids=x).logits, ours(input_ids=x).logits, what="peft from our files")
