@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import LoRAConfig
@@ -91,3 +92,69 @@ def convert_moe_config(model: nn.Module, config: LoRAConfig, linear_leaves: Any)
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+
+
+_EXPERT_KEY = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.(?P<f>lora_[AB])\.weight$")
+
+
+def fused_expert_tensors(model: nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
+    """An adapter file of transformers 4 (one Linear per expert: `experts.<e>.w1.lora_A.weight`, ...) as
+    peft converts it for the fused experts of transformers 5; the tensors unchanged for any other file.
+
+    Per expert e, the two halves of gate_up_proj (w1 and w3, or gate_proj and up_proj) fuse into A_e =
+    [A1_e; A3_e] and B_e = diag(B1_e, B3_e) (rank 2r, the same update for each half); A is stacked (E * r,
+    in), B interleaved (out, r * E), peft's layout (`hf_lora.kinds.experts`)."""
+    name = family(model)
+    if name is None:
+        return tensors
+    if name == "mixtral":  # (transformers renamed Mixtral's block_sparse_moe to mlp)
+        tensors = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
+    per_expert: dict[tuple[str, str, str], dict[int, Any]] = {}
+    out = {}
+    for key, value in tensors.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None or m["proj"] not in FAMILIES[name]:
+            out[key] = value
+        else:
+            per_expert.setdefault((m["owner"], m["proj"], m["f"]), {})[int(m["e"])] = value
+    if not per_expert:
+        return tensors
+    mapping = FAMILIES[name]
+    halves = FUSED[name]["gate_up_proj"]
+    down = next(old for old, new in mapping.items() if new == "down_proj")
+    for owner in sorted({o for o, _, _ in per_expert}):
+        have = {p for o, p, _ in per_expert if o == owner}
+        if set(halves) & have and not set(halves) <= have:
+            raise ValueError(
+                f"{owner}: the adapter has {sorted(set(halves) & have)} but not {sorted(set(halves) - have)}, which "
+                "transformers 5 fused with it into gate_up_proj; it cannot be converted (nor can peft)."
+            )
+        nested = (
+            ".base_layer" if down in have else ""
+        )  # (peft nests gate_up_proj's wrapper inside down_proj's)
+        for f in ("lora_A", "lora_B"):
+            if set(halves) <= have:
+                parts = [_by_expert(per_expert[(owner, h, f)], owner) for h in halves]
+                if f == "lora_A":
+                    fused = [torch.cat(ts, 0) for ts in zip(*parts)]
+                else:
+                    fused = [torch.block_diag(*ts) for ts in zip(*parts)]
+                out[f"{owner}{nested}.{f}.weight"] = _stacked(fused, f)
+            if down in have:
+                out[f"{owner}.{f}.weight"] = _stacked(_by_expert(per_expert[(owner, down, f)], owner), f)
+    return out
+
+
+def _by_expert(tensors: dict[int, Any], owner: str) -> list[Any]:
+    if sorted(tensors) != list(range(len(tensors))):
+        raise ValueError(
+            f"{owner}: the adapter has tensors for experts {sorted(tensors)}, not for each expert."
+        )
+    return [tensors[e] for e in range(len(tensors))]
+
+
+def _stacked(per_expert: list[Any], f: str) -> Any:
+    """A: (E * r, in), expert-major; B: (out, r * E), expert-minor (peft's ParamWrapper layout)."""
+    if f == "lora_A":
+        return torch.cat(per_expert, 0)
+    return torch.stack(per_expert, -1).flatten(1)

@@ -246,3 +246,46 @@ def test_all_linear_covers_what_peft_covers(arch, tmp_path):
     assert saved.alpha_pattern == ref.peft_config["default"].alpha_pattern
     in_peft = PeftModel.from_pretrained(tiny(arch), tmp_path)
     assert_close(in_peft(input_ids=x).logits, ours(input_ids=x).logits, what="peft from our files")
+
+
+V4_NAMES = {  # transformers-4 module names: MoE block, the expert projections, their (out, in) shapes
+    "mixtral": ("block_sparse_moe", {"w1": (16, 32), "w3": (16, 32), "w2": (32, 16)}),
+    "qwen3_moe": ("mlp", {"gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)}),
+}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_transformers4_per_expert_files_convert_as_peft(arch, tmp_path):
+    """An adapter trained on transformers 4 (a Linear per expert, and the router a Linear `gate`): peft
+    converts it on load (the fused gate_up_proj gets rank 2r, B block-diagonal); so do we, same logits."""
+    block, projections = V4_NAMES[arch]
+    r = 2
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for layer in range(2):
+        pre = f"base_model.model.model.layers.{layer}"
+        for name, (n_out, n_in) in {"self_attn.q_proj": (32, 32), f"{block}.gate": (4, 32)}.items():
+            tensors[f"{pre}.{name}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.3
+            tensors[f"{pre}.{name}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.3
+        for e in range(4):
+            for proj, (n_out, n_in) in projections.items():
+                key = f"{pre}.{block}.experts.{e}.{proj}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.3
+                tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.3
+    LoraConfig(r=r, lora_alpha=4, target_modules=["q_proj", "gate", *projections]).save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    x = batch()
+    ref = PeftModel.from_pretrained(tiny(arch), tmp_path)
+    expected = ref(input_ids=x).logits
+    assert (expected - tiny(arch)(input_ids=x).logits).abs().max() > 1e-2  # (the converted adapter acts)
+    ours = LoRAModel.from_pretrained(tiny(arch), tmp_path)
+    assert_close(ours(input_ids=x).logits, expected, what="logits")
+    assert ours.peft_config["default"].rank_pattern == ref.peft_config["default"].rank_pattern
+    # half of a fused pair: refused, as peft refuses it
+    half = {k: v for k, v in tensors.items() if f".{next(iter(projections))}." not in k}
+    save_file(half, tmp_path / "adapter_model.safetensors")
+    LoraConfig(r=r, lora_alpha=4, target_modules=["q_proj", *list(projections)[1:]]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="fused"):
+        LoRAModel.from_pretrained(tiny(arch), tmp_path)
