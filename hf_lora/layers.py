@@ -339,7 +339,10 @@ class LoRALayer(nn.Module):
             return super().__reduce_ex__(protocol)
         # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
         class_for = functools.partial(lora_layer_class, kind=self.lora_kind)
-        return (rebuild_swapped, (class_for, self._lora_base_class, self.__dict__.copy()))
+        return (
+            rebuild_swapped,
+            (class_for, self._lora_base_class, self.lora_kind.reduce_state(self.__dict__.copy())),
+        )
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)

@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from reference import copy_lora_weights, randomise_B
+from reference import copy_lora_weights, randomise_B, training_curve
 from safetensors.torch import load_file
-from tolerance import MERGE_ROUNDINGS, assert_close
+from tolerance import MERGE_ROUNDINGS, assert_close, assert_same_training
 from transformers import (
     GptOssConfig,
     GptOssForCausalLM,
@@ -74,9 +74,13 @@ def batch(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
-def pair(arch: str, **fields):
+def pair(arch: str, eager: bool = False, **fields):
+    """Our model and peft's with the same adapter weights (B random). `eager`: transformers' experts loop
+    instead of its default grouped_mm, which has no float64 kernel."""
     fields = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "target_parameters": EXPERTS, **fields}
     base = tiny(arch)
+    if eager:
+        base.set_experts_implementation("eager")
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
     ours = get_lora_model(base, LoRAConfig(**fields))
     randomise_B(ours)
@@ -289,3 +293,46 @@ def test_transformers4_per_expert_files_convert_as_peft(arch, tmp_path):
     LoraConfig(r=r, lora_alpha=4, target_modules=["q_proj", *list(projections)[1:]]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="fused"):
         LoRAModel.from_pretrained(tiny(arch), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_training_curves_equal_peft(arch):
+    """AdamW steps on the experts (the routed path) against peft's weights path, float64 and float32."""
+    ids = [batch(seed) for seed in range(3)]
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    curves: tuple[dict, dict] = ({}, {})
+    for dtype in (torch.float64, torch.float32):
+        for model, curve in zip(pair(arch, eager=True), curves):
+            curve[dtype] = training_curve(model.to(dtype), batches, steps=6, seed=0)
+    assert_same_training(*curves)
+
+
+def test_deepcopy_and_pickle_keep_each_slot_on_its_owner():
+    ours, _ = pair("qwen3_moe")
+    x = batch()
+    expected = ours(input_ids=x).logits.detach()
+    twin = copy.deepcopy(ours)
+    experts = twin.model.layers[0].mlp.experts
+    assert experts.lora_params["gate_up_proj"].owner is experts
+    twin.merge_adapter()  # (into the copy's weights only)
+    original = ours.model.layers[0].mlp.experts.gate_up_proj
+    assert_close(
+        original, tiny("qwen3_moe").model.layers[0].mlp.experts.gate_up_proj, what="original weights"
+    )
+    assert_close(twin(input_ids=x).logits, expected, what="merged copy")
+    buffer = __import__("io").BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert (
+        again.model.layers[1].mlp.experts.lora_params["down_proj"].owner is again.model.layers[1].mlp.experts
+    )
+    assert_close(again(input_ids=x).logits, expected, what="unpickled")
+
+
+def test_adapters_must_target_the_same_parameters_as_in_peft():
+    ours, _ = pair("qwen3_moe")
+    with pytest.raises(TargetModulesError, match="same"):
+        ours.add_adapter("other", LoRAConfig(target_parameters=["experts.down_proj"]))
+    assert sorted(ours.peft_config) == ["default"]
+    ours.add_adapter("modules_only", LoRAConfig(target_modules=["k_proj"]))  # (no parameters: allowed)

@@ -71,6 +71,10 @@ class BaseKind:
         """The module's path in peft's file keys (`<file_path>.<file_keys>`): its own, unless peft nests it."""
         return path
 
+    def reduce_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What a LoRA layer of this kind pickles (and deep-copies) of its `__dict__`."""
+        return state
+
     def detach(self, module: nn.Module) -> None:
         """Called once a module of this kind has given its class back (its last adapter is gone)."""
 

@@ -83,6 +83,10 @@ class ExpertsKind(BaseKind):
     def attach(self, module: nn.Module, model: nn.Module) -> None:
         host(module.owner)
 
+    def reduce_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        state.pop("owner", None)  # (its owner, rebuilt around it, points it back: `rebuild_host`)
+        return state
+
     def detach(self, module: nn.Module) -> None:
         """The slot's last adapter is gone: remove it, and give the owner its class back after its last."""
         owner = module.owner
@@ -186,6 +190,8 @@ def host(owner: nn.Module) -> None:
 def rebuild_host(base_cls: type[nn.Module], state: dict[str, Any]) -> nn.Module:
     obj = nn.Module.__new__(host_class(base_cls))
     obj.__dict__.update(state)
+    for slot in obj._modules[PARAMETER_SLOTS].values():
+        slot.__dict__["owner"] = obj
     return obj
 
 
@@ -276,6 +282,9 @@ def parameter_targets(model: nn.Module, names: list[str], skip: Any) -> list[str
     they get an adapter); inert slots of earlier calls that nothing targets now are removed. `skip(path,
     module)` says which modules are not candidates (LoRA layers, modules saved in full)."""
     found: list[str] = []
+    adapted = sorted(
+        p for p, m in model.named_modules() if isinstance(m, ParameterSlot) and hasattr(m, "lora_A")
+    )
     owners = [(p, m) for p, m in model.named_modules() if not isinstance(m, (ParameterSlot, ParameterSlots))]
     for path, module in owners:
         slots = module._modules.get(PARAMETER_SLOTS)
@@ -302,6 +311,12 @@ def parameter_targets(model: nn.Module, names: list[str], skip: Any) -> list[str
             if pname not in slots:
                 slots[pname] = ParameterSlot(module, pname)
             found.append(f"{path}.{PARAMETER_SLOTS}.{pname}")
+    if adapted and sorted(found) != adapted:
+        raise TargetModulesError(
+            f"target_parameters={names!r} matches {len(found)} parameters, but the model's other adapters target "
+            f"{len(adapted)} others (e.g. {adapted[0].replace('.' + PARAMETER_SLOTS, '')}): all adapters that use "
+            "target_parameters must target the same parameters, as in peft. Use the same target_parameters."
+        )
     if not found:
         raise TargetModulesError(
             f"target_parameters={names!r} matches no parameter of {type(model).__name__} (names are matched as "
