@@ -4,7 +4,8 @@ Micro-benchmark behind the "MoE" section of BENCHMARKS.md (not part of run.py): 
 a config, hidden 512, 8 experts of intermediate 1024, 2 routed per token, `--layers` blocks, vocabulary
 1024; LoRA r=16 on `experts.gate_up_proj` and `experts.down_proj` only, AdamW. peft folds W + s B A into
 the whole (E, out, in) expert stack on every forward (and its gradient on every backward); hf_lora adds
-s (x A_e^T) B_e^T per routed token. Interleaved rounds (one step of each per round, two warm-up rounds),
+s (x A_e^T) B_e^T per routed token (two more grouped matmuls per projection through the low-rank
+factors, or the loop over experts with `--experts eager`). Interleaved rounds (one step of each per round, two warm-up rounds),
 medians [min-max]; then the peak memory of a process that trains each for 3 steps (RSS on CPU, allocated
 memory on CUDA):
 
@@ -28,7 +29,7 @@ KINDS = ["hf_lora", "peft"]
 LORA = dict(r=16, lora_alpha=32, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
 
 
-def build(kind: str, layers: int, device: str) -> torch.nn.Module:
+def build(kind: str, layers: int, device: str, experts: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
         hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024, num_experts=8, num_experts_per_tok=2,
@@ -36,6 +37,7 @@ def build(kind: str, layers: int, device: str) -> torch.nn.Module:
     )  # fmt: skip
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = Qwen3MoeForCausalLM(config).to(device, dtype)
+    model.set_experts_implementation(experts)
     if kind == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
+        "--experts", default="grouped_mm", help="transformers' experts implementation (or eager)"
+    )
+    parser.add_argument(
         "--peak-of", help="(internal) train this configuration 3 steps, print its peak memory"
     )
     args = parser.parse_args()
@@ -71,7 +76,7 @@ def main() -> None:
     ids = ids.to(args.device)
     cuda = args.device == "cuda"
     if args.peak_of:
-        model = build(args.peak_of, args.layers, args.device)
+        model = build(args.peak_of, args.layers, args.device, args.experts)
         opt = torch.optim.AdamW(trainable(model), lr=1e-4)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -83,7 +88,7 @@ def main() -> None:
             status = Path("/proc/self/status").read_text()
             print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
         return
-    models = {k: build(k, args.layers, args.device) for k in KINDS}
+    models = {k: build(k, args.layers, args.device, args.experts) for k in KINDS}
     optims = {k: torch.optim.AdamW(trainable(m), lr=1e-4) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     for round_ in range(args.rounds + 2):
@@ -102,7 +107,7 @@ def main() -> None:
     )
     print(
         f"Qwen3-MoE hidden 512, 8 experts x 1024, top-2, {args.layers} layers, batch {args.batch} x {args.seq}, "
-        f"LoRA r=16 on the experts; {where}"
+        f"LoRA r=16 on the experts, {args.experts} experts; {where}"
     )
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in KINDS:
@@ -113,7 +118,7 @@ def main() -> None:
     peak = {}
     for k in KINDS:
         cmd = [sys.executable, __file__, "--peak-of", k, "--device", args.device, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--layers", str(args.layers)]  # fmt: skip
+               "--seq", str(args.seq), "--layers", str(args.layers), "--experts", args.experts]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1]
         peak[k] = int(out) / 1024
         print(f"peak {'memory' if cuda else 'RSS'} {k:10s} {peak[k]:7.0f} MB")

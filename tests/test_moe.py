@@ -119,10 +119,13 @@ def test_expert_adapters_forward_gradients_and_keys_equal_peft(arch):
             assert_close(g, ref_grads[f"{where}.lora_{f}.weight"], what=f"{where} lora_{f} grad")
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-def test_routed_path_equals_weights_path(arch, monkeypatch):
-    """Per routed token (the fast path) and W + delta for the call (the reference): same outputs, gradients."""
+def test_routed_path_equals_weights_path(arch, implementation, monkeypatch):
+    """Per routed token (the fast path: grouped matmuls, or the loop over experts) and W + delta for the call
+    (the reference): same outputs, gradients."""
     ours, _ = pair(arch, target_modules=None)
+    ours.set_experts_implementation(implementation)
     x = batch()
     out = {}
     for routed in (True, False):

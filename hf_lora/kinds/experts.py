@@ -29,6 +29,11 @@ from ..weights import init_lora_
 from .base import BaseKind
 from .mha import swapped
 
+try:  # transformers' grouped matmul over experts, with its fallbacks (what its grouped_mm experts use)
+    from transformers.integrations.moe import _grouped_linear as grouped_linear
+except ImportError:  # (older transformers: no fused experts either)
+    grouped_linear = None
+
 
 class ParameterSlot(nn.Module):
     """Stands for parameter `param_name` of its owner (not a child: the owner's tensors stay its own)."""
@@ -160,7 +165,11 @@ class ParameterHost(nn.Module):
         if not live:
             return super().forward(*args, **kwargs)
         if routable(self) and (len(args) + len(kwargs)) == 3:
-            return routed_forward(self, live, *args, **kwargs)
+            implementation = getattr(getattr(self, "config", None), "_experts_implementation", None)
+            if implementation == "grouped_mm" and grouped_linear is not None:
+                return grouped_forward(self, live, *args, **kwargs)
+            if implementation in (None, "eager"):
+                return routed_forward(self, live, *args, **kwargs)
         with ExitStack() as stack:
             for pname, slot in live.items():
                 stack.enter_context(swapped(self, pname, updated(slot)))
@@ -250,6 +259,44 @@ def routed_forward(
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
+
+
+def grouped_forward(
+    owner: Any,
+    live: dict[str, Any],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' grouped_mm experts forward (tokens sorted by expert, one grouped matmul per projection),
+    with each LoRA update as two more grouped matmuls through the low-rank factors, (x A_e^T) B_e^T."""
+    experts, top_k = owner.gate_up_proj.shape[0], top_k_index.size(-1)
+    tokens, hidden = hidden_states.shape
+    bias = getattr(owner, "has_bias", False)
+    factors = {pname: lora_factors(slot) for pname, slot in live.items()}
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // top_k]
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts), dim=0, dtype=torch.int32)
+
+    def project(pname: str, x: torch.Tensor) -> torch.Tensor:
+        b = getattr(owner, f"{pname}_bias")[expert_ids] if bias else None
+        y = grouped_linear(x, getattr(owner, pname), offsets, bias=b, is_transposed=owner.is_transposed)
+        for A, B, s in factors.get(pname, ()):
+            # grouped_mm wants rows of 16 bytes: zero ranks pad r (they add exact zeros)
+            pad = -A.shape[1] % (16 // A.element_size())
+            A, B = (
+                F.pad(A, (0, 0, 0, pad)).contiguous(),
+                F.pad(B, (0, pad)).contiguous(),
+            )  # (E, r', in), (E, out, r')
+            low = grouped_linear(x.to(A.dtype), A, offsets)  # (S, r')
+            y = y + (grouped_linear(low, B, offsets) * s).to(y.dtype)
+        return y
+
+    out = project("down_proj", owner._apply_gate(project("gate_up_proj", x)))
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    return out[inverse].view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
 def lora_factors(slot: Any) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
