@@ -339,3 +339,32 @@ def test_adapters_must_target_the_same_parameters_as_in_peft():
         ours.add_adapter("other", LoRAConfig(target_parameters=["experts.down_proj"]))
     assert sorted(ours.peft_config) == ["default"]
     ours.add_adapter("modules_only", LoRAConfig(target_modules=["k_proj"]))  # (no parameters: allowed)
+
+
+def test_trainer_checkpoints_the_expert_adapters_and_resumes_exactly(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from hf_lora import LoRATrainer
+    from hf_lora.adapter_files import adapter_state_dict
+
+    ids = torch.randint(1, VOCAB, (16, 9), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    def train(out, resume=None):
+        model = get_lora_model(tiny("qwen3_moe"), LoRAConfig(r=2, lora_alpha=4, target_parameters=EXPERTS))
+        randomise_B(model)
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+            use_cpu=True, seed=0, save_strategy="steps", save_steps=2, disable_tqdm=True,
+        )  # fmt: skip
+        LoRATrainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return adapter_state_dict(model)
+
+    straight = train(tmp_path / "straight")
+    saved = load_file(tmp_path / "straight" / "checkpoint-2" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(straight)  # (the adapter only, under peft's keys)
+    assert any(k.endswith("experts.base_layer.lora_A.weight") for k in saved)
+    resumed = train(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
+    for k in straight:  # (same steps on the same data from the restored state: the same arithmetic)
+        assert torch.equal(resumed[k], straight[k]), k
