@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference import copy_lora_weights, randomise_B, training_curve
 from safetensors.torch import load_file
-from tolerance import MERGE_ROUNDINGS, assert_close, assert_same_training
+from tolerance import MERGE_ROUNDINGS, assert_as_accurate, assert_close, assert_same_training
 from transformers import (
     GptOssConfig,
     GptOssForCausalLM,
@@ -368,3 +368,30 @@ def test_trainer_checkpoints_the_expert_adapters_and_resumes_exactly(tmp_path):
     resumed = train(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
     for k in straight:  # (same steps on the same data from the restored state: the same arithmetic)
         assert torch.equal(resumed[k], straight[k]), k
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_bf16_is_as_accurate_as_peft(arch):
+    """A bf16 model (adapters cast with it): our logits and gradients are as close to the float32 ones as
+    peft's bf16 ones are (tolerance.assert_as_accurate: rounding grows along a whole model in bf16)."""
+    x = batch()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, ref = (m.to(dtype) for m in pair(arch))
+        for name, model in (("ours", ours), ("peft", ref)):
+            logits = model(input_ids=x).logits
+            logits.float().square().mean().backward()
+            layer = model.get_submodule(
+                "model.layers.0.mlp.experts.lora_params.down_proj"
+                if name == "ours"
+                else "base_model.model.model.layers.0.mlp.experts"
+            )
+            grad = (layer.lora_A["default"] if name == "ours" else layer.lora_A["default"].weight).grad
+            results[name, dtype] = logits.float(), grad.float()
+    for i, what in enumerate(("logits", "down_proj lora_A grad")):
+        exact = results["peft", torch.float32][i]
+        assert_close(results["ours", torch.float32][i], exact, what=what)
+        assert_as_accurate(
+            results["ours", torch.bfloat16][i], results["peft", torch.bfloat16][i], exact,
+            floor_dtype=torch.bfloat16, what=what,
+        )  # fmt: skip
