@@ -19,6 +19,8 @@ from reference import copy_lora_weights, randomise_B, training_curve
 from safetensors.torch import load_file
 from tolerance import MERGE_ROUNDINGS, assert_as_accurate, assert_close, assert_same_training
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     MixtralConfig,
@@ -55,6 +57,13 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
             **COMMON,
         )  # fmt: skip
         model = Qwen2MoeForCausalLM(cfg)
+    elif arch == "deepseek_v3":  # (shared experts; its first layer dense)
+        cfg = DeepseekV3Config(
+            intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, n_group=1,
+            topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+            qk_nope_head_dim=4, v_head_dim=8, **COMMON,
+        )  # fmt: skip
+        model = DeepseekV3ForCausalLM(cfg)
     else:
         model = GptOssForCausalLM(
             GptOssConfig(intermediate_size=16, num_local_experts=4, head_dim=8, **COMMON)
@@ -231,16 +240,18 @@ def test_peft_config_with_target_parameters_round_trips():
     assert LoraConfig(**{k: v for k, v in config.to_dict().items() if k != "peft_type"}).target_parameters
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "deepseek_v3"])
 def test_all_linear_covers_what_peft_covers(arch, tmp_path):
-    """peft's "all-linear" on Mixtral and Qwen3-MoE (transformers 5) also takes the router and the experts,
-    the fused gate_up_proj with twice the rank and alpha; on Qwen2-MoE and gpt-oss, the Linears only."""
+    """peft's "all-linear" on Mixtral, Qwen3-MoE and DeepSeek-V3 (transformers 5) also takes the router and
+    the experts, the fused gate_up_proj with twice the rank and alpha (and no longer DeepSeek's shared
+    experts and dense MLPs, whose gate_proj/up_proj/down_proj names it maps to the experts); on Qwen2-MoE
+    and gpt-oss, the Linears only."""
     ours, ref = pair(arch, target_modules="all-linear", target_parameters=None)
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     from hf_lora.adapter_files import adapter_state_dict
 
     assert sorted(adapter_state_dict(ours)) == sorted(peft_state(ref))
-    fused = arch in ("qwen3_moe", "mixtral")
+    fused = arch in ("qwen3_moe", "mixtral", "deepseek_v3")
     assert any("mlp.gate" in k for k in adapter_state_dict(ours)) == fused
     x = batch()
     assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, what="logits")
