@@ -406,3 +406,25 @@ def test_bf16_is_as_accurate_as_peft(arch):
             results["ours", torch.bfloat16][i], results["peft", torch.bfloat16][i], exact,
             floor_dtype=torch.bfloat16, what=what,
         )  # fmt: skip
+
+
+def test_a_failed_load_adapter_leaves_the_model_as_before(tmp_path, monkeypatch):
+    import hf_lora.loading
+
+    ours, _ = pair("qwen3_moe")
+    ours.save_pretrained(tmp_path)
+    x = batch()
+    before = ours(input_ids=x).logits.detach()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(hf_lora.loading, "_copy_tensors", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        ours.load_adapter(tmp_path, adapter_name="other")
+    assert sorted(ours.peft_config) == ["default"]
+    assert all(list(layer.lora_A) == ["default"] for _, layer in ours.lora_layers())
+    assert_close(ours(input_ids=x).logits, before, what="logits")
+    plain = ours.unload()  # (and without adapters: the original classes, no slots)
+    assert not any("lora" in n for n, _ in plain.named_modules())
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
