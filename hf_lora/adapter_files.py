@@ -43,7 +43,7 @@ def adapter_key_map(model: LoRAModel, adapter_name: str) -> dict[str, str]:
         if adapter_name in layer.lora_A:
             lora_paths.add(path)
             a_key, b_key = lora_file_keys(layer)
-            where = layer.lora_kind.file_path(path)
+            where = layer.lora_kind.file_path(path, layer)
             keys[f"{PREFIX}{where}.{a_key}"] = f"{path}.lora_A.{adapter_name}"
             keys[f"{PREFIX}{where}.{b_key}"] = f"{path}.lora_B.{adapter_name}"
             if adapter_name in layer.lora_magnitude:

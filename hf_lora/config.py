@@ -51,12 +51,14 @@ _PEFT_FEATURES_OFF: dict[str, Any] = {
     "monteclora_config": None,
     "layer_replication": None,
     "lora_bias": False,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
+# A parameter targeted by `target_parameters` is adapted through a slot module at `<owner>.lora_params.<param>`
+# (hf_lora.kinds.experts); rank/alpha patterns match `<owner>.<param>`, as peft's.
+PARAMETER_SLOTS = "lora_params"
 # Keys peft writes that carry no meaning for loading (bookkeeping); read and dropped silently.
 _PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size")
 
@@ -92,10 +94,12 @@ class LoRAConfig:
     # Rows of the input embedding to train (a list of token ids), or {module name: token ids} for other
     # embeddings or an untied output head: see `hf_lora.tokens`.
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # Parameters adapted directly (peft's): MoE experts' 3-D `gate_up_proj`/`down_proj`, a router's weight
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         # Lists arrive as tuples/sets from user code and as lists from JSON; keep one canonical form.
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "target_parameters"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 setattr(self, name, _unique_list(value))
@@ -200,6 +204,7 @@ def moves_base_weights(config: LoRAConfig) -> bool:
 def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     """The first key of `rank_pattern`/`alpha_pattern` that matches `module_path` as peft matches it:
     the key, read as a regex, must match a dotted suffix of the path."""
+    module_path = module_path.replace(f".{PARAMETER_SLOTS}.", ".")
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_path):
             return key
@@ -218,6 +223,9 @@ def _problems(c: LoRAConfig):
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         yield f"task_type must be None or one of {TASK_TYPES}, got {c.task_type!r}."
     yield from _target_problems("target_modules", c.target_modules)
+    tp = c.target_parameters
+    if tp is not None and (isinstance(tp, str) or not all(isinstance(v, str) and v for v in tp)):
+        yield f"target_parameters must be a list of parameter names, got {c.target_parameters!r}."
     yield from _target_problems("exclude_modules", c.exclude_modules)
     if c.modules_to_save is not None and (
         isinstance(c.modules_to_save, str) or not all(isinstance(m, str) and m for m in c.modules_to_save)

@@ -147,7 +147,7 @@ class LoRALayer(nn.Module):
         self._refresh()
 
     def rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]
+        return self.lora_kind.rank(self, self.lora_A[name])
 
     def _refresh(self) -> None:
         """Recompute the adapters forward must add, once per state change instead of once per call."""
@@ -164,8 +164,7 @@ class LoRALayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The dense update of adapter `name`, in at least fp32, laid out like the base weight."""
-        delta = delta_weight(self.lora_A[name], self.lora_B[name], self.lora_scaling[name], False)
-        return self.lora_kind.to_layout(self, delta)
+        return self.lora_kind.delta(self, self.lora_A[name], self.lora_B[name], self.lora_scaling[name])
 
     def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
         """Fold adapters into the base weight. Idempotent: an adapter already merged is skipped. `safe`
@@ -340,7 +339,10 @@ class LoRALayer(nn.Module):
             return super().__reduce_ex__(protocol)
         # A class lora_layer_class generated for a Linear subclass cannot be found by name: rebuild it.
         class_for = functools.partial(lora_layer_class, kind=self.lora_kind)
-        return (rebuild_swapped, (class_for, self._lora_base_class, self.__dict__.copy()))
+        return (
+            rebuild_swapped,
+            (class_for, self._lora_base_class, self.lora_kind.reduce_state(self.__dict__.copy())),
+        )
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
@@ -538,6 +540,7 @@ def make_lora_layer(module: nn.Module) -> LoRALayer:
 
 def unmake_lora_layer(module: LoRALayer) -> nn.Module:
     """Remove every adapter (without merging) and give the module its original class back."""
+    kind = module.lora_kind
     for name in ("lora_A", "lora_B", "lora_magnitude"):
         delattr(module, name)
     for name in (
@@ -557,4 +560,5 @@ def unmake_lora_layer(module: LoRALayer) -> nn.Module:
     ):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")
+    kind.detach(module)
     return module

@@ -269,8 +269,8 @@ def _expected_shapes(
         kind = kind_of(m)
         a_shape, b_shape = kind.factor_shapes(m, config.rank_for(path))
         a_key, b_key = kind.file_keys
-        out[f"{PREFIX}{kind.file_path(path)}.{a_key}"] = (a_shape, True)
-        out[f"{PREFIX}{kind.file_path(path)}.{b_key}"] = (b_shape, True)
+        out[f"{PREFIX}{kind.file_path(path, m)}.{a_key}"] = (a_shape, True)
+        out[f"{PREFIX}{kind.file_path(path, m)}.{b_key}"] = (b_shape, True)
         if config.use_dora:
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = (kind.magnitude_shape(m), True)
     for path, target in (tokens or {}).items():

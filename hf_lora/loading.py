@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .kinds import kind_of
 from .layers import LoRALayer, check_adapter_name
 from .load_plan import base_layer_paths, is_base_weight, plan_load, unchanged_base_tensors
 from .model import DEFAULT_ADAPTER, LoRAModel, attach, inject
+from .moe_targets import fused_expert_tensors
 from .reading import FROM_PRETRAINED_ADVICE, AdapterFiles, list_adapters, read_adapter
 from .targets import base_modules, prepare_config
 from .tokens import TOKENS_KEY, TokenRowsLayer
@@ -91,6 +93,7 @@ def from_pretrained(
 def _attach_from_files(
     model: nn.Module, adapter_name: str, files: AdapterFiles, is_trainable: bool
 ) -> LoRAModel:
+    files = replace(files, tensors=fused_expert_tensors(model, files.tensors))  # (transformers-4 MoE files)
     config = prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = plan_load(model, config, files)
     lora_model = attach(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
@@ -184,6 +187,7 @@ def load_adapter(
 
 def _load_new_adapter(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
     check_adapter_name(adapter_name)
+    files = replace(files, tensors=fused_expert_tensors(model, files.tensors))  # (transformers-4 MoE files)
     config = prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = plan_load(model, config, files)
     inject(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)

@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .config import TASK_HEADS, LoRAConfig, moves_base_weights
+from .config import TASK_HEADS, LoRAConfig, moves_base_weights, pattern_key
 from .errors import TargetModulesError
-from .kinds import kind_names, kind_of, refusal
+from .kinds import ParameterSlot, ParameterSlots, kind_names, kind_of, parameter_targets, prune_slots, refusal
 from .layers import LoRALayer, ModulesToSave
+from .moe_targets import convert_moe_config
 from .tokens import TokenRowsLayer
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every (path, module) that LoRA can wrap: a module of any base kind (`hf_lora.kinds`)."""
     for name, module in base_modules(model):
-        if kind_of(module) is not None:
+        if kind_of(module) is not None and not isinstance(module, ParameterSlot):
             yield name, module
 
 
@@ -193,7 +194,7 @@ def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     adapts, so peft (whose defaults differ: GPT-2's is only c_attn) loads it right, and a later change of
     our defaults cannot change what an old adapter means."""
     changes: dict[str, Any] = {}
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         changes["target_modules"] = default_target_modules(model)
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
@@ -204,17 +205,30 @@ def prepare_config(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     if config.task_type in TASK_HEADS:
         heads = list(config.modules_to_save or [])
         changes["modules_to_save"] = heads + [h for h in TASK_HEADS[config.task_type] if h not in heads]
-    return config.replace(**changes) if changes else config
+    config = config.replace(**changes) if changes else config
+    head = output_head_path(model)
+    leaves = lambda: [p.rsplit(".", 1)[-1] for p, _ in linear_modules(model) if p != head]  # noqa: E731
+    return convert_moe_config(model, config, leaves)
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
+    """Paths of the modules `config` adapts (see `find_targets`); the slots of targeted parameters
+    (`target_parameters`) are created here, and removed again if the targets are refused."""
+    try:
+        return find_targets(model, config, strict_patterns)
+    except ValueError:
+        prune_slots(model)
+        raise
+
+
+def find_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool = True) -> list[str]:
     """Paths of the modules `config` adapts in `model`; raises with the candidates if there are none.
     A rank/alpha pattern key that matches no target, or a layers_to_transform index the model lacks, is
     an error when creating an adapter (a typo), and a warning when loading one (peft saves such configs,
     and they have no effect)."""
     targets = config.target_modules
-    if targets is None:
-        targets = default_target_modules(model)
+    if targets is None:  # (with target_parameters alone, as in peft, no modules)
+        targets = [] if config.target_parameters else default_target_modules(model)
     layers = config.layers_to_transform
     if isinstance(layers, int):
         layers = [layers]
@@ -223,7 +237,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
     head = output_head_path(model) if targets == "all-linear" else None
     wrapped = {path for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
     for path, module in base_modules(model):
-        if in_modules_to_save(path, config.modules_to_save):
+        if in_modules_to_save(path, config.modules_to_save) or isinstance(
+            module, (ParameterSlot, ParameterSlots)
+        ):
             continue
         if config.exclude_modules and matches_name(path, config.exclude_modules):
             continue
@@ -266,6 +282,12 @@ def resolve_targets(model: nn.Module, config: LoRAConfig, strict_patterns: bool 
             f"target_modules={targets!r} matches modules LoRA cannot wrap: {', '.join(unsupported[:5])}"
             f"{' ...' if len(unsupported) > 5 else ''}. Only {kind_names()} are supported; "
             f"name the projections inside them instead. {describe_candidates(model)}."
+        )
+    if config.target_parameters:  # (after the modules: a parameter of an adapted module is refused)
+        found += parameter_targets(
+            model,
+            config.target_parameters,
+            lambda p, m: p in found or p in wrapped or isinstance(m, (LoRALayer, ModulesToSave)),
         )
     if not found:
         where = f" in layers {layers}" if layers else ""
@@ -391,7 +413,7 @@ def _unused_patterns(config: LoRAConfig, targets: list[str]) -> list[str]:
         f"{kind} key {key!r}"
         for kind, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
         for key in patterns
-        if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets)
+        if not any(pattern_key({key: None}, t) for t in targets)
     ]
 
 

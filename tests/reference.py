@@ -21,7 +21,9 @@ def copy_lora_weights(ours: hf_lora.LoRAModel, ref, adapter: str = "default") ->
         for path, layer in ours.lora_layers():
             if adapter not in layer.lora_A:
                 continue
-            twin = inner.get_submodule(layer.lora_kind.file_path(path))  # (peft nests some: MHA's out_proj)
+            twin = inner.get_submodule(
+                layer.lora_kind.file_path(path, layer)
+            )  # (peft nests some: MHA's out_proj)
             if adapter in layer.lora_magnitude:
                 twin.lora_magnitude_vector[adapter].weight.copy_(layer.lora_magnitude[adapter])
             if adapter in twin.lora_embedding_A:  # peft's Embedding holds bare Parameters

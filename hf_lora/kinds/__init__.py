@@ -15,6 +15,7 @@ from .bnb import Linear4bitKind, Linear8bitKind, weights_in
 from .conv import ConvKind
 from .conv1d import Conv1DKind
 from .embedding import EmbeddingKind
+from .experts import ExpertsKind, ParameterSlot, ParameterSlots, parameter_targets, prune_slots
 from .linear import LinearKind
 from .mha import MultiheadAttentionKind, OutProjKind
 from .torchao import TorchaoKind
@@ -29,6 +30,7 @@ KINDS: list[BaseKind] = [
     ConvKind(),
     EmbeddingKind(),
     MultiheadAttentionKind(),
+    ExpertsKind(),
 ]
 
 
@@ -66,15 +68,20 @@ __all__ = [
     "Conv1DKind",
     "ConvKind",
     "EmbeddingKind",
+    "ExpertsKind",
     "Linear4bitKind",
     "Linear8bitKind",
     "LinearKind",
     "MultiheadAttentionKind",
     "OutProjKind",
+    "ParameterSlot",
+    "ParameterSlots",
     "TorchaoKind",
     "kind_names",
     "kind_of",
     "kind_of_class",
+    "parameter_targets",
+    "prune_slots",
     "refusal",
     "weights_in",
 ]

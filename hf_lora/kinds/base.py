@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weights import delta_weight
+
 
 class BaseKind:
     """Subclass this (or a kind close to yours: `LinearKind`) and override what differs."""
@@ -65,9 +67,16 @@ class BaseKind:
     companions: tuple[str, ...] = ()  # child modules adapted with it (nn.MultiheadAttention's out_proj)
     wraps_forward: bool = False  # the adapters act through `lora_forward`, not base output + `lora_branch`
 
-    def file_path(self, path: str) -> str:
+    def file_path(self, path: str, module: nn.Module | None = None) -> str:
         """The module's path in peft's file keys (`<file_path>.<file_keys>`): its own, unless peft nests it."""
         return path
+
+    def reduce_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What a LoRA layer of this kind pickles (and deep-copies) of its `__dict__`."""
+        return state
+
+    def detach(self, module: nn.Module) -> None:
+        """Called once a module of this kind has given its class back (its last adapter is gone)."""
 
     def lora_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The whole forward with the live adapters, for a kind that `wraps_forward`."""
@@ -100,6 +109,14 @@ class BaseKind:
         return self.as_oi(module, self.weight(module))
 
     # -- the adapter --
+
+    def rank(self, module: nn.Module, A: torch.Tensor) -> int:
+        """The rank of an adapter whose A is `A`."""
+        return A.shape[0]
+
+    def delta(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The dense update s B A in the module's weight layout, in at least fp32."""
+        return self.to_layout(module, delta_weight(A, B, scaling, False))
 
     def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: bool | str) -> None:
         """Initialise A and B (in place) for `init_lora_weights` (PiSSA/OLoRA are done by the layer when

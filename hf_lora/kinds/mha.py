@@ -72,7 +72,7 @@ class OutProjKind(LinearKind):
     fused = False
     moves_base_weights = False
 
-    def file_path(self, path: str) -> str:
+    def file_path(self, path: str, module: nn.Module | None = None) -> str:
         parent, _, leaf = path.rpartition(".")
         return f"{parent}.base_layer.{leaf}" if parent else path
 
