@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: where bf16 matmuls are fast: CPUs with AVX512-BF16/AMX, recent GPUs)")  # fmt: skip
     p.add_argument("--output-dir", type=Path, help="default: runs/dpo_<model>/")
+    p.add_argument("--sft-adapter", type=Path, help="skip SFT: start DPO from this earlier run's sft/ folder")
     p.add_argument("--tiny", action="store_true", help="random tiny model, a few steps: a smoke test")
     p.add_argument("-v", "--verbose", action="store_true")
     args = parse_with_presets(p, argv, PRESETS)
@@ -192,12 +193,16 @@ def main(argv=None) -> None:
     )
 
     lora = hf_lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules="all-linear")
-    model = hf_lora.get_lora_model(base, lora, adapter_name="sft")
+    if args.sft_adapter:  # an earlier run's SFT adapter: skip straight to DPO
+        model = hf_lora.LoRAModel.from_pretrained(base, args.sft_adapter, adapter_name="sft", subfolder="sft")
+    else:
+        model = hf_lora.get_lora_model(base, lora, adapter_name="sft")
     with model.disable_adapter():
         acc_base = preference_accuracy(model, tokenizer, held_out, args.max_length)
     with Timer() as sft_time:
-        SFT(model=model, args=trl_args(trl.SFTConfig, args, args.sft_steps, args.output_dir / "trainer_sft"),
-            train_dataset=Dataset.from_list(sft_data), processing_class=tokenizer).train()  # fmt: skip
+        if not args.sft_adapter:
+            SFT(model=model, args=trl_args(trl.SFTConfig, args, args.sft_steps, args.output_dir / "trainer_sft"),
+                train_dataset=Dataset.from_list(sft_data), processing_class=tokenizer).train()  # fmt: skip
     model.save_pretrained(args.output_dir / "sft")
     acc_sft = preference_accuracy(model, tokenizer, held_out, args.max_length)
 
@@ -210,7 +215,7 @@ def main(argv=None) -> None:
         copy_base, _ = load_causal_lm(args.model)
         reference = {
             "ref_model": hf_lora.LoRAModel.from_pretrained(
-                copy_base, args.output_dir / "sft"
+                copy_base, args.output_dir / "sft", subfolder="sft"
             ).merge_and_unload()
         }
     dpo = DPO(model=model, args=trl_args(trl.DPOConfig, args, args.dpo_steps, args.output_dir / "trainer_dpo", beta=args.beta),
@@ -249,7 +254,8 @@ def main(argv=None) -> None:
         ["reward accuracy", "reward margin", f"first logged loss (steps 1-{max(1, args.dpo_steps // 10)}; "
          "ln 2 = 0.6931 at step 1)", "peak RSS", "SFT time", "DPO time"],
         [[f"{100 * results['dpo_reward_accuracy']:.1f} %", f"{results['dpo_reward_margin']:.3f}", f"{first_loss:.4f}",
-          human_bytes(peak), human_seconds(sft_time.seconds), human_seconds(dpo_time.seconds)]],
+          human_bytes(peak), "reused" if args.sft_adapter else human_seconds(sft_time.seconds),
+          human_seconds(dpo_time.seconds)]],
     )  # fmt: skip
     print(f"adapters (sft/sft/, dpo/policy/) and results.json in {args.output_dir}/")
 

@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own
+    # transformers imports torchao, where installed, on every from_pretrained; on a CPU machine its CUDA
+    # extensions fail to load and torch warns about its enums: noise that is no advice to the user
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.run(args)
     except Exception as e:

@@ -253,6 +253,16 @@ def test_dpo_sft_then_dpo_against_the_sft_adapter(tmp_path):
     assert any(not torch.equal(sft[k], policy[k]) for k in sft), (
         "DPO moved the policy away from the SFT adapter"
     )
+    # the same DPO against a second full model holding the merged SFT adapter, from the saved SFT adapter
+    copy = tmp_path / "copy"
+    run_example("dpo.py", "--tiny", "--reviews", str(path), "--output-dir", str(copy), "--reference", "copy",
+                "--sft-adapter", str(out / "sft"))  # fmt: skip
+    assert (
+        results(copy)["reference"] == "copy" and abs(results(copy)["dpo_first_logged_loss"] - 0.6931) <= 1e-4
+    )
+    assert torch.equal(
+        hf_lora.read_adapter(copy / "sft", subfolder="sft").tensors[next(iter(sft))], sft[next(iter(sft))]
+    )
 
 
 # ---- qlora -----------------------------------------------------------------------------------------
