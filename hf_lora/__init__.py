@@ -28,6 +28,7 @@ from .reading import read_adapter
 from .serialization import save_pretrained
 from .targets import TARGET_MODULES
 from .tokens import TokenRowsLayer
+from .weighted import add_weighted_adapter
 from .weights import delta_weight, merged_weight
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ LoRAModel.load_adapter = load_adapter
 LoRAModel.from_pretrained = staticmethod(from_pretrained)  # LoRAModel.from_pretrained(base_model, path, ...)
 LoRAModel.push_to_hub = push_adapter_to_hub
 LoRAModel.create_or_update_model_card = create_or_update_model_card
+LoRAModel.add_weighted_adapter = add_weighted_adapter
 
 
 def __getattr__(name: str):
