@@ -20,12 +20,13 @@ from .errors import (
 from .extract import extract_lora
 from .hub import download_adapter, push_adapter_to_hub
 from .layers import LoRALayer, ModulesToSave
-from .loading import from_pretrained, load_adapter
+from .loading import from_pretrained, load_adapter, set_adapter_state_dict
 from .model import LoRAModel, get_lora_model
 from .model_card import create_or_update_model_card
 from .optim import create_loraplus_optimizer
 from .reading import read_adapter
 from .serialization import save_pretrained
+from .status import LayerStatus, ModelStatus, get_layer_status, get_model_status, set_requires_grad
 from .targets import TARGET_MODULES
 from .tokens import TokenRowsLayer
 from .weighted import add_weighted_adapter
@@ -41,6 +42,9 @@ LoRAModel.from_pretrained = staticmethod(from_pretrained)  # LoRAModel.from_pret
 LoRAModel.push_to_hub = push_adapter_to_hub
 LoRAModel.create_or_update_model_card = create_or_update_model_card
 LoRAModel.add_weighted_adapter = add_weighted_adapter
+LoRAModel.get_layer_status = get_layer_status
+LoRAModel.get_model_status = get_model_status
+LoRAModel.set_requires_grad = set_requires_grad
 
 
 def __getattr__(name: str):
@@ -58,12 +62,14 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "HubAccessError",
+    "LayerStatus",
     "LoRAConfig",
     "LoRAError",
     "LoRALayer",
     "LoRAModel",
     "LoRATrainer",
     "LoRATrainerMixin",
+    "ModelStatus",
     "ModulesToSave",
     "TargetModulesError",
     "TokenRowsLayer",
@@ -72,9 +78,13 @@ __all__ = [
     "delta_weight",
     "download_adapter",
     "extract_lora",
+    "get_layer_status",
     "get_lora_model",
+    "get_model_status",
     "merged_weight",
     "peft_dropout_masks",
     "push_adapter_to_hub",
     "read_adapter",
+    "set_adapter_state_dict",
+    "set_requires_grad",
 ]

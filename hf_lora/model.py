@@ -447,6 +447,7 @@ def attach(
     targets: list[str],
     saved: list[str],
     initialise: bool = True,
+    factors: dict[str, Any] | None = None,
 ) -> LoRAModel:
     """Freeze the model, make it a LoRAModel and add its first adapter (targets already resolved)."""
     check_tied_targets(model, config, targets, warn=False)  # before the model is touched
@@ -464,7 +465,7 @@ def attach(
     model._lora_base_class = base_cls
     model.peft_config = {}
     model._active = (name,)
-    inject(model, name, config, targets, saved, initialise)
+    inject(model, name, config, targets, saved, initialise, factors)
     model._activate((name,))  # not set_adapter: it would make an adapter created or loaded frozen trainable
     return model
 
@@ -476,9 +477,10 @@ def inject(
     targets: list[str],
     saved: list[str],
     initialise: bool = True,
+    factors: dict[str, Any] | None = None,
 ) -> None:
     """Add adapter `name` to the resolved modules. `initialise=False` leaves the new tensors empty, for
-    callers that fill them from a file next."""
+    callers that fill them from a file next; `factors`: how LoRALayer.add_adapter creates A and B."""
     if config.bias != "none" and (other := [n for n, c in model.peft_config.items() if c.bias != "none"]):
         # Biases are the base model's, one set for all adapters: two adapters would train the same ones.
         raise AdapterStateError(
@@ -498,6 +500,7 @@ def inject(
             dropout=config.lora_dropout,
             init=config.init_lora_weights if initialise or moves_base_weights(config) else None,
             use_dora=config.use_dora,
+            **(factors or {}),
         )
         layer.set_active(model._active)
     for path, target in tokens.items():
