@@ -18,6 +18,7 @@ from .errors import (
     TargetModulesError,
 )
 from .extract import extract_lora
+from .hotswap import hotswap_adapter, prepare_for_hotswap
 from .hub import download_adapter, push_adapter_to_hub
 from .layers import LoRALayer, ModulesToSave
 from .loading import from_pretrained, load_adapter, set_adapter_state_dict
@@ -81,8 +82,10 @@ __all__ = [
     "get_layer_status",
     "get_lora_model",
     "get_model_status",
+    "hotswap_adapter",
     "merged_weight",
     "peft_dropout_masks",
+    "prepare_for_hotswap",
     "push_adapter_to_hub",
     "read_adapter",
     "set_adapter_state_dict",

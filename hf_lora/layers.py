@@ -45,7 +45,9 @@ class LoRALayer(nn.Module):
     lora_B: nn.ParameterDict  # adapter -> (out, r)
     lora_magnitude: nn.ParameterDict  # DoRA adapter -> (out,)
     _dora_norms: dict[str, torch.Tensor]  # ||W + delta|| of merged DoRA adapters, to unmerge them
-    lora_scaling: dict[str, float]
+    lora_scaling: dict[
+        str, float | torch.Tensor
+    ]  # a 0-d tensor once prepared for hotswapping (hf_lora.hotswap)
     lora_dropout: dict[str, float]
     active_adapters: tuple[str, ...]  # what the user selected
     merged_adapters: list[str]  # folded into `weight`, in merge order
@@ -147,7 +149,11 @@ class LoRALayer(nn.Module):
                 a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters
             )
         live = self._live
-        self._fusable_adapter = live[0] if len(live) == 1 and live[0] not in self.lora_magnitude else None
+        # (a scaling held as a tensor, for hotswapping into a compiled model, takes the plain path: the fused
+        # one scales by a Python number)
+        one = live[0] if len(live) == 1 else None
+        plain = one is None or one in self.lora_magnitude or isinstance(self.lora_scaling[one], torch.Tensor)
+        self._fusable_adapter = None if plain else one
 
     # -- merging --
 
