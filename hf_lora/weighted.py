@@ -64,8 +64,11 @@ def add_weighted_adapter(
             f"combination_type={how!r} merges the factors and needs adapters of one rank, got {ranks}; use 'cat' "
             "or one of the SVD types ('svd', 'ties_svd', ...)."
         )
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive int (the combined adapter's rank), got {svd_rank!r}.")
     rank = sum(ranks.values()) if how == "cat" else max(ranks.values())
-    rank = svd_rank or rank if how in DELTA_TYPES else rank
+    if how in DELTA_TYPES and svd_rank is not None:
+        rank = svd_rank
     saved = saved_module_owners(model, adapters)
 
     first = model.peft_config[adapters[0]]

@@ -138,6 +138,8 @@ def test_bad_options_are_named():
     model, _ = pair()
     with pytest.raises(ValueError, match="combination_type must be one of"):
         model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", "average")
+    with pytest.raises(ValueError, match="svd_rank must be a positive int"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", "svd", svd_rank=0)
     with pytest.raises(ValueError, match="majority_sign_method"):
         model.add_weighted_adapter(
             ["default", "b"], [1.0, 1.0], "mix", "ties", density=0.5, majority_sign_method="x"
