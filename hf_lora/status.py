@@ -66,17 +66,16 @@ def _adapter_tensors(module: nn.Module) -> dict[str, list[torch.Tensor]]:
     elif isinstance(module, ModulesToSave):
         for name, copy in module.modules_to_save.items():
             found[name].extend(copy.parameters())
-    else:
-        for name, rows in module.trainable_tokens_delta.items():
+    else:  # token rows, of their own or of the embedding a head is tied to
+        for name, rows in module.source.trainable_tokens_delta.items():
             found[name].append(rows)
     return found
 
 
 def _status_layers(model: LoRAModel) -> list[tuple[str, nn.Module]]:
+    """LoRA layers, modules saved in full and token-row layers (a head tied to the embeddings too, as peft)."""
     return [
-        (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, (LoRALayer, ModulesToSave)) or (isinstance(m, TokenRowsLayer) and m.source is m)
+        (p, m) for p, m in model.named_modules() if isinstance(m, (LoRALayer, ModulesToSave, TokenRowsLayer))
     ]
 
 
@@ -96,15 +95,16 @@ def get_layer_status(model: LoRAModel) -> list[LayerStatus]:
     out = []
     for path, module in _status_layers(model):
         tensors = _adapter_tensors(module)
+        held = module.source if isinstance(module, TokenRowsLayer) else module  # (a tied head: the embedding)
         if isinstance(module, ModulesToSave):  # the model's active adapters, as peft's wrappers keep them
             active, merged = list(model.active_adapters), []
         else:
-            active, merged = list(module.active_adapters), list(module.merged_adapters)
+            active, merged = list(held.active_adapters), list(held.merged_adapters)
         out.append(
             LayerStatus(
                 name=path,
                 module_type=type(module).__qualname__,
-                enabled=not module.adapters_disabled,
+                enabled=not held.adapters_disabled,
                 active_adapters=active,
                 merged_adapters=merged,
                 requires_grad={n: _all_or_none([p.requires_grad for p in ps]) for n, ps in tensors.items()},

@@ -212,6 +212,35 @@ def test_model_status_equals_peft_and_says_irregular():
     )
 
 
+def test_status_with_token_rows_and_a_tied_head_equals_peft():
+    """Token rows on GPT-2's embedding, which the output head shares: peft lists the head as a layer too."""
+    fields = dict(r=4, target_modules=["c_attn"], trainable_token_indices={"wte": [1, 2]})
+    base = make_model("gpt2")
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(**fields))
+    ours = get_lora_model(base, LoRAConfig(**fields))
+    ref.add_adapter("b", LoraConfig(**fields))
+    ours.add_adapter("b", LoRAConfig(**fields))
+    for m in (ours, ref):
+        m.set_adapter("b")
+        m.merge_adapter()
+    theirs = {
+        peft_name(s.name).removesuffix(".token_adapter"): dataclasses.asdict(s)
+        for s in peft_layer_status(ref)
+    }
+    mine = {s.name: dataclasses.asdict(s) for s in hf_lora.get_layer_status(ours)}
+    assert mine.keys() == theirs.keys() and "lm_head" in mine
+    for name, s in mine.items():
+        for field in ("name", "module_type"):
+            s.pop(field), theirs[name].pop(field)
+        assert s == theirs[name], name
+    mine, theirs = (
+        dataclasses.asdict(hf_lora.get_model_status(ours)),
+        dataclasses.asdict(peft_model_status(ref)),
+    )
+    mine.pop("adapter_model_type"), theirs.pop("adapter_model_type")
+    assert mine == theirs
+
+
 def test_set_requires_grad_equals_peft():
     ours, ref = twins()
     for m in (ours, ref):
