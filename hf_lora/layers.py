@@ -45,9 +45,8 @@ class LoRALayer(nn.Module):
     lora_B: nn.ParameterDict  # adapter -> (out, r)
     lora_magnitude: nn.ParameterDict  # DoRA adapter -> (out,)
     _dora_norms: dict[str, torch.Tensor]  # ||W + delta|| of merged DoRA adapters, to unmerge them
-    lora_scaling: dict[
-        str, float | torch.Tensor
-    ]  # a 0-d tensor once prepared for hotswapping (hf_lora.hotswap)
+    # adapter -> s (alpha / r): a float, or a 0-d tensor once prepared for hotswapping (hf_lora.hotswap)
+    lora_scaling: dict[str, float | torch.Tensor]
     lora_dropout: dict[str, float]
     active_adapters: tuple[str, ...]  # what the user selected
     merged_adapters: list[str]  # folded into `weight`, in merge order
