@@ -171,12 +171,15 @@ def main(argv=None) -> None:
 
 def merge_recipes(model, tokenizer, data, separate: list[list[str]], args) -> None:
     """5. Both adapters merged into one by each recipe (weights 1 and 1: the sum of the two updates, which
-    "cat" holds exactly; density 0.5 for the pruning recipes, DARE's drops seeded), each task's perplexity."""
+    "cat" holds exactly; density 0.5 for the pruning recipes, DARE's drops seeded), each task's perplexity.
+    (svd_full_matrices=False: the same leading singular vectors as peft's default full SVD, much faster.)"""
     rows = [[f"{name} alone", *ppl] for name, *ppl, _ in separate]
     for recipe in RECIPES:
         density = 0.5 if recipe.startswith(("ties", "dare", "magnitude")) else None
         start = time.perf_counter()
-        model.add_weighted_adapter(list(TASKS), [1.0, 1.0], "merged", recipe, density=density, seed=args.seed)
+        model.add_weighted_adapter(
+            list(TASKS), [1.0, 1.0], "merged", recipe, density=density, seed=args.seed, svd_full_matrices=False
+        )
         took = time.perf_counter() - start
         model.set_adapter("merged")
         ppl = [text_perplexity(model, tokenizer, data[task][1], args.max_length) for task in TASKS]
