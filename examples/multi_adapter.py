@@ -178,7 +178,13 @@ def merge_recipes(model, tokenizer, data, separate: list[list[str]], args) -> No
         density = 0.5 if recipe.startswith(("ties", "dare", "magnitude")) else None
         start = time.perf_counter()
         model.add_weighted_adapter(
-            list(TASKS), [1.0, 1.0], "merged", recipe, density=density, seed=args.seed, svd_full_matrices=False
+            list(TASKS),
+            [1.0, 1.0],
+            "merged",
+            recipe,
+            density=density,
+            seed=args.seed,
+            svd_full_matrices=False,
         )
         took = time.perf_counter() - start
         model.set_adapter("merged")
