@@ -7,7 +7,9 @@ Guardian, 2020) and film reviews (Rotten Tomatoes). We train one adapter on each
 1. measure each adapter on each kind of text (each should be best on its own),
 2. answer requests with the adapter each one asks for, switching between requests,
 3. answer all of them in ONE batch, one adapter per row (`adapter_names=[...]`), with the same outputs,
-4. save both adapters and compare their size with one full model per task.
+4. save both adapters and compare their size with one full model per task,
+5. merge the two into ONE adapter by each of peft's recipes (`add_weighted_adapter`: cat, svd, linear,
+   TIES, DARE, magnitude pruning) and measure what each merged adapter keeps of each task.
 
     python examples/multi_adapter.py                 # SmolLM2-135M (offline asset), a few minutes on CPU
     python examples/multi_adapter.py --model gpt2    # with Hub access
@@ -44,6 +46,9 @@ TASKS = {"news": "guardian", "reviews": "rotten_tomatoes"}
 PROMPTS = {"news": "Government announces", "reviews": "The film is"}
 # --tiny fills in whatever you do not set yourself: `--tiny --steps 20` keeps the 20
 PRESETS = {"tiny": dict(model="tiny", steps=8, batch_size=4)}
+# every combination type of add_weighted_adapter; the pruning ones keep half of each adapter's entries
+RECIPES = ["cat", "svd", "linear", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,8 +164,41 @@ def main(argv=None) -> None:
     print(
         f"\nadapters saved to {args.output_dir}/ (load both: LoRAModel.from_pretrained(base, dir, all_adapters=True))"
     )
+    merge_recipes(model, tokenizer, data, rows[1:], args)
     if one_by_one != mixed:
         raise SystemExit("mixed-batch generations differ from per-request ones")
+
+
+def merge_recipes(model, tokenizer, data, separate: list[list[str]], args) -> None:
+    """5. Both adapters merged into one by each recipe (weights 1 and 1: the sum of the two updates, which
+    "cat" holds exactly; density 0.5 for the pruning recipes, DARE's drops seeded), each task's perplexity.
+    (svd_full_matrices=False: the same leading singular vectors as peft's default full SVD, much faster.)"""
+    rows = [[f"{name} alone", *ppl] for name, *ppl, _ in separate]
+    for recipe in RECIPES:
+        density = 0.5 if recipe.startswith(("ties", "dare", "magnitude")) else None
+        start = time.perf_counter()
+        model.add_weighted_adapter(
+            list(TASKS),
+            [1.0, 1.0],
+            "merged",
+            recipe,
+            density=density,
+            seed=args.seed,
+            svd_full_matrices=False,
+        )
+        took = time.perf_counter() - start
+        model.set_adapter("merged")
+        ppl = [text_perplexity(model, tokenizer, data[task][1], args.max_length) for task in TASKS]
+        rows.append([recipe, *(f"{p:.1f}" for p in ppl), f"{took:.2f} s"])
+        model.set_adapter(next(iter(TASKS)))
+        model.delete_adapter("merged")
+    for row in rows[: len(separate)]:
+        row.append("-")
+    print_table(
+        "One adapter for both tasks: held-out perplexity per merge recipe (lower is better)",
+        ["recipe", *(f"on {t}" for t in TASKS), "merge time"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -18,17 +18,20 @@ from .errors import (
     TargetModulesError,
 )
 from .extract import extract_lora
+from .hotswap import hotswap_adapter, prepare_for_hotswap
 from .hub import download_adapter, push_adapter_to_hub
 from .layers import LoRALayer, ModulesToSave
-from .loading import from_pretrained, load_adapter
+from .loading import from_pretrained, load_adapter, set_adapter_state_dict
 from .model import LoRAModel, get_lora_model
 from .model_card import create_or_update_model_card
 from .optim import create_loraplus_optimizer
 from .quantized import dequantize, prepare_model_for_kbit_training
 from .reading import read_adapter
 from .serialization import save_pretrained
+from .status import LayerStatus, ModelStatus, get_layer_status, get_model_status, set_requires_grad
 from .targets import TARGET_MODULES
 from .tokens import TokenRowsLayer
+from .weighted import add_weighted_adapter
 from .weights import delta_weight, merged_weight
 
 __version__ = "0.1.0"
@@ -41,6 +44,10 @@ LoRAModel.from_pretrained = staticmethod(from_pretrained)  # LoRAModel.from_pret
 LoRAModel.push_to_hub = push_adapter_to_hub
 LoRAModel.create_or_update_model_card = create_or_update_model_card
 LoRAModel.dequantize = dequantize  # (over transformers' own, which would drop the LoRA layers)
+LoRAModel.add_weighted_adapter = add_weighted_adapter
+LoRAModel.get_layer_status = get_layer_status
+LoRAModel.get_model_status = get_model_status
+LoRAModel.set_requires_grad = set_requires_grad
 
 
 def __getattr__(name: str):
@@ -58,12 +65,14 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "HubAccessError",
+    "LayerStatus",
     "LoRAConfig",
     "LoRAError",
     "LoRALayer",
     "LoRAModel",
     "LoRATrainer",
     "LoRATrainerMixin",
+    "ModelStatus",
     "ModulesToSave",
     "TargetModulesError",
     "TokenRowsLayer",
@@ -72,10 +81,16 @@ __all__ = [
     "delta_weight",
     "download_adapter",
     "extract_lora",
+    "get_layer_status",
     "get_lora_model",
+    "get_model_status",
+    "hotswap_adapter",
     "merged_weight",
     "peft_dropout_masks",
+    "prepare_for_hotswap",
     "prepare_model_for_kbit_training",
     "push_adapter_to_hub",
     "read_adapter",
+    "set_adapter_state_dict",
+    "set_requires_grad",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .errors import AdapterStateError
+from .errors import AdapterFormatError, AdapterStateError
 from .kinds import kind_of
 from .layers import LoRALayer, ModulesToSave
 from .model import DEFAULT_ADAPTER, LoRAModel, base_class
@@ -317,3 +317,28 @@ def normalise_key(key: str) -> str:
     )
     key = key.replace(".token_adapter.base_layer.", ".base_layer.")  # a token-row module's own tensors
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+
+
+def remap_keys(
+    tensors: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """peft's `key_mapping` (what transformers passes for checkpoints whose module names changed): each
+    key without its `base_model.model.` (or `base_model.`) prefix is rewritten by the first regex pattern
+    that matches it, then prefixed again."""
+    if not key_mapping:
+        return tensors
+    out = {}
+    for key, tensor in tensors.items():
+        prefix = next((p for p in (PREFIX, "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise AdapterFormatError(
+                f"key_mapping applies to peft's keys, which start with {PREFIX!r}; the adapter has {key!r}. Map "
+                "its keys yourself, or load it without key_mapping."
+            )
+        key = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            key, n = re.subn(pattern, replacement, key)
+            if n:
+                break
+        out[prefix + key] = tensor
+    return out

@@ -57,7 +57,8 @@ class LoRALayer(nn.Module):
     lora_B: nn.ParameterDict  # adapter -> (out, r)
     lora_magnitude: nn.ParameterDict  # DoRA adapter -> (out,)
     _dora_norms: dict[str, torch.Tensor]  # ||W + delta|| of merged DoRA adapters, to unmerge them
-    lora_scaling: dict[str, float]
+    # adapter -> s (alpha / r): a float, or a 0-d tensor once prepared for hotswapping (hf_lora.hotswap)
+    lora_scaling: dict[str, float | torch.Tensor]
     lora_dropout: dict[str, float]
     active_adapters: tuple[str, ...]  # what the user selected
     merged_adapters: list[str]  # folded into `weight`, in merge order
@@ -87,20 +88,22 @@ class LoRALayer(nn.Module):
         dropout: float,
         init: bool | str | None = True,
         use_dora: bool = False,
+        device: torch.device | str | None = None,
+        autocast: bool = True,
     ) -> None:
         """Create adapter `name`. `init=None` leaves A and B uninitialised (they are loaded next); "pissa",
-        "pissa_niter_<n>" and "olora" move the adapter's share of W out of the base weight."""
+        "pissa_niter_<n>" and "olora" move the adapter's share of W out of the base weight. `device`: where
+        to create them ("meta": to be assigned from a file); `autocast=False` keeps a half-precision base's
+        dtype (peft's autocast_adapter_dtype)."""
         kind = self.lora_kind
         w = kind.weight(self)
         # Adapters train in fp32 on a half-precision base (peft's default): tiny tensors, stable updates.
-        dtype = (
-            torch.float32
-            if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point()
-            else w.dtype
-        )
+        half = w.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if (half and autocast) or not w.is_floating_point() else w.dtype
+        device = w.device if device is None else device
         a_shape, b_shape = kind.factor_shapes(self, r)
-        A = torch.empty(a_shape, dtype=dtype, device=w.device)
-        B = torch.empty(b_shape, dtype=dtype, device=w.device)
+        A = torch.empty(a_shape, dtype=dtype, device=device)
+        B = torch.empty(b_shape, dtype=dtype, device=device)
         if kind.moves_base_weights and isinstance(init, str) and init.startswith(("pissa", "olora")):
             niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
             with torch.no_grad():
@@ -120,7 +123,7 @@ class LoRALayer(nn.Module):
         if use_dora:  # the magnitude starts as ||W + s B A|| per output: the adapter starts as the identity
             with torch.no_grad():
                 magnitude = (
-                    torch.empty(self.out_features_, dtype=dtype, device=w.device)
+                    torch.empty(self.out_features_, dtype=dtype, device=device)
                     if init is None
                     else weight_norm(self._weight_oi().float(), factor_product(A, B).float() * scaling)
                 )
@@ -158,7 +161,11 @@ class LoRALayer(nn.Module):
                 a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters
             )
         live = self._live
-        self._fusable_adapter = live[0] if len(live) == 1 and live[0] not in self.lora_magnitude else None
+        # (a scaling held as a tensor, for hotswapping into a compiled model, takes the plain path: the fused
+        # one scales by a Python number)
+        one = live[0] if len(live) == 1 else None
+        plain = one is None or one in self.lora_magnitude or isinstance(self.lora_scaling[one], torch.Tensor)
+        self._fusable_adapter = None if plain else one
 
     # -- merging --
 

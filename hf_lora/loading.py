@@ -4,6 +4,7 @@ attach or inject the adapter (`model`) and copy the tensors in. On any error the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from .adapter_files import (
     base_layer_key,
     embedding_paths,
     normalise_key,
+    remap_keys,
 )
 from .config import moves_base_weights
 from .errors import AdapterFormatError, AdapterNotFoundError, AdapterStateError, few
@@ -46,13 +48,23 @@ def from_pretrained(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     all_adapters: bool = False,
+    low_cpu_mem_usage: bool = False,
+    key_mapping: dict[str, str] | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> LoRAModel:
     """Load an adapter (ours or peft's) from a directory or Hub repo onto a base model.
 
     As in peft, the adapter is frozen and the model in eval mode (dropout off) unless `is_trainable=True`,
     and only the root adapter is read; `all_adapters=True` also loads every `<name>/` subfolder as adapter
-    `<name>` (the first one read is active). On any error the model is unchanged.
+    `<name>` (the first one read is active). On any error the model is unchanged. peft's keywords:
+    `low_cpu_mem_usage` creates A and B on the meta device and takes the file's tensors as they are (no
+    copy where device and dtype agree); `key_mapping` rewrites the file's keys (regex -> replacement, the
+    first that matches; default: the model's `_checkpoint_conversion_mapping`, as peft);
+    `autocast_adapter_dtype=False` keeps the adapter in a half-precision base's dtype instead of float32.
     """
+    if key_mapping is None:
+        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+    loading = dict(key_mapping=key_mapping, factors=_factors(low_cpu_mem_usage, autocast_adapter_dtype))
     if isinstance(model, LoRAModel):
         raise AdapterStateError(
             "this model already has LoRA adapters; use model.load_adapter(path, adapter_name=...) instead."
@@ -75,6 +87,7 @@ def from_pretrained(
             revision=revision,
             token=token,
             allow_pickle=allow_pickle,
+            **loading,
         )
         return lora_model if is_trainable else lora_model.eval()
     check_adapter_name(adapter_name)
@@ -86,23 +99,35 @@ def from_pretrained(
         allow_pickle=allow_pickle,
         advice=FROM_PRETRAINED_ADVICE,
     )
-    lora_model = _attach_from_files(model, adapter_name, files, is_trainable)
+    files = dataclasses.replace(files, tensors=remap_keys(files.tensors, key_mapping))
+    lora_model = _attach_from_files(model, adapter_name, files, is_trainable, loading["factors"])
     return lora_model if is_trainable else lora_model.eval()
 
 
+def _factors(low_cpu_mem_usage: bool, autocast_adapter_dtype: bool) -> dict[str, Any]:
+    """How the loaded adapter's A and B are created (`LoRALayer.add_adapter`)."""
+    return {"autocast": autocast_adapter_dtype} | ({"device": "meta"} if low_cpu_mem_usage else {})
+
+
 def _attach_from_files(
-    model: nn.Module, adapter_name: str, files: AdapterFiles, is_trainable: bool
+    model: nn.Module, adapter_name: str, files: AdapterFiles, is_trainable: bool, factors: dict[str, Any]
 ) -> LoRAModel:
     files = replace(files, tensors=fused_expert_tensors(model, files.tensors))  # (transformers-4 MoE files)
     config = prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = plan_load(model, config, files)
-    lora_model = attach(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
+    lora_model = attach(model, adapter_name, plan.config, plan.targets, plan.saved, False, factors)
     _copy_tensors(lora_model, adapter_name, files)
     return lora_model
 
 
 def _from_pretrained_all(
-    model: nn.Module, model_id: str | os.PathLike, *, is_trainable: bool, **read_kwargs: Any
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    *,
+    is_trainable: bool,
+    key_mapping: dict[str, str] | None,
+    factors: dict[str, Any],
+    **read_kwargs: Any,
 ) -> LoRAModel:
     """Every adapter of a folder or repo. All files are read before the model is touched, and base weights
     that PiSSA/OLoRA adapters move are restored if a later adapter does not fit."""
@@ -112,11 +137,12 @@ def _from_pretrained_all(
     for name, _ in found:
         check_adapter_name(name)
     files = [read_adapter(model_id, subfolder=sub, **read_kwargs) for _, sub in found]
+    files = [dataclasses.replace(f, tensors=remap_keys(f.tensors, key_mapping)) for f in files]
     (first, _), rest = found[0], found[1:]
     with _restored_on_error(model, files):
-        lora_model = _attach_from_files(model, first, files[0], is_trainable)
+        lora_model = _attach_from_files(model, first, files[0], is_trainable, factors)
         for (name, _), adapter_files in zip(rest, files[1:]):
-            _load_new_adapter(lora_model, name, adapter_files, is_trainable)
+            _load_new_adapter(lora_model, name, adapter_files, is_trainable, factors)
     return lora_model
 
 
@@ -169,28 +195,37 @@ def load_adapter(
     revision: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    low_cpu_mem_usage: bool = False,
+    key_mapping: dict[str, str] | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> None:
     """Load another adapter into a LoRA model (inactive until `set_adapter`), or reload an existing one
     in place (what Trainer does when it resumes or restores the best checkpoint). As in peft, the model is
-    put in eval mode unless `is_trainable=True` (Trainer switches it back to train mode at each step)."""
+    put in eval mode unless `is_trainable=True` (Trainer switches it back to train mode at each step).
+    `low_cpu_mem_usage`, `key_mapping`, `autocast_adapter_dtype`: as in `from_pretrained` (a reload in place
+    copies into the adapter as it is)."""
     _check_materialised(model)
     files = read_adapter(
         model_id, subfolder=subfolder, revision=revision, token=token, allow_pickle=allow_pickle
     )
+    files = dataclasses.replace(files, tensors=remap_keys(files.tensors, key_mapping))
     if adapter_name in model.peft_config:
         _reload_in_place(model, adapter_name, files, is_trainable)
     else:
-        _load_new_adapter(model, adapter_name, files, is_trainable)
+        factors = _factors(low_cpu_mem_usage, autocast_adapter_dtype)
+        _load_new_adapter(model, adapter_name, files, is_trainable, factors)
     if not is_trainable:
         model.eval()
 
 
-def _load_new_adapter(model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool) -> None:
+def _load_new_adapter(
+    model: LoRAModel, adapter_name: str, files: AdapterFiles, is_trainable: bool, factors: dict[str, Any]
+) -> None:
     check_adapter_name(adapter_name)
     files = replace(files, tensors=fused_expert_tensors(model, files.tensors))  # (transformers-4 MoE files)
     config = prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = plan_load(model, config, files)
-    inject(model, adapter_name, plan.config, plan.targets, plan.saved, initialise=False)
+    inject(model, adapter_name, plan.config, plan.targets, plan.saved, False, factors)
     try:
         _copy_tensors(model, adapter_name, files)
     except Exception:
@@ -216,7 +251,9 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
         for key, tensor in files.tensors.items():
             own_key = keymap.get(normalise_key(key))
             name = key.removeprefix(PREFIX)  # for a base tensor
-            if own_key is not None:
+            if own_key is not None and own[own_key].is_meta:  # low_cpu_mem_usage: the file's tensor itself
+                _assign(model, own_key, tensor)
+            elif own_key is not None:
                 target = own[own_key]
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             elif name.rpartition(".")[0] in embeddings and name in own:  # save_embedding_layers
@@ -226,6 +263,18 @@ def _copy_tensors(model: LoRAModel, adapter_name: str, files: AdapterFiles) -> N
                 _copy_base_tensor(
                     own[f"{split[0]}.{split[1]}"], tensor, f"{split[0]}.{split[1]}", files.source, layer
                 )
+    if left := [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]:
+        raise AdapterFormatError(f"adapter {files.source} has no tensors for {few(left, 4)}.")
+
+
+def _assign(model: LoRAModel, own_key: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` (on the base weight's device, in the dtype the adapter was created with) the adapter
+    parameter `own_key` (`<path>.lora_A.<name>`): no copy where device and dtype agree."""
+    store_path, _, name = own_key.rpartition(".")
+    store = model.get_submodule(store_path)
+    old = store[name]
+    device = model.get_submodule(store_path.rpartition(".")[0]).weight.device
+    store[name] = nn.Parameter(tensor.to(device=device, dtype=old.dtype), requires_grad=old.requires_grad)
 
 
 def _copy_base_tensor(
@@ -240,6 +289,24 @@ def _copy_base_tensor(
     if not same:
         logger.info("%s: loading %s from the adapter file (it differs from the model's)", source, name)
         target.copy_(tensor)
+
+
+def set_adapter_state_dict(
+    model: LoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER
+) -> None:
+    """Put an adapter's tensors, under peft's file keys (as `adapter_state_dict` gives them, or peft's
+    `get_peft_model_state_dict`), into the model's adapter `adapter_name` (peft's `set_peft_model_state_dict`).
+    Every key and shape is checked before anything is copied: on an error the model is unchanged."""
+    if adapter_name not in model.peft_config:
+        raise AdapterStateError(
+            f"unknown adapter {adapter_name!r}; this model has {model.adapters}. Add it first "
+            "(model.add_adapter(name, config)), then set its tensors."
+        )
+    if tensors and not any(k.startswith("base_model.") for k in tensors):
+        tensors = {f"{PREFIX}{k}": t for k, t in tensors.items()}  # keys given without peft's prefix
+    config = model.peft_config[adapter_name]
+    files = AdapterFiles(config=config, raw_config={}, tensors=dict(tensors), source="(state dict)")
+    _reload_in_place(model, adapter_name, files, is_trainable=not config.inference_mode)
 
 
 # Fields that change what the same A and B compute: a reload in place must agree on them.

@@ -40,7 +40,6 @@ from .loss import forward_with_chunked_loss
 from .targets import prepare_config, resolve_modules_to_save, resolve_targets, resolve_token_targets
 from .ties import check_tied_targets, untie_if_replaced, untie_merge_targets, untie_token_rows
 from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
-from .weights import combine_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -123,94 +122,6 @@ class LoRAModel(nn.Module):
     def _task_type(self) -> str | None:
         """The task of a model whose adapters train a task head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS)."""
         return next((c.task_type for c in self.peft_config.values() if c.task_type in TASK_HEADS), None)
-
-    def add_weighted_adapter(
-        self,
-        adapters: Sequence[str],
-        weights: Sequence[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-    ) -> None:
-        """A new adapter (inactive, frozen) that combines existing ones: `sum_i weights[i] * delta_i`.
-
-        "cat" is exact, with rank = the sum of the ranks; "svd" is the best approximation of that sum at
-        `svd_rank` (default: the largest rank); "linear" mixes the factors (same ranks only; approximate).
-        Modules saved in full are taken from the one adapter that has them.
-        """
-        check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise AdapterStateError(f"an adapter named {adapter_name!r} exists already.")
-        if unknown := [n for n in adapters if n not in self.peft_config]:
-            raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
-        if combination_type not in ("cat", "svd", "linear"):
-            raise ValueError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}.")
-        if dora := [a for a in adapters if self.peft_config[a].use_dora]:
-            raise ValueError(f"DoRA adapters {dora} cannot be combined: their magnitudes do not add up.")
-        if biased := [a for a in adapters if self.peft_config[a].bias != "none"]:
-            raise ValueError(
-                f"adapter(s) {biased} train the base model's biases (bias != 'none'), which a combination cannot "
-                "hold (only one adapter may train them, and they are not LoRA factors); combine adapters with "
-                "bias='none'."
-            )
-        if tokens := [a for a in adapters if self.peft_config[a].trainable_token_indices is not None]:
-            raise ValueError(
-                f"adapter(s) {tokens} train token rows (trainable_token_indices), which are the rows themselves, "
-                "not updates that add up; combine adapters without them."
-            )
-        if len(weights) != len(adapters) or not adapters:
-            raise ValueError(
-                f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights."
-            )
-        layers = [(p, layer) for p, layer in self.lora_layers() if any(a in layer.lora_A for a in adapters)]
-        ranks = {a: max(layer.rank(a) for _, layer in layers if a in layer.lora_A) for a in adapters}
-        how = "linear" if len(adapters) == 1 else combination_type
-        if how == "linear" and len(set(ranks.values())) > 1:
-            raise ValueError(
-                f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'."
-            )
-        rank = {"cat": sum(ranks.values()), "svd": svd_rank or max(ranks.values())}.get(
-            how, max(ranks.values())
-        )
-        saved = {}
-        for path, wrapper in self.saved_modules():
-            owners = [a for a in adapters if a in wrapper.modules_to_save]
-            if len(owners) > 1:
-                raise ValueError(
-                    f"adapters {owners} each train their own {path!r}; such copies cannot be combined."
-                )
-            if owners:
-                saved[path] = owners[0]
-
-        first = self.peft_config[adapters[0]]
-        config = first.replace(
-            r=rank,
-            lora_alpha=rank,  # scaling 1: the weights and scalings are folded into A
-            use_rslora=False,  # (which rsLoRA's rank / sqrt(rank) would not be)
-            init_lora_weights=True,  # A and B are set below; PiSSA/OLoRA would move base weights again
-            target_modules=sorted(p for p, _ in layers),
-            exclude_modules=None,
-            layers_to_transform=None,
-            layers_pattern=None,
-            rank_pattern={},
-            alpha_pattern={},
-            modules_to_save=sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []})
-            or None,
-        )
-        inject(self, adapter_name, config, [p for p, _ in layers], list(saved), initialise=False)
-        with torch.no_grad():
-            for _, layer in layers:
-                present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-                parts = [(layer.lora_A[a], layer.lora_B[a], layer.lora_scaling[a]) for a, _ in present]
-                A, B = combine_adapters(parts, [w for _, w in present], how, rank)
-                layer.lora_A[adapter_name].copy_(A)
-                layer.lora_B[adapter_name].copy_(B)
-            for path, owner in saved.items():
-                wrapper = self.get_submodule(path)
-                wrapper.modules_to_save[adapter_name].load_state_dict(
-                    wrapper.modules_to_save[owner].state_dict()
-                )
-        self._activate(self._active)
 
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make these adapters the active ones, and the only trainable ones: as in peft, their LoRA weights
@@ -497,8 +408,8 @@ class LoRAModel(nn.Module):
     def __repr__(self) -> str:
         return "LoRA" + super().__repr__()  # nn.Module's repr starts with _get_name(), the model's name
 
-    # Adapter I/O (save_pretrained, load_adapter, from_pretrained, push_to_hub, create_or_update_model_card)
-    # lives a layer above (serialization, loading, hub, model_card); hf_lora/__init__.py binds it here.
+    # Adapter I/O (save_pretrained, load_adapter, from_pretrained, push_to_hub, create_or_update_model_card),
+    # add_weighted_adapter and the status/state-dict helpers live a layer above; hf_lora/__init__.py binds them.
 
     def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
         super()._set_gradient_checkpointing(*args, **kwargs)
@@ -538,6 +449,7 @@ def attach(
     targets: list[str],
     saved: list[str],
     initialise: bool = True,
+    factors: dict[str, Any] | None = None,
 ) -> LoRAModel:
     """Freeze the model, make it a LoRAModel and add its first adapter (targets already resolved)."""
     check_tied_targets(model, config, targets, warn=False)  # before the model is touched
@@ -555,7 +467,7 @@ def attach(
     model._lora_base_class = base_cls
     model.peft_config = {}
     model._active = (name,)
-    inject(model, name, config, targets, saved, initialise)
+    inject(model, name, config, targets, saved, initialise, factors)
     model._activate((name,))  # not set_adapter: it would make an adapter created or loaded frozen trainable
     return model
 
@@ -567,9 +479,10 @@ def inject(
     targets: list[str],
     saved: list[str],
     initialise: bool = True,
+    factors: dict[str, Any] | None = None,
 ) -> None:
     """Add adapter `name` to the resolved modules. `initialise=False` leaves the new tensors empty, for
-    callers that fill them from a file next."""
+    callers that fill them from a file next; `factors`: how LoRALayer.add_adapter creates A and B."""
     if config.bias != "none" and (other := [n for n, c in model.peft_config.items() if c.bias != "none"]):
         # Biases are the base model's, one set for all adapters: two adapters would train the same ones.
         raise AdapterStateError(
@@ -590,6 +503,7 @@ def inject(
             dropout=config.lora_dropout,
             init=config.init_lora_weights if initialise or moves_base_weights(config) else None,
             use_dora=config.use_dora,
+            **(factors or {}),
         )
         layer.set_active(model._active)
     for path, target in tokens.items():

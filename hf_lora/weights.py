@@ -1,13 +1,11 @@
 """The pure weight maths of LoRA: the dense update, merging it, the initialisations (plain, PiSSA, OLoRA),
-DoRA's norm and combining adapters. Functions of tensors only: no modules, no state."""
+DoRA's norm (combining adapters: `task_merge`). Functions of tensors only: no modules, no state."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -117,40 +115,3 @@ def qr_init(
 def weight_norm(weight_oi: torch.Tensor, delta_oi: torch.Tensor) -> torch.Tensor:
     """DoRA's column norm ||W + delta|| per output feature, (out,)."""
     return torch.linalg.norm(weight_oi + delta_oi, dim=1)
-
-
-def combine_adapters(
-    parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]], weights: Sequence[float], how: str, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (A, B) pair, with scaling 1, from several weighted (A, B, scaling) adapters of a layer.
-
-    "cat" is exact (ranks concatenated: B_new @ A_new = sum w_i s_i B_i @ A_i); "svd" truncates that same
-    sum to `rank` by SVD (the best rank-`rank` approximation); "linear" adds the factors themselves
-    (sqrt(w s) on each side), which is only an approximation, as in peft. The result is zero-padded to
-    `rank` so every layer of the new adapter has the rank its config states. A convolution's factors are
-    combined flattened (see `factor_product`) and come back in their own shapes."""
-    A0, B0 = parts[0][0], parts[0][1]
-    parts = [(A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), s) for A, B, s in parts]
-    if how == "cat":
-        A = torch.cat([A * (w * s) for (A, _, s), w in zip(parts, weights)])
-        B = torch.cat([B for _, B, _ in parts], dim=1)
-    elif how == "linear":
-        root = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(parts, weights)]
-        signs = [1.0 if w * s >= 0 else -1.0 for (_, _, s), w in zip(parts, weights)]
-        # ranks may differ by layer (rank_pattern, zero-padded weighted adapters): pad, do not broadcast
-        top = max(A.shape[0] for A, _, _ in parts)
-        A = sum(
-            F.pad(A, (0, 0, 0, top - A.shape[0])) * (r * g) for (A, _, _), r, g in zip(parts, root, signs)
-        )
-        B = sum(F.pad(B, (0, top - B.shape[1])) * r for (_, B, _), r in zip(parts, root))
-    elif how == "svd":
-        delta = sum(w * delta_weight(A, B, s, fan_in_fan_out=False) for (A, B, s), w in zip(parts, weights))
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        B, A = U[:, :rank] * S[:rank], Vh[:rank]
-    else:
-        raise ValueError(f"combination_type must be 'cat', 'svd' or 'linear', got {how!r}.")
-    A = F.pad(A, (0, 0, 0, rank - A.shape[0]))  # (rank, in)
-    B = F.pad(B, (0, rank - B.shape[1]))  # (out, rank)
-    A = A.reshape(rank, *A0.shape[1:])
-    B = B.reshape(B.shape[0], rank, *B0.shape[2:])
-    return A.to(A0.dtype).contiguous(), B.to(A0.dtype).contiguous()
