@@ -21,6 +21,9 @@ from .fetch import list_repo_files, resolve_adapter_file
 from .model import DEFAULT_ADAPTER
 
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# An adapter_config.json is a few kB; one listing a whole vocabulary of trainable token ids is a few MB.
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32  # peft's configs nest 3 deep (loftq_config, a {module: ids} dict)
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -117,12 +120,40 @@ def list_adapters(
 
 
 def _read_json(path: Path) -> Any:
+    """A config file, refused before it is read if it is oversized, and after if it nests too deep."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(
+            f"{path} is {size / 2**20:.1f} MiB; an adapter config is at most {MAX_CONFIG_BYTES // 2**20} MiB. "
+            "The file is damaged or not an adapter config."
+        )
+    too_deep = AdapterFormatError(
+        f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; an adapter config is not. "
+        "The file is damaged or not an adapter config."
+    )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(
             f"{path} is not valid JSON ({e}); the file is damaged or not a config."
         ) from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(data: Any) -> int:
+    """How deep JSON lists and objects nest (iteratively: a hostile file must not exhaust the stack)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,180 @@
+"""Reliability, round two: bad inputs beyond tests/test_reliability.py's matrix. Config values of the
+wrong type or size, regexes that backtrack, ambiguous or oversized weight files, operations failing half
+way, CLI misuse, secrets in errors. Where the cases repeat they are properties (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import randomise_B
+from tiny_models import make_model
+
+from hf_lora import AdapterFormatError, LoRAConfig, LoRAModel, get_lora_model
+from hf_lora.reading import read_adapter
+
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A good GPT-2 adapter on disk; cases copy and change it."""
+    out = tmp_path_factory.mktemp("good")
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=GPT2_TARGETS))
+    randomise_B(model)
+    model.save_pretrained(out)
+    return out
+
+
+def copy_of(saved: Path, tmp: Path) -> Path:
+    target = tmp / "adapter"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(saved, target)
+    return target
+
+
+def with_config(saved: Path, tmp: Path, **changes) -> Path:
+    d = copy_of(saved, tmp)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# ---- 1. the config schema -----------------------------------------------------------------------------
+
+# field -> a value of a wrong type, and words the error must hold (the field, the type wanted)
+WRONG_TYPES = [
+    ("use_rslora", "false", "use_rslora must be true or false"),
+    ("use_dora", 1, "use_dora must be true or false"),
+    ("fan_in_fan_out", "no", "fan_in_fan_out must be true or false"),
+    ("inference_mode", None, "inference_mode must be true or false"),
+    ("target_modules", 5, "target_modules must be"),
+    ("exclude_modules", 5, "exclude_modules must be"),
+    ("modules_to_save", 3, "modules_to_save must be"),
+    ("rank_pattern", ["q_proj", 2], "rank_pattern must be"),
+    ("alpha_pattern", "c_attn", "alpha_pattern must be"),
+    ("layers_pattern", 7, "layers_pattern must be"),
+    ("trainable_token_indices", 12, "trainable_token_indices must be"),
+    ("base_model_name_or_path", ["gpt2"], "base_model_name_or_path must be"),
+    ("revision", 3, "revision must be"),
+    ("task_type", 3, "task_type must be"),
+    ("r", [4], "r must be a positive integer"),
+    ("lora_alpha", {"x": 1}, "lora_alpha must be a positive number"),
+    ("bias", ["none"], "bias must be one of"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "words"), WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_a_value_of_the_wrong_type_is_named_with_its_field_before_anything_is_built(
+    field, value, words, saved, tmp_path
+):
+    model = make_model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFormatError, match=words) as info:
+        LoRAModel.from_pretrained(model, with_config(saved, tmp_path, **{field: value}))
+    text = str(info.value)
+    assert "adapter_config.json" in text and "object is not iterable" not in text
+    assert "update sequence" not in text and len(text) < 2000
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("field", "value", "words"), WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_the_same_wrong_types_in_code_are_value_errors_naming_the_field(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        LoRAConfig(**{field: value})
+
+
+def test_a_deeply_nested_config_is_refused_naming_the_depth(saved, tmp_path):
+    d = copy_of(saved, tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    text = json.dumps(cfg)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (d / "adapter_config.json").write_text(text)
+    with pytest.raises(AdapterFormatError, match="nested deeper than"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+
+
+def test_a_huge_list_is_refused_in_one_short_line(saved, tmp_path, caplog):
+    d = with_config(saved, tmp_path, target_modules=[f"m{i}" for i in range(1_000_000)])
+    with pytest.raises(AdapterFormatError, match="target_modules has 1000000 items") as info:
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+    assert len(str(info.value)) < 2000 and len(caplog.text) < 5000
+
+
+def test_a_huge_config_file_is_refused_before_it_is_read(saved, tmp_path, monkeypatch):
+    d = copy_of(saved, tmp_path)
+    with open(d / "adapter_config.json", "r+b") as f:  # sparse: 200 MiB of nothing
+        f.seek(200 * 2**20)
+        f.write(b" ")
+    read = []
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self) or "")
+    monkeypatch.setattr(Path, "read_bytes", lambda self, *a, **k: read.append(self) or b"")
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json is 200\.0 MiB"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+    assert not read
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from([f for f, _, _ in WRONG_TYPES]),
+    value=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+        max_leaves=6,
+    ),
+)
+def test_property_any_json_value_in_any_field_reads_or_fails_naming_that_field(field, value, saved, tmp_path):
+    """Reading (the schema check, before any model is touched) accepts the value or names the field."""
+    d = with_config(saved, tmp_path, **{field: value})
+    try:
+        read_adapter(d)
+    except AdapterFormatError as e:
+        assert field in str(e) and len(str(e)) < 2000, str(e)[:500]
+
+
+# ---- 2. regexes from files --------------------------------------------------------------------------
+
+EVIL = [
+    ("target_modules", r"(a|a)*b"),
+    ("target_modules", r"(.*)*x"),
+    ("target_modules", r"(\w+\.?)+z"),
+    ("exclude_modules", r"(.+)+$x"),
+    ("rank_pattern", {r"(h+)+q": 2}),
+    ("alpha_pattern", {r"(.*\.)*zz": 2}),
+    ("target_modules", ".*" * 12 + "zz"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("field", "value"), EVIL, ids=[f"{f}:{v}" for f, v in EVIL])
+def test_a_catastrophic_regex_from_a_file_is_refused_fast_naming_it(field, value, saved, tmp_path):
+    d = with_config(saved, tmp_path, **{field: value})
+    start = time.perf_counter()
+    with pytest.raises(AdapterFormatError, match="backtrack") as info:
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+    assert time.perf_counter() - start < 10
+    shown = value if isinstance(value, str) else next(iter(value))
+    assert repr(shown) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r".*\.(c_attn|c_proj)",
+        r"transformer\.h\.\d+\.attn\.c_attn",
+        r".*h\.[01]\.(attn|mlp)\.c_.*",
+        r"(.*\.)?c_fc",
+    ],
+)
+def test_ordinary_regexes_still_load(pattern, saved, tmp_path):
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=pattern))
+    model.save_pretrained(tmp_path / "ok")
+    LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "ok")
