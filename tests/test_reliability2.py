@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import randomise_B
+from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
 from hf_lora import AdapterFormatError, LoRAConfig, LoRAModel, get_lora_model
@@ -178,3 +179,80 @@ def test_ordinary_regexes_still_load(pattern, saved, tmp_path):
     model = get_lora_model(make_model("gpt2"), LoRAConfig(r=4, target_modules=pattern))
     model.save_pretrained(tmp_path / "ok")
     LoRAModel.from_pretrained(make_model("gpt2"), tmp_path / "ok")
+
+
+# ---- 5. ambiguous or oversized weight files ----------------------------------------------------------
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(d / "adapter_model.safetensors")
+
+
+def test_a_tensor_under_two_key_spellings_is_refused(saved, tmp_path):
+    d = copy_of(saved, tmp_path)
+    t = _tensors(d)
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key.replace("lora_A.weight", "lora_A.default.weight")] = torch.randn_like(t[key])  # the stray one
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(AdapterFormatError, match=r"same tensor under two names.*lora_A\.default\.weight"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+
+
+def _raw_safetensors(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def test_duplicate_header_keys_are_refused(saved, tmp_path):
+    d = copy_of(saved, tmp_path)
+    t = _tensors(d)
+    key = next(iter(t))
+    blob = (d / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    entry = json.dumps({key: header[key]})[1:-1]
+    text = blob[8 : 8 + n].decode().rstrip()
+    text = text[:-1] + "," + entry + "}"  # the same key again, at the end
+    (d / "adapter_model.safetensors").write_bytes(
+        len(text).to_bytes(8, "little") + text.encode() + blob[8 + n :]
+    )
+    with pytest.raises(AdapterFormatError, match=r"names .* more than once"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.uint8])
+def test_integer_or_bool_weights_are_refused(dtype, saved, tmp_path):
+    d = copy_of(saved, tmp_path)
+    t = _tensors(d)
+    key = next(k for k in t if k.endswith("lora_B.weight"))
+    t[key] = t[key].to(dtype)
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(AdapterFormatError, match="not a floating-point tensor"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+
+
+def test_shapes_are_checked_from_the_header_before_any_data_is_read(saved, tmp_path):
+    """A sparse file declaring a 1 GiB tensor for a module of the model: refused without reading it."""
+    d = copy_of(saved, tmp_path)
+    t = _tensors(d)
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    header, data, offset = {}, b"", 0
+    for k, v in t.items():
+        if k == key:
+            continue
+        raw = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        data, offset = data + raw, offset + len(raw)
+    huge = 2**28  # float32 elements: 1 GiB
+    header[key] = {"dtype": "F32", "shape": [huge // 64, 64], "data_offsets": [offset, offset + 4 * huge]}
+    path = d / "adapter_model.safetensors"
+    path.write_bytes(_raw_safetensors(header, data))
+    with open(path, "r+b") as f:  # the declared bytes exist, as a hole
+        f.truncate(path.stat().st_size + 4 * huge)
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(AdapterFormatError, match=r"has shape \(4194304, 64\), the model needs"):
+        LoRAModel.from_pretrained(make_model("gpt2"), d)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # (Linux: kB)
+    assert grown_mib < 100, f"a failed load took {grown_mib:.0f} MiB"
