@@ -360,3 +360,18 @@ def test_add_adapter_failing_at_any_step_leaves_the_model_exactly_as_before(conf
         return get_lora_model(make_model("gpt2"), LoRAConfig(r=2, target_modules=["c_attn"]))
 
     _every_step(lambda m: m.add_adapter("other", config.replace(trainable_token_indices=None)), fresh)
+
+
+def test_saving_several_adapters_writes_none_when_a_subfolder_cannot_be_written(tmp_path):
+    model = get_lora_model(make_model("gpt2"), LoRAConfig(r=2, target_modules=["c_attn"]))
+    model.add_adapter("other", LoRAConfig(r=2, target_modules=["c_fc"]))
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    randomise_B(model)
+    shutil.rmtree(out / "other")
+    (out / "other").write_text("a file where the subfolder should be")
+    with pytest.raises(OSError):
+        model.save_pretrained(out)
+    root = {p: p.read_bytes() for p in out.glob("*") if p.is_file() and p.name != "other"}
+    assert root == {p: b for p, b in before.items() if p.parent == out}, "the root adapter was rewritten"
