@@ -14,6 +14,7 @@ from .errors import (
     AdapterNotFoundError,
     AdapterStateError,
     HubAccessError,
+    HubError,
     LoRAError,
     TargetModulesError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "HubAccessError",
+    "HubError",
     "LoRAConfig",
     "LoRAError",
     "LoRALayer",

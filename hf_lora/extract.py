@@ -80,6 +80,7 @@ def extract_lora(
     wrappable = {path for path, _ in lora_modules(base_model)}
     config = LoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, modules_to_save=modules_to_save)
     targets = resolve_targets(base_model, config)
+    _check_rank_fits(base_model, targets, r)
 
     factors, report = {}, []
     for path in targets:
@@ -203,3 +204,19 @@ def _warn_missed(missed: list[str], wrappable: set[str], shared: dict[str, list[
         " and ".join(advice),
         "".join(notes),
     )
+
+
+def _check_rank_fits(model: nn.Module, targets: list[str], r: int) -> None:
+    """An update of an (out, in) layer has rank at most min(out, in): a larger r would only pad the adapter
+    with zeros (a file many times the size for nothing), so it is refused before the model is touched."""
+    ranks = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        ranks[path] = min(kind_of(module).as_oi(module, module.weight.detach()).shape)
+    if too_small := {p: n for p, n in ranks.items() if n < r}:
+        path, most = min(too_small.items(), key=lambda item: item[1])
+        raise ValueError(
+            f"r={r} is larger than the rank an update of {path} can have ({most}: the smaller of its "
+            f"dimensions; {len(too_small)} target layers are that small). Give r <= {min(ranks.values())}, or "
+            "leave those layers out of target_modules."
+        )

@@ -5,7 +5,10 @@ way, CLI misuse, secrets in errors. Where the cases repeat they are properties (
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -375,3 +378,142 @@ def test_saving_several_adapters_writes_none_when_a_subfolder_cannot_be_written(
         model.save_pretrained(out)
     root = {p: p.read_bytes() for p in out.glob("*") if p.is_file() and p.name != "other"}
     assert root == {p: b for p, b in before.items() if p.parent == out}, "the root adapter was rewritten"
+
+
+# ---- 6. the CLI ---------------------------------------------------------------------------------------
+
+HF_LORA = str(Path(sys.executable).with_name("hf-lora"))
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HF_LORA, *map(str, args)], capture_output=True, text=True, timeout=300, env=os.environ | env
+    )
+
+
+def assert_one_line_exit_2(proc: subprocess.CompletedProcess, command: str, reason: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines[-1].startswith(f"hf-lora {command}: error:"), lines
+    assert reason in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def models_on_disk(tmp_path_factory, saved):
+    root = tmp_path_factory.mktemp("cli")
+    make_model("gpt2").save_pretrained(root / "base")
+    tuned = make_model("gpt2")
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight.add_(0.01)
+    tuned.save_pretrained(root / "tuned")
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("onto", ["base", "adapter"])
+def test_merge_never_writes_over_an_input(onto, models_on_disk, saved, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models_on_disk / "base", base)
+    adapter = copy_of(saved, tmp_path)
+    before = {"base": _files(base), "adapter": _files(adapter)}
+    out = {"base": base, "adapter": adapter}[onto]
+    proc = cli("merge", base, adapter, out)
+    assert_one_line_exit_2(proc, "merge", f"is the {onto} folder")
+    assert _files(base) == before["base"] and _files(adapter) == before["adapter"]
+
+
+def test_extract_never_writes_over_an_input(models_on_disk, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models_on_disk / "base", base)
+    before = _files(base)
+    proc = cli("extract", base, models_on_disk / "tuned", base, "--r", "2")
+    assert_one_line_exit_2(proc, "extract", "is the base folder")
+    assert _files(base) == before
+
+
+def test_extract_refuses_a_rank_larger_than_a_layer_can_have(models_on_disk, tmp_path):
+    proc = cli("extract", models_on_disk / "base", models_on_disk / "tuned", tmp_path / "o", "--r", "65")
+    assert_one_line_exit_2(proc, "extract", "r=65 is larger than the rank an update of")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unexpected_error_is_one_line_too(tmp_path):
+    """A config nested beyond Python's recursion limit failed with a traceback; any error: one line."""
+    d = tmp_path / "deep"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_exit_2(cli("info", d), "info", "nested deeper than")
+    for error, words in (("{}['url']", "lacks the entry 'url'"), ("1 / 0", "ZeroDivisionError")):
+        code = f"import sys; from hf_lora import cli\ndef bad(args): {error}\ncli._info = bad\n"
+        code += "sys.exit(cli.main(['info', 'x']))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        line = assert_one_line_exit_2(proc, "info", words)
+        assert line != "hf-lora info: error: 'url'"
+
+
+# ---- 7, 8. secrets and honest Hub errors ----------------------------------------------------------------
+
+SECRET = "hf_SeCrEtToKeN0123456789abcdef"
+
+
+@pytest.fixture
+def failing_hub():
+    """A Hub that answers every request with HTTP 500, echoing the request's headers in its body."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = json.dumps({"error": f"internal error; request headers: {dict(self.headers)}"}).encode()
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_hub_error_says_what_the_server_answered_and_never_shows_the_token(failing_hub, tmp_path):
+    env = {"HF_ENDPOINT": failing_hub, "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_XET": "1"}
+    env |= {"HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    code = (
+        "from hf_lora.reading import read_adapter\n"
+        f"try:\n    read_adapter('alice/adapter', token={SECRET!r})\n"
+        "except Exception as e:\n    print(type(e).__name__, str(e), repr(e.__cause__), repr(e.__context__))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=os.environ | env)  # fmt: skip
+    assert "HubError" in proc.stdout and "answered HTTP 500" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "cannot be reached" not in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+    cli_proc = cli("info", "alice/adapter", **env, HF_TOKEN=SECRET)
+    assert_one_line_exit_2(cli_proc, "info", "answered HTTP 500")
+    assert SECRET not in cli_proc.stdout + cli_proc.stderr
+
+
+@settings(max_examples=100, deadline=None)
+@given(token=st.from_regex(r"hf_[A-Za-z0-9]{30,40}", fullmatch=True), around=st.text(max_size=40))
+def test_property_scrubbing_removes_any_token_wherever_it_sits(token, around):
+    from hf_lora.secrets import scrub_secrets
+
+    for text in (
+        f"{around}{token}{around}",
+        f"Authorization: Bearer {token}",
+        f"{{'authorization': '{token}'}}",
+    ):
+        assert token not in scrub_secrets(text), text
+        assert token not in scrub_secrets(text.replace(token, token[3:]), token[3:])  # (any given token)
