@@ -215,6 +215,9 @@ class SafetensorsFile(Mapping):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def __reduce__(self):  # pickled or copied as the plain dict of tensors it stands for
+        return (dict, (dict(self),))
+
 
 def open_safetensors(path: Path) -> SafetensorsFile:
     """A safetensors file, its header checked against the file size (a truncated, corrupted or hostile

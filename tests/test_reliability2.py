@@ -437,7 +437,7 @@ def test_extract_never_writes_over_an_input(models_on_disk, tmp_path):
 
 def test_extract_refuses_a_rank_larger_than_a_layer_can_have(models_on_disk, tmp_path):
     proc = cli("extract", models_on_disk / "base", models_on_disk / "tuned", tmp_path / "o", "--r", "65")
-    assert_one_line_exit_2(proc, "extract", "r=65 is larger than the rank an update of")
+    assert_one_line_exit_2(proc, "extract", "r=65 is larger than the rank an update of any target layer")
     assert not (tmp_path / "o").exists()
 
 
