@@ -4,12 +4,13 @@ model (`load_plan`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from .adapter_files import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, normalise_key
+from .atomic import folder_lock
 from .config import LoRAConfig
 from .errors import AdapterFormatError, AdapterNotFoundError, few
 from .fetch import list_repo_files, resolve_adapter_file
@@ -83,6 +85,21 @@ def read_adapter(
     def resolve(filename: str) -> Path | None:
         return resolve_adapter_file(model_id, filename, subfolder=subfolder, revision=revision, token=token)
 
+    folder = Path(model_id).expanduser() / (subfolder or "")
+    with folder_lock(folder, shared=True) if folder.is_dir() else contextlib.nullcontext():
+        # (a local folder: a save into it waits, so the config and the opened weights are of one save)
+        return _read_adapter(model_id, resolve, subfolder, revision, token, allow_pickle, advice)
+
+
+def _read_adapter(
+    model_id: str | os.PathLike,
+    resolve: Callable[[str], Path | None],
+    subfolder: str | None,
+    revision: str | None,
+    token: str | bool | None,
+    allow_pickle: bool,
+    advice: Advice,
+) -> AdapterFiles:
     config_path = resolve(CONFIG_NAME)
     where = str(model_id) + (f"/{subfolder}" if subfolder else "")
     if config_path is None:

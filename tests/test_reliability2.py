@@ -5,6 +5,7 @@ way, CLI misuse, secrets in errors. Where the cases repeat they are properties (
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import randomise_B
 from safetensors.torch import load_file, save_file
-from tiny_models import make_model
+from tiny_models import MLP, make_model
 
 import hf_lora
 from hf_lora import AdapterFormatError, LoRAConfig, LoRAModel, get_lora_model
@@ -517,3 +518,41 @@ def test_property_scrubbing_removes_any_token_wherever_it_sits(token, around):
     ):
         assert token not in scrub_secrets(text), text
         assert token not in scrub_secrets(text.replace(token, token[3:]), token[3:])  # (any given token)
+
+
+# ---- 4. a reader beside writers -------------------------------------------------------------------------
+
+
+def _save_forever(directory: str, r: int, stop) -> None:
+    torch.set_num_threads(1)
+    model = get_lora_model(MLP(), LoRAConfig(r=r, lora_alpha=r, target_modules=["fc1", "fc2"]))
+    while not stop.is_set():
+        model.save_pretrained(directory, model_card=False)
+
+
+@pytest.mark.timeout(180)
+def test_a_reader_beside_two_writers_sees_one_whole_save(tmp_path):
+    """Two processes save adapters of r=4 and r=8 into one folder while this one reads it: each read must
+    be one save's config with that save's weights (torn mixes, r=4 config with r=8 weights, came out)."""
+    directory = tmp_path / "adapter"
+    get_lora_model(MLP(), LoRAConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"])).save_pretrained(
+        directory
+    )
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writers = [ctx.Process(target=_save_forever, args=(str(directory), r, stop)) for r in (4, 8)]
+    for w in writers:
+        w.start()
+    seen = set()
+    try:
+        start = time.monotonic()  # read for 5 s, and on until both writers' saves were seen (20 s at most)
+        while (elapsed := time.monotonic() - start) < 5 or (len(seen) < 2 and elapsed < 20):
+            files = read_adapter(directory)
+            weights_r = files.tensors["base_model.model.fc1.lora_A.weight"].shape[0]
+            assert files.config.r == files.config.lora_alpha == weights_r, (files.config.r, weights_r)
+            seen.add(weights_r)
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(timeout=30)
+    assert seen == {4, 8}, "the reader saw both writers' saves"
