@@ -16,7 +16,7 @@ any match is tried:
 
 Everything peft's documentation and the Hub's adapters use passes (dotted names, ``.*`` prefixes,
 alternations of names, ``\\d+`` layer indices). The alternative, a linear-time engine (google-re2), would
-be a compiled dependency whose syntax differs from peft's `re` (no lookarounds or backreferences).
+be a compiled dependency whose syntax is not that of peft's `re` (no lookarounds or backreferences).
 """
 
 from __future__ import annotations
