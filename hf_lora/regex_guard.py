@@ -5,7 +5,8 @@ pattern such as ``(a|a)*b`` or ``(.*)*x`` takes exponential time on a module pat
 The guard reads the pattern's parse tree and refuses the shapes that backtrack catastrophically, before
 any match is tried:
 
-* a repeat inside a repeat, ``(x+)*`` (exponential: the text splits between them in 2^n ways);
+* a repeat (also an optional ``x?``) inside a repeat, ``(x+)*`` (exponential: the text splits between
+  them in 2^n ways);
 * an alternation inside a repeat whose branches do not start with distinct literal characters, ``(a|ab)*``
   (exponential for the same reason);
 * more than `MAX_WIDE_REPEATS` repeats of anything but a literal (``.*``, ``\\w+``, ``[^.]*``): k adjacent
@@ -50,11 +51,10 @@ def _walk(items: list, inside_repeat: bool, wide: list[int]) -> str | None:
         if name in _REPEATS:
             _, high, body = av
             body = list(body)
-            if high > 1:
-                if inside_repeat:
-                    return "repeats a group that itself repeats, as in (x+)* (rewrite it without the nesting)"
-                if not all(str(o) == "LITERAL" for o, _ in body):
-                    wide[0] += 1
+            if inside_repeat:  # (also an optional part, x?: (.?.?)* splits a text in as many ways)
+                return "repeats a group that itself repeats, as in (x+)* (rewrite it without the nesting)"
+            if high > 1 and not all(str(o) == "LITERAL" for o, _ in body):
+                wide[0] += 1
             if problem := _walk(body, inside_repeat or high > 1, wide):
                 return problem
         elif name == "BRANCH":
