@@ -614,3 +614,52 @@ def test_property_a_regex_the_guard_accepts_matches_fast(pattern):
     re.fullmatch(pattern, _LONG_PATH + "!")
     re.match(rf"(.*\.)?({pattern})$", _LONG_PATH + "!")
     assert time.perf_counter() - start < 0.5, pattern
+
+
+_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "X9"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_a_damaged_header_loads_or_is_refused_as_a_format_error(data, saved, tmp_path):
+    """Shapes, dtypes, offsets and keys of the safetensors header changed at random: the load works (the
+    change was harmless) or fails with AdapterFormatError; never another exception, never a wrong load."""
+    d = copy_of(saved, tmp_path)
+    path = d / "adapter_model.safetensors"
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header, body = json.loads(blob[8 : 8 + n]), blob[8 + n :]
+    keys = sorted(k for k in header if k != "__metadata__")
+    key = data.draw(st.sampled_from(keys))
+    change = data.draw(st.sampled_from(["shape", "dtype", "offsets", "spelling", "drop"]))
+    entry = dict(header[key])
+    if change == "shape":
+        entry["shape"] = data.draw(st.lists(st.integers(0, 2**20), max_size=3))
+    elif change == "dtype":
+        entry["dtype"] = data.draw(st.sampled_from(_DTYPES))
+    elif change == "offsets":
+        entry["data_offsets"] = sorted(
+            data.draw(st.lists(st.integers(0, len(body) + 8), min_size=2, max_size=2))
+        )
+    elif change == "spelling":
+        header[key.replace(".weight", ".default.weight")] = entry
+    if change == "drop":
+        del header[key]
+    else:
+        header[key] = entry
+    path.write_bytes(_raw_safetensors(header, body))
+    model = make_model("gpt2")
+    try:
+        loaded = LoRAModel.from_pretrained(model, d)
+    except AdapterFormatError:
+        return
+    good = _tensors(saved)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in _own_tensors(loaded, good).items())
+
+
+def _own_tensors(model, file_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's state-dict keys (default adapter)."""
+    from hf_lora.adapter_files import adapter_key_map
+
+    keymap = adapter_key_map(model, "default")
+    return {own: file_tensors[file_key] for file_key, own in keymap.items() if file_key in file_tensors}
