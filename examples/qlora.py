@@ -76,15 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def base_model(args, quantised: bool):
     """The float32 model, or the same weights loaded in 4-bit from the copy saved in `args.base_dir`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    model, tokenizer = load_causal_lm(args.model)
     if not quantised:
-        return model, tokenizer
+        return load_causal_lm(args.model)
+    # (never the float32 model in this process: the peak memory is the 4-bit run's own)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=args.quant_type, bnb_4bit_compute_dtype=torch.float32
     )
-    del model
     model = AutoModelForCausalLM.from_pretrained(args.base_dir, quantization_config=config, device_map="cpu")
     return hf_lora.prepare_model_for_kbit_training(model), tokenizer
 

@@ -14,6 +14,7 @@ from .errors import (
     AdapterNotFoundError,
     AdapterStateError,
     HubAccessError,
+    HubError,
     LoRAError,
     TargetModulesError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "HubAccessError",
+    "HubError",
     "LayerStatus",
     "LoRAConfig",
     "LoRAError",

@@ -76,10 +76,11 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(directory: Path) -> Iterator[None]:
+def folder_lock(directory: Path, shared: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `directory` (flock on the folder itself: no lock file is left behind), so
     that the files one writer saves there together (an adapter's weights, config and card) are not mixed
-    with another process's saving into the same folder at the same time. Where flock is missing
+    with another process's saving into the same folder at the same time. `shared=True` is a reader's lock:
+    readers go together, but not while a writer holds it, so they see one whole save. Where flock is missing
     (Windows) or the file system refuses it, writers are not serialised."""
     try:
         import fcntl
@@ -90,7 +91,7 @@ def folder_lock(directory: Path) -> Iterator[None]:
     fd = os.open(directory, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LoRAError
+from .secrets import scrub_secrets
 
 EXIT_BAD_INPUT = 2
 _CHECKPOINT = re.compile(r"checkpoint-\d+")  # transformers' PREFIX_CHECKPOINT_DIR, and the step
@@ -46,9 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except Exception as e:
         message = _bad_input_message(e, args.command)
-        if message is None:  # a bug: its traceback helps more than a line
-            raise
-        print(f"hf-lora {args.command}: error: {message}", file=sys.stderr)
+        if message is None:  # a bug: one line too, and its traceback with -v
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+            text = " ".join(str(e).split())[:500]
+            message = f"{type(e).__name__}: {text} (unexpected: run with -v for the traceback, and report it)"
+        print(f"hf-lora {args.command}: error: {scrub_secrets(message)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
@@ -66,6 +69,8 @@ def _bad_input_message(e: Exception, command: str) -> str | None:
     hub_error = type(e).__module__.split(".")[0] == "huggingface_hub"
     if not (hub_error or isinstance(e, (LoRAError, OSError, ValueError, KeyError))):
         return None
+    if isinstance(e, KeyError):  # str() of a KeyError is the bare key, "'url'"
+        return f"an answer or file lacks the entry {e.args[0]!r} it should have ({type(e).__name__})"
     lines = [line.strip(" -") for line in str(e).strip().splitlines() if line.strip()]
     return " ".join(lines) or type(e).__name__  # (LoRAConfig lists its problems on lines of their own)
 
@@ -227,6 +232,7 @@ def _merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; give a folder for the merged model.")
+    _refuse_overwriting_inputs(out, base=args.base, adapter=Path(args.adapter, args.subfolder or ""))
     # fail before the (slow) base model load if the adapter is unusable
     files = read_adapter(args.adapter, subfolder=args.subfolder, advice=_advice())
     base = _load_model(args.base)
@@ -250,6 +256,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _extract(args: argparse.Namespace) -> None:
     from .extract import extract_lora
 
+    _refuse_overwriting_inputs(Path(args.out), base=args.base, finetuned=args.finetuned)
     base, finetuned = _load_model(args.base), _load_model(args.finetuned)
     model, report = extract_lora(
         base,
@@ -350,6 +357,15 @@ def _advice():
         allow_pickle="load it in Python with allow_pickle=True if you trust its author (the hf-lora command "
         "reads safetensors only)",
     )
+
+
+def _refuse_overwriting_inputs(out: Path, **inputs: str | Path) -> None:
+    """OUT must be a folder of its own: writing into an input's folder replaces its files (data loss)."""
+    for role, path in inputs.items():
+        if Path(path).exists() and out.exists() and out.resolve() == Path(path).resolve():
+            raise ValueError(
+                f"OUT ({out}) is the {role} folder: writing there would replace its files. Give a new folder."
+            )
 
 
 def _model_class(config):

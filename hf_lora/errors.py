@@ -26,6 +26,10 @@ class HubAccessError(LoRAError, PermissionError):
     """The Hub refused the credentials (bad or missing token, or no write access to that namespace)."""
 
 
+class HubError(LoRAError, OSError):
+    """The Hub answered a request with an error of its own (HTTP 5xx, or a refusal other than access)."""
+
+
 def few(names: list[str], n: int = 6) -> str:
     """At most `n` names for a message, and how many more there are (never "and 1 more")."""
     if len(names) <= n:

@@ -80,6 +80,7 @@ def extract_lora(
     wrappable = {path for path, _ in lora_modules(base_model)}
     config = LoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, modules_to_save=modules_to_save)
     targets = resolve_targets(base_model, config)
+    _check_rank_fits(base_model, targets, r)
 
     factors, report = {}, []
     for path in targets:
@@ -203,3 +204,27 @@ def _warn_missed(missed: list[str], wrappable: set[str], shared: dict[str, list[
         " and ".join(advice),
         "".join(notes),
     )
+
+
+def _check_rank_fits(model: nn.Module, targets: list[str], r: int) -> None:
+    """An update of an (out, in) layer has rank at most min(out, in); a larger r only pads the adapter with
+    zeros. Where no target can use r (a file many times the size, for nothing) it is refused before the
+    model is touched; where some cannot (one r for layers of several sizes) they are logged."""
+    ranks = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        ranks[path] = min(kind_of(module).as_oi(module, module.weight.detach()).shape)
+    if ranks and r > max(ranks.values()):
+        raise ValueError(
+            f"r={r} is larger than the rank an update of any target layer can have (at most "
+            f"{max(ranks.values())}: the smaller of a layer's dimensions); the adapter would only be padded "
+            f"with zeros. Give r <= {max(ranks.values())}."
+        )
+    if padded := sorted(p for p, n in ranks.items() if n < r):
+        logger.info(
+            "r=%d exceeds the rank %d layers can have (%s: %d); their factors are padded with zeros",
+            r,
+            len(padded),
+            padded[0],
+            ranks[padded[0]],
+        )

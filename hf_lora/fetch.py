@@ -22,7 +22,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError
+from .errors import AdapterFormatError, AdapterNotFoundError, HubAccessError, HubError
+from .secrets import scrub_secrets
 
 
 def endpoint() -> str:
@@ -65,12 +66,14 @@ def resolve_adapter_file(
             f"no adapter at {repo_id!r}: not a local directory, and no Hub repo of that name at {endpoint()} "
             "(or it is private and your token cannot read it)."
         ) from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        if answer := _http_answer(e):  # the Hub did answer, with an error: say so, not "cannot be reached"
+            raise http_error(answer, repo_id, token) from None
         raise not_cached(f"{filename} of {repo_id!r}") from None
     except EntryNotFoundError:
         return None
     except HfHubHTTPError as e:
-        raise http_error(e, repo_id) from None
+        raise http_error(e, repo_id, token) from None
 
 
 def missing_repo(
@@ -94,7 +97,7 @@ def list_repo_files(
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise missing_repo(e, repo_id, revision) from None
     except HfHubHTTPError as e:
-        raise http_error(e, repo_id) from None
+        raise http_error(e, repo_id, token) from None
     except Exception as e:
         if network_cause(e) is None:
             raise
@@ -133,14 +136,34 @@ def check_repo_path(name: str, repo_id: str) -> None:
         )
 
 
-def http_error(e: HfHubHTTPError, repo_id: str) -> Exception:
+def http_error(e: HfHubHTTPError, repo_id: str, token: str | bool | None = None) -> Exception:
+    """The error to raise for an HTTP error answer of the Hub, in our words, and with no token in it (a
+    server may echo the request's Authorization header in its error body)."""
     status = e.response.status_code if e.response is not None else None
     if status in (401, 403):
         return HubAccessError(
             f"the Hub at {endpoint()} refused access to {repo_id!r} (HTTP {status}): check the token "
             "(token=..., HF_TOKEN or `hf auth login`) and that it may write to this namespace."
         )
-    return e
+    said = scrub_secrets(" ".join(str(e).split()), token)[:500]
+    if status is not None and status >= 500:
+        return HubError(
+            f"the Hub at {endpoint()} answered HTTP {status} (a server error) for {repo_id!r}: try again "
+            f"later. It said: {said}"
+        )
+    return HubError(f"the Hub at {endpoint()} answered HTTP {status} for {repo_id!r}: {said}")
+
+
+def _http_answer(e: BaseException | None) -> HfHubHTTPError | None:
+    """The Hub's HTTP error answer in `e` or its causes (hf_hub_download wraps it in LocalEntryNotFoundError
+    when nothing is cached); None if no answer came."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # Errors meaning no answer came: huggingface_hub talks through httpx2, httpx or requests, by version.

@@ -36,6 +36,17 @@ from .tokens import TOKENS_KEY, TokenRowsLayer
 logger = logging.getLogger(__name__)
 
 
+# Tensors that are floating point in any model (a saved module's buffers may be integers).
+_FLOAT_LEAVES = (
+    "weight",
+    "bias",
+    "lora_magnitude_vector",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    TOKENS_KEY,
+)
+
+
 @dataclass
 class LoadPlan:
     config: LoRAConfig
@@ -96,8 +107,9 @@ def plan_load(model: nn.Module, config: LoRAConfig, files: AdapterFiles) -> Load
         problems.append(f"tensors for modules this model does not have{hint}: {few(unexpected, 4)}")
     vocabularies = set()
     for key, (shape, _) in expected.items():
-        if key in keys and tuple(files.tensors[keys[key]].shape) != shape:
-            got = tuple(files.tensors[keys[key]].shape)
+        if key in keys and key.endswith(_FLOAT_LEAVES) and not files.is_floating(keys[key]):
+            problems.append(f"{key} is not a floating-point tensor (integer or bool), which no weight is")
+        if key in keys and (got := files.shape(keys[key])) != shape:
             problems.append(f"{key} has shape {got}, the model needs {shape}")
             path = key.removeprefix(PREFIX).rpartition(".")[0].removesuffix(".base_layer")
             if path in embeddings and got[1:] == shape[1:]:
@@ -311,12 +323,9 @@ def unchanged_base_tensors(own: dict[str, torch.Tensor], files: AdapterFiles, ke
     copies written for peft's sake do."""
     for key in keys:
         mine = own.get(key.removeprefix(PREFIX))
-        theirs = files.tensors[key]
-        if (
-            mine is None
-            or mine.shape != theirs.shape
-            or not torch.equal(mine.detach().cpu(), theirs.to(mine.dtype))
-        ):
+        if mine is None or tuple(mine.shape) != files.shape(key):  # (from the header: no data read)
+            return False
+        if not torch.equal(mine.detach().cpu(), files.tensors[key].to(mine.dtype)):
             return False
     return True
 

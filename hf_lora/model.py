@@ -37,6 +37,7 @@ from .layers import (
     unmake_lora_layer,
 )
 from .loss import forward_with_chunked_loss
+from .rollback import restored_on_error
 from .targets import prepare_config, resolve_modules_to_save, resolve_targets, resolve_token_targets
 from .ties import check_tied_targets, untie_if_replaced, untie_merge_targets, untie_token_rows
 from .tokens import TokenRowsLayer, check_disjoint, make_token_layer, unmake_token_layer
@@ -55,9 +56,7 @@ class LoRAModel(nn.Module):
     _lora_base_class: type[nn.Module]
 
     def __init__(self, *args: Any, **kwargs: Any):
-        raise TypeError(
-            "Create LoRA models with hf_lora.get_lora_model(model, config) or LoRAModel.from_pretrained."
-        )
+        raise TypeError("Create LoRA models with hf_lora.get_lora_model or LoRAModel.from_pretrained.")
 
     def __reduce_ex__(self, protocol: int):
         # The class is generated at run time, so pickle/deepcopy rebuild it from the original class.
@@ -97,8 +96,6 @@ class LoRAModel(nn.Module):
             if isinstance(m, LoRALayer) or (isinstance(m, TokenRowsLayer) and m.source is m)
         ]
 
-    _adapter_layers = adapter_layers  # (its name before it was public)
-
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         for name, module in self.named_modules():
             if isinstance(module, ModulesToSave):
@@ -116,8 +113,9 @@ class LoRAModel(nn.Module):
         config = prepare_config(self, config)
         targets = resolve_targets(self, config)
         saved = resolve_modules_to_save(self, config)
-        inject(self, adapter_name, config, targets, saved)
-        self._activate(self._active)  # new adapter inactive; trainable flags follow the active ones
+        with restored_on_error(self, config, targets):
+            inject(self, adapter_name, config, targets, saved)
+            self._activate(self._active)  # new adapter inactive; trainable flags follow the active ones
 
     def _task_type(self) -> str | None:
         """The task of a model whose adapters train a task head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS)."""
@@ -424,9 +422,8 @@ class LoRAModel(nn.Module):
 def get_lora_model(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRAModel:
     """Add a LoRA adapter to `model` in place, freeze everything else, and return it as a `LoRAModel`.
 
-    Works for any `torch.nn.Module` with Linear (or Conv1D) layers; transformers models also get their
-    architecture's default targets. If anything about the config does not fit the model, the error is
-    raised before the model is touched.
+    Any `torch.nn.Module` with layers of a base kind (transformers models also get their architecture's
+    default targets). All or nothing: after any error the model is exactly as before.
     """
     if isinstance(model, LoRAModel):
         raise AdapterStateError(
@@ -439,7 +436,8 @@ def get_lora_model(model: nn.Module, config: LoRAConfig, adapter_name: str = DEF
     config = prepare_config(model, config)
     targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
-    return attach(model, adapter_name, config, targets, saved)
+    with restored_on_error(model, config, targets):  # all or nothing
+        return attach(model, adapter_name, config, targets, saved)
 
 
 def attach(

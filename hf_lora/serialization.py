@@ -10,6 +10,7 @@ its names, as it always did.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,20 +106,30 @@ def save_pretrained(
     root = Path(save_directory)
     if log_history is None:  # set by LoRATrainer while it saves
         log_history = getattr(model, LOG_HISTORY_ATTR, None)
-    for name in names:
-        directory = adapter_dir(root, name)
-        with folder_lock(directory):  # another process saving here at the same time: one set, not a mix
-            write_adapter(directory, configs[name], tensors[name])
-            if model_card:
-                write_model_card(
-                    model,
-                    directory,
-                    name,
-                    repo_id=repo_id,
-                    log_history=log_history,
-                    card_data=card_data,
-                    tensors=tensors[name],
-                )
+    directories = {name: adapter_dir(root, name) for name in names}
+    with contextlib.ExitStack() as locks:
+        # another process saving here at the same time: one set, not a mix (locks in one order: no deadlock)
+        for directory in sorted(set(directories.values())):
+            locks.enter_context(folder_lock(directory))
+        # all adapters' files in one go: every one is staged before the first replaces a file, so a folder
+        # that cannot be written fails the save before the others (the root adapter) are touched
+        atomic_write_files(
+            {
+                p: b
+                for n in names
+                for p, b in adapter_file_bytes(directories[n], configs[n], tensors[n]).items()
+            }
+        )
+        for name in names if model_card else ():
+            write_model_card(
+                model,
+                directories[name],
+                name,
+                repo_id=repo_id,
+                log_history=log_history,
+                card_data=card_data,
+                tensors=tensors[name],
+            )
     logger.info("saved adapter(s) %s to %s", names, root)
 
 
@@ -159,11 +170,18 @@ def as_plain_lora(
 def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Write one adapter's two files; each lands whole or not at all."""
     directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_files(adapter_file_bytes(directory, config, tensors))
+
+
+def adapter_file_bytes(
+    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[Path, bytes]:
+    """One adapter's two files, as `atomic_write_files` takes them."""
     weights = save_safetensors_bytes(tensors, metadata=SAFETENSORS_METADATA)
     # Not sort_keys: the first rank_pattern/alpha_pattern key that matches a module wins, so their order is
     # meaning (to_dict already orders the top-level keys as peft does).
     config_bytes = (json.dumps(config, indent=2) + "\n").encode()
-    atomic_write_files({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: config_bytes})
+    return {directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: config_bytes}
 
 
 __all__ = [

@@ -592,7 +592,7 @@ def test_a_failed_merge_leaves_outputs_right():
         ours.transformer.h[0].attn.c_attn.lora_B["default"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ours.merge_adapter(safe_merge=True)
-    assert not any(layer.merged_adapters for layer in ours._adapter_layers())
+    assert not any(layer.merged_adapters for layer in ours.adapter_layers())
     with torch.no_grad():
         ours.transformer.h[0].attn.c_attn.lora_B["default"][0, 0] = 0.0
         ref.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight[0, 0] = 0.0
