@@ -182,7 +182,7 @@ def record_writes(out: Path) -> None:
     """Log the rank of every process that writes adapter files, so a test can check only rank 0 did."""
     import hf_lora.serialization as ser
 
-    write = ser.write_adapter
+    write = ser.atomic_write_files  # (save_pretrained writes every adapter's files through it, at once)
 
     def logged(*args, **kwargs):
         rank = os.environ.get("RANK", "0")
@@ -190,7 +190,7 @@ def record_writes(out: Path) -> None:
             f.write(f"{rank}\n")
         return write(*args, **kwargs)
 
-    ser.write_adapter = logged
+    ser.atomic_write_files = logged
 
 
 def main() -> None:
