@@ -27,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterStateError
-from .fused import fusable, fused_lora
+from .fused import fusable, fusable_around, fused_around, fused_lora
 from .kinds import BaseKind, kind_of, kind_of_class
 from .weights import (
     delta_weight,
@@ -292,6 +292,12 @@ class LoRALayer(nn.Module):
             autocast = torch.is_autocast_enabled(x.device.type)
             if fusable(autocast, x, w, b, A, B):
                 return self._fused_forward(x, w, b, A, B, name, autocast)
+        elif name is not None and self.lora_kind.fused_around and not args and not kwargs:
+            A, B = getattr(self.lora_A, name), getattr(self.lora_B, name)
+            if fusable_around(x, A, B) and self.lora_kind.fuses_around(self, x):
+                p = self.lora_dropout[name] if self.training else 0.0
+                grad = functools.partial(self.lora_kind.input_grad, self)
+                return fused_around(x, A, B, self._base_forward, grad, self.lora_scaling[name], p)
         result = self._base_forward(x, *args, **kwargs)
         dtype = result.dtype
         for name in live:  # as peft: summed in the adapters' dtype (fp32), rounded once

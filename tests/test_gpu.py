@@ -118,3 +118,42 @@ def test_token_rows_match_peft_on_cuda_without_host_syncs(dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert ours.transformer.wte.trainable_tokens_delta["default"].grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("mode", ["nf4-bf16", "nf4-fp32", "int8"])
+def test_qlora_outputs_and_gradients_match_peft_on_cuda(tmp_path, mode):
+    """QLoRA on CUDA as tests/test_qlora.py checks it on CPU: the same saved model quantised twice (bit-
+    identical weights), our LoRA and peft's with the same factors. bf16 compute with fp32 activations takes
+    the plain path (peft's ops); fp32 compute the fused path (up to rounding); 8-bit on CUDA the plain path."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    make_model("llama").save_pretrained(tmp_path)
+    compute = torch.bfloat16 if mode == "nf4-bf16" else torch.float32
+    settings = (
+        dict(load_in_8bit=True)
+        if mode == "int8"
+        else dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    )
+
+    def load():
+        config = BitsAndBytesConfig(**settings)
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cuda")
+
+    lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    ours = get_lora_model(load(), LoRAConfig(**lora))
+    randomise_B(ours)
+    ref = get_peft_model(load(), LoraConfig(**lora))
+    copy_lora_weights(ours, ref)
+    batch = on_cuda(batch_for("llama"))
+    a, b = ours(**batch).logits, ref(**batch).logits
+    assert_close(a, b, what="logits")
+    a.square().mean().backward()
+    b.square().mean().backward()
+    inner = ref.base_model.model
+    for path, layer in ours.lora_layers():
+        theirs = inner.get_submodule(path).lora_A["default"].weight.grad
+        ours_grad = layer.lora_A["default"].grad
+        bound = 64 * torch.finfo(torch.float32).eps * theirs.abs().max().item()  # relative to the gradient
+        torch.testing.assert_close(ours_grad, theirs, rtol=0, atol=bound)

@@ -28,6 +28,7 @@ class BaseKind:
     fan_in_fan_out: bool = False  # the module stores its weight (in, out)
     saved_fan_in_fan_out: bool = False  # an adapter on it is written with "fan_in_fan_out": true (peft's)
     fused: bool = False  # `hf_lora.fused` may run the forward of exactly `types` (x @ W.T + b)
+    fused_around: bool = False  # `hf_lora.fused` may run the base's own forward with an adapter around it
     moves_base_weights: bool = True  # PiSSA/OLoRA apply (else they init as init_factors says, as peft)
     requantises: bool = False  # write_weight rounds (a quantised base): merges are measured, see layers
     lookup: bool = False  # the factors are looked up, not multiplied (LoRA+ gives them their own lr)
@@ -127,4 +128,15 @@ class BaseKind:
         """What adapter `name` of `layer` adds to the base output `result` on the plain path (the reference
         computation, op for op as peft does it), in the adapter's dtype. The fused path, where `fused`
         allows, replaces base + branch for one adapter."""
+        raise NotImplementedError
+
+    def fuses_around(self, layer: Any, x: torch.Tensor) -> bool:
+        """For a kind that is `fused_around`: whether this call may take `hf_lora.fused.fused_around` (the
+        base's own forward, then the adapter's update added into its output) rather than the plain path
+        (`fused.fusable_around` has checked the tensors' types and dtypes)."""
+        return False
+
+    def input_grad(self, layer: Any, grad_out: torch.Tensor) -> torch.Tensor:
+        """For a kind that is `fused_around`: the base's gradient w.r.t. its input, grad_out (N, out) @ W,
+        computed as the base module's own backward computes it. (N, in)."""
         raise NotImplementedError

@@ -46,6 +46,12 @@ class BnbKind(LinearKind):
     def shapes(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
+    fused_around = True  # the quantised matmul runs as is, the adapter around it (hf_lora.fused)
+
+    def fuses_around(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # (a trained bias needs the base's own gradient for it: the plain path)
+        return layer.bias is None or not layer.bias.requires_grad
+
 
 class Linear4bitKind(BnbKind):
     name = "bitsandbytes Linear4bit"
@@ -62,6 +68,14 @@ class Linear4bitKind(BnbKind):
 
             data, state = _convert_weight_packed_for_cpu_inverse(data, state)
         return bnb.functional.dequantize_4bit(data, state)  # (out, in), the dtype it was quantised from
+
+    def fuses_around(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # Computing in the input's dtype: no casts around the quantised matmul (else the plain path)
+        return layer.compute_dtype == x.dtype and super().fuses_around(layer, x)
+
+    def input_grad(self, layer: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes' MatMul4Bit.backward: dequantise again, grad_out (N, out) @ W (out, in)
+        return torch.matmul(grad_out, self.weight(layer).to(grad_out.dtype))
 
     def write_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -93,6 +107,17 @@ class Linear8bitKind(BnbKind):
         # Before the first forward the row scales are on the weight; after it, on the module's state.
         scb = w.SCB if getattr(w, "SCB", None) is not None else state.SCB
         return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))  # (out, in) float32
+
+    def fuses_around(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # On CPU bitsandbytes' MatMul8bitFp (training) and MatMul8bitLt (eval) both answer in the input's
+        # dtype, and both backwards take grad_out @ (CB * SCB / 127). (CUDA, fp16 weights: the plain path.)
+        return x.device.type == "cpu" and not layer.state.has_fp16_weights and super().fuses_around(layer, x)
+
+    def input_grad(self, layer: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes' MatMul8bitFp/MatMul8bitLt.backward: CB * SCB / 127, then grad_out (N, out) @ W (out, in)
+        state = layer.state
+        weight = state.CB.to(grad_out.dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return torch.matmul(grad_out, weight)
 
     def write_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
