@@ -5,23 +5,22 @@ SmolLM2-135M's widths (hidden 576, MLP 1536, 9 heads / 3 KV heads, vocabulary 49
 its 30 blocks, random weights saved once and loaded quantised by bitsandbytes (4-bit NF4 with fp32
 compute on CPU / bf16 on CUDA, and 8-bit LLM.int8); LoRA r=16 on all linear layers, dropout 0.05, AdamW.
 Interleaved rounds (one step of each configuration per round, two warm-up rounds), medians [min-max];
-then the peak memory of a process that trains each configuration for 3 steps (RSS on CPU, allocated
-memory on CUDA):
+then the peak memory of a process that trains each configuration for 3 steps (on CPU the peak RSS once
+the model is loaded: what loading freed is returned to the OS and the high-water mark reset, so the
+figure is the resident model plus training; on CUDA the peak allocated memory):
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/qlora.py [--rounds 6]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/qlora.py [--rounds 6]      # 6 of the 30 blocks: ~3 min
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/qlora.py --layers 30 --rounds 4   # the whole model: ~12 min
     python benchmarks/qlora.py --device cuda --batch 8 --seq 512 --layers 30      # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+import micro
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -60,83 +59,32 @@ def build(kind: str, path: Path, device: str) -> torch.nn.Module:
     return hf_lora.get_lora_model(model, hf_lora.LoRAConfig(**LORA))
 
 
-def step(model, opt, ids, device: str) -> None:
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        loss = model(ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    micro.common_arguments(parser, rounds=6)
     parser.add_argument("--layers", type=int, default=6, help="how many of SmolLM2-135M's 30 blocks")
-    parser.add_argument(
-        "--peak-of", help="(internal) train this configuration 3 steps, print its peak memory"
-    )
     parser.add_argument("--base", type=Path, help="(internal) the saved base model")
+    parser.add_argument("--no-timing", action="store_true", help="measure the peak memory only")
     args = parser.parse_args()
     ids = torch.randint(0, 49_152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     cuda = args.device == "cuda"
     if args.peak_of:
-        model = build(args.peak_of, args.base, args.device)
-        opt = torch.optim.AdamW(trainable(model), lr=1e-4)
-        for _ in range(3):
-            step(model, opt, ids, args.device)
-        if cuda:
-            print(torch.cuda.max_memory_allocated() // 1024)
-        else:
-            status = Path("/proc/self/status").read_text()
-            print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-        return
+        return micro.train_and_print_peak(build(args.peak_of, args.base, args.device), ids, autocast=cuda)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         save_base(base, args.layers)
-        models = {k: build(k, base, args.device) for k in KINDS}
-        optims = {k: torch.optim.AdamW(trainable(m), lr=1e-4) for k, m in models.items()}
-        times: dict[str, list[float]] = {k: [] for k in KINDS}
-        for round_ in range(args.rounds + 2):
-            for k in KINDS:
-                torch.manual_seed(round_)
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                step(models[k], optims[k], ids, args.device)
-                if cuda:
-                    torch.cuda.synchronize()
-                if round_ >= 2:
-                    times[k].append(time.perf_counter() - t)
-        where = (
-            torch.cuda.get_device_name() + ", bf16"
-            if cuda
-            else f"CPU, {torch.get_num_threads()} threads, fp32"
-        )
-        print(
-            f"SmolLM2-135M widths, {args.layers} layers, batch {args.batch} x {args.seq}, LoRA r=16 all-linear; {where}"
-        )
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for k in KINDS:
-            spread = f"[{min(times[k]) * 1e3:.0f}-{max(times[k]) * 1e3:.0f}]"
-            print(f"{k:20s} {med[k] * 1e3:8.0f} ms {spread}  {args.batch * args.seq / med[k]:8,.0f} tokens/s")
-        for bits in ("4-bit", "8-bit"):
-            print(f"hf_lora/peft {bits} step: {med[f'hf_lora {bits}'] / med[f'peft {bits}']:.3f}")
-        del models, optims
-        peak = {}
-        for k in KINDS:
-            cmd = [sys.executable, __file__, "--peak-of", k, "--base", str(base), "--device", args.device,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--layers", str(args.layers)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1]
-            peak[k] = int(out) / 1024
-            print(f"peak {'memory' if cuda else 'RSS'} {k:20s} {peak[k]:7.0f} MB")
+        if not args.no_timing:
+            models = {k: build(k, base, args.device) for k in KINDS}
+            print(f"SmolLM2-135M widths, {args.layers} layers, batch {args.batch} x {args.seq}, LoRA r=16 "
+                  f"all-linear; {micro.where(args.device)}")  # fmt: skip
+            med = micro.time_steps(models, ids, args.rounds, autocast=cuda)
+            for bits in ("4-bit", "8-bit"):
+                print(f"hf_lora/peft {bits} step: {med[f'hf_lora {bits}'] / med[f'peft {bits}']:.3f}")
+            del models
+        flags = ["--base", str(base), "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
+                 "--layers", str(args.layers)]  # fmt: skip
+        peak = micro.peak_memory(__file__, KINDS, args, flags)
         for bits in ("4-bit", "8-bit"):
             print(f"peak hf_lora/peft {bits}: {peak[f'hf_lora {bits}'] / peak[f'peft {bits}']:.3f}")
 

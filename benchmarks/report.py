@@ -13,6 +13,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 COMMENTARY_START = "<!-- commentary:start (kept when the report is regenerated) -->"
 COMMENTARY_END = "<!-- commentary:end -->"
+MICRO_START = (
+    "<!-- micro-benchmarks:start (sections written by hand from benchmarks/moe.py, qlora.py, ...; "
+    "kept when the report is regenerated) -->"
+)
+MICRO_END = "<!-- micro-benchmarks:end -->"
 DEFAULT_COMMENTARY = "_No commentary yet: edit this section by hand; run.py keeps it._"
 
 # Issue 7 wants merged inference at "1.00x (± noise)": the tolerance used for its check mark.
@@ -531,6 +536,14 @@ def existing_commentary(md_path: Path) -> str:
     return DEFAULT_COMMENTARY
 
 
+def existing_micro(md_path: Path) -> str:
+    """The hand-written micro-benchmark sections at the end of the report (kept like the commentary)."""
+    text = _read(str(md_path))
+    if MICRO_START in text and MICRO_END in text:
+        return text.split(MICRO_START, 1)[1].split(MICRO_END, 1)[0].strip()
+    return ""
+
+
 def existing_title(md_path: Path) -> str:
     """The report's title line, kept like the commentary (a report of a variant run is renamed by hand)."""
     first = _read(str(md_path)).partition("\n")[0]
@@ -569,6 +582,7 @@ def render(
     commentary: str,
     title: str = DEFAULT_TITLE,
     json_path: str = "benchmarks/results.json",
+    micro: str = "",
 ) -> str:
     goals: list[list[str]] = []
     body: list[str] = []
@@ -596,4 +610,6 @@ def render(
     lines += ["", "## Goals (issue 7)", ""]
     lines += table(["goal", "measured", "target"], goals) if goals else ["_No goal measured._", ""]
     lines += ["## Commentary", "", COMMENTARY_START, "", commentary, "", COMMENTARY_END, ""]
+    if micro:
+        body += [MICRO_START, "", micro, "", MICRO_END]
     return "\n".join(lines + body).rstrip() + "\n"

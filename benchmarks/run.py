@@ -39,7 +39,14 @@ from measurements import (  # noqa: E402
     run_worker,
     settings_for,
 )
-from report import ROOT, environment, existing_commentary, existing_title, render  # noqa: E402
+from report import (  # noqa: E402
+    ROOT,
+    environment,
+    existing_commentary,
+    existing_micro,
+    existing_title,
+    render,
+)
 from workloads import SEED, TRAIN_WORKLOADS, WORKLOADS  # noqa: E402
 
 
@@ -213,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     results["runs"] = {k: v for k, v in results["runs"].items() if k in used}
     write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
     shown_json = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
-    report = render(results, existing_commentary(md_path), existing_title(md_path), str(shown_json))
+    report = render(
+        results,
+        existing_commentary(md_path),
+        existing_title(md_path),
+        str(shown_json),
+        existing_micro(md_path),
+    )
     write_atomic(md_path, report)
     partial.unlink(missing_ok=True)
     print(f"took {run['seconds'] / 60:.1f} min; wrote {md_path} and {json_path}")
