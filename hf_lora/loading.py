@@ -31,6 +31,7 @@ from .load_plan import base_layer_paths, is_base_weight, plan_load, unchanged_ba
 from .model import DEFAULT_ADAPTER, LoRAModel, attach, inject
 from .moe_targets import fused_expert_tensors
 from .reading import FROM_PRETRAINED_ADVICE, AdapterFiles, list_adapters, read_adapter
+from .rollback import restored_on_error
 from .targets import base_modules, prepare_config
 from .tokens import TOKENS_KEY, TokenRowsLayer
 
@@ -100,7 +101,8 @@ def from_pretrained(
         advice=FROM_PRETRAINED_ADVICE,
     )
     files = dataclasses.replace(files, tensors=remap_keys(files.tensors, key_mapping))
-    lora_model = _attach_from_files(model, adapter_name, files, is_trainable, loading["factors"])
+    with _all_or_nothing(model, [files]):
+        lora_model = _attach_from_files(model, adapter_name, files, is_trainable, loading["factors"])
     return lora_model if is_trainable else lora_model.eval()
 
 
@@ -139,7 +141,7 @@ def _from_pretrained_all(
     files = [read_adapter(model_id, subfolder=sub, **read_kwargs) for _, sub in found]
     files = [dataclasses.replace(f, tensors=remap_keys(f.tensors, key_mapping)) for f in files]
     (first, _), rest = found[0], found[1:]
-    with _restored_on_error(model, files):
+    with _all_or_nothing(model, files):
         lora_model = _attach_from_files(model, first, files[0], is_trainable, factors)
         for (name, _), adapter_files in zip(rest, files[1:]):
             _load_new_adapter(lora_model, name, adapter_files, is_trainable, factors)
@@ -147,11 +149,13 @@ def _from_pretrained_all(
 
 
 @contextlib.contextmanager
-def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[None]:
-    """Give a plain model back as it was if attaching adapters to it fails part way: its class, modules,
-    requires_grad flags (attaching freezes them all) and the base weights that PiSSA/OLoRA adapters move
-    or the files carry (`<path>.base_layer.weight`, embeddings: save_embedding_layers)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def _all_or_nothing(
+    model: nn.Module, files: list[AdapterFiles], keep: list[torch.Tensor] = ()
+) -> Iterator[None]:
+    """If loading fails part way, give `model` back exactly as it was: its modules, classes and trainable
+    flags (`rollback.restored_on_error`), and the tensors a load writes into in place: the base tensors
+    the files carry (`<path>.base_layer.weight`, embeddings: save_embedding_layers), the base weights that
+    PiSSA/OLoRA adapters move, and `keep` (an adapter reloaded in place)."""
     modules = dict(base_modules(model))
     embeddings = embedding_paths(model)
     tensors = set()  # (module path, tensor name): only what the files carry, or PiSSA/OLoRA may move
@@ -167,22 +171,11 @@ def _restored_on_error(model: nn.Module, files: list[AdapterFiles]) -> Iterator[
                 path, _, leaf = key.rpartition(".")
             if sep or path in embeddings:
                 tensors.add((path, leaf))
-    moved = {
-        (path, leaf): t.detach().clone()
-        for path, leaf in tensors
-        if isinstance(t := getattr(modules.get(path), leaf, None), torch.Tensor)
-    }
-    try:
+    written = [
+        t for path, leaf in tensors if isinstance(t := getattr(modules.get(path), leaf, None), torch.Tensor)
+    ]
+    with restored_on_error(model, keep=[*written, *keep]):
         yield
-    except Exception:
-        if isinstance(model, LoRAModel):
-            model.unload()
-        with torch.no_grad():
-            for (path, leaf), value in moved.items():
-                getattr(model.get_submodule(path), leaf).copy_(value)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        raise
 
 
 def load_adapter(
@@ -213,7 +206,8 @@ def load_adapter(
         _reload_in_place(model, adapter_name, files, is_trainable)
     else:
         factors = _factors(low_cpu_mem_usage, autocast_adapter_dtype)
-        _load_new_adapter(model, adapter_name, files, is_trainable, factors)
+        with _all_or_nothing(model, [files]):
+            _load_new_adapter(model, adapter_name, files, is_trainable, factors)
     if not is_trainable:
         model.eval()
 
@@ -226,11 +220,7 @@ def _load_new_adapter(
     config = prepare_config(model, files.config.replace(inference_mode=not is_trainable))
     plan = plan_load(model, config, files)
     inject(model, adapter_name, plan.config, plan.targets, plan.saved, False, factors)
-    try:
-        _copy_tensors(model, adapter_name, files)
-    except Exception:
-        model.delete_adapter(adapter_name)
-        raise
+    _copy_tensors(model, adapter_name, files)  # (a failure: the caller's _all_or_nothing undoes it all)
     model.refresh_adapters()
 
 
@@ -359,13 +349,19 @@ def _reload_in_place(model: LoRAModel, adapter_name: str, files: AdapterFiles, i
             f"Load it under another name, {replace}."
         )
     merged = [layer for layer in model.adapter_layers() if adapter_name in layer.merged_adapters]
-    for layer in merged:
-        layer.unmerge([adapter_name])
-    _copy_tensors(model, adapter_name, files)
-    for layer in merged:
-        layer.merge([adapter_name])
-    model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(inference_mode=not is_trainable)
-    model.refresh_adapters()
+    # Written in place, so kept to be put back on a failure: the adapter's tensors, the base weights it is
+    # merged into (unmerged and merged again around the copy)
+    keep = [own[k] for k in keymap.values()] + [layer.weight for layer in merged]
+    with _all_or_nothing(model, [files], keep):
+        for layer in merged:
+            layer.unmerge([adapter_name])
+        _copy_tensors(model, adapter_name, files)
+        for layer in merged:
+            layer.merge([adapter_name])
+        model.peft_config[adapter_name] = model.peft_config[adapter_name].replace(
+            inference_mode=not is_trainable
+        )
+        model.refresh_adapters()
 
 
 def _base_layer_problems(model: LoRAModel, files: AdapterFiles, given: dict[str, str]) -> list[str]:

@@ -129,17 +129,22 @@ class LoRAModel(nn.Module):
         trainable, or frozen, when adapters are added, loaded or deleted later). The base biases an adapter
         with bias="lora_only"/"all" trains follow it (peft leaves them trainable under inference_mode=True).
         Merged adapters are unmerged first, as in peft: one that stays merged whatever is active would stay
-        in the weights, and a merged one does not train."""
+        in the weights, and a merged one does not train. All or nothing (while adapters are merged, their
+        weights are copied first, so that a failure can put them back)."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         if unknown := [n for n in names if n not in self.peft_config]:
             raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {self.adapters}.")
         for _, layer in self.token_layers():
             check_disjoint(layer, names)
-        if any(layer.merged_adapters for layer in self.adapter_layers()):
-            logger.warning("set_adapter(%s) while adapters are merged: unmerging them first.", list(names))
-            self.unmerge_adapter()
-        self._set_inference_mode(names, inference_mode)
-        self._activate(names)
+        merged = [layer for layer in self.adapter_layers() if layer.merged_adapters]
+        with restored_on_error(self, keep=[layer.weight for layer in merged]):  # all or nothing
+            if merged:
+                logger.warning(
+                    "set_adapter(%s) while adapters are merged: unmerging them first.", list(names)
+                )
+                self.unmerge_adapter()
+            self._set_inference_mode(names, inference_mode)
+            self._activate(names)
 
     def _set_inference_mode(self, names: Sequence[str], inference_mode: bool) -> None:
         for name in names:
@@ -176,12 +181,18 @@ class LoRAModel(nn.Module):
         self._activate(self._active)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (merged: unmerged first). All or nothing, as `set_adapter`."""
         if adapter_name not in self.peft_config:
             raise AdapterStateError(f"unknown adapter {adapter_name!r}; this model has {self.adapters}.")
         if len(self.peft_config) == 1:
             raise AdapterStateError(
                 "cannot delete the only adapter; use unload() to get the base model back."
             )
+        # all or nothing; of the weights, only those an unmerge below may write are kept
+        with restored_on_error(self, keep=[la.weight for la in self.adapter_layers() if la.merged_adapters]):
+            self._delete_adapter(adapter_name)
+
+    def _delete_adapter(self, adapter_name: str) -> None:
         if self.peft_config[adapter_name].bias != "none":  # the base biases it trained are frozen again
             set_owned_biases_trainable(self, adapter_name, False)
         was_active = adapter_name in self._active
@@ -288,13 +299,22 @@ class LoRAModel(nn.Module):
         report_requantising(layers, names)
 
     def unmerge_adapter(self) -> None:
-        """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is)."""
+        """Subtract every merged adapter from the base weights (a no-op, with a warning, if none is). On a
+        failure the layers already unmerged are merged again (the weights are back, up to rounding)."""
         layers = self.adapter_layers()
         if not any(layer.merged_adapters for layer in layers):
             logger.warning("no adapter is merged; unmerge_adapter() has nothing to do.")
         report_requantising([la for la in layers if la.merged_adapters], None)
-        for layer in layers:
-            layer.unmerge()
+        done: list[tuple[LoRALayer | TokenRowsLayer, list[str]]] = []
+        try:
+            for layer in layers:
+                done.append((layer, list(layer.merged_adapters)))
+                layer.unmerge()
+        except BaseException:  # merged again, as merge_adapter unmerges on a failure (up to rounding)
+            for layer, names in done:
+                layer.unmerge()  # (a layer the failure left half-unmerged)
+                layer.merge(names)
+            raise
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_injection import every_step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import randomise_B
 from safetensors.torch import load_file, save_file
 from tiny_models import MLP, make_model
 
-import hf_lora
 from hf_lora import AdapterFormatError, LoRAConfig, LoRAModel, get_lora_model
 from hf_lora.reading import read_adapter
 
@@ -266,82 +266,6 @@ def test_shapes_are_checked_from_the_header_before_any_data_is_read(saved, tmp_p
 # ---- 3. every mutating operation is all or nothing ----------------------------------------------------
 
 
-class Injected(Exception):
-    pass
-
-
-def _fail_at_call(n: int | None):
-    """A `sys.settrace` tracer that raises `Injected` at the n-th call of a function of hf_lora, and the
-    list of the functions called (n=None only records)."""
-    import sys
-
-    called: list = []
-    root = str(Path(hf_lora.__file__).parent)
-
-    def tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.startswith(root):
-            called.append(frame.f_code)
-            if len(called) == n:
-                sys.settrace(None)
-                raise Injected(f"injected failure at call {n} ({frame.f_code.co_name})")
-        return None
-
-    return tracer, called
-
-
-def _state(model) -> dict:
-    """Everything a failed call must leave as it was: classes and identities of the modules, parameters
-    (the same objects, the same values, the same flags), buffers."""
-    return {
-        "modules": [(n, type(m), id(m)) for n, m in model.named_modules()],
-        "params": [(n, id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()],
-        "buffers": [(n, id(b), b.clone()) for n, b in model.named_buffers()],
-        "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
-    }
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a["modules"] == b["modules"] and a["attrs"] == b["attrs"]
-    for (n1, i1, g1, t1), (n2, i2, g2, t2) in zip(a["params"], b["params"], strict=True):
-        assert (n1, i1, g1) == (n2, i2, g2) and torch.equal(t1, t2), n1
-    for (n1, i1, t1), (n2, i2, t2) in zip(a["buffers"], b["buffers"], strict=True):
-        assert (n1, i1) == (n2, i2) and torch.equal(t1, t2), n1
-
-
-def _every_step(act, fresh) -> int:
-    """Inject a failure into `act(model)` at the first and the last call of each function of hf_lora it
-    runs, on a fresh model each time: each must leave the model exactly as before, and a retry on it must
-    then work. Returns the number of places."""
-    import sys
-
-    tracer, called = _fail_at_call(None)
-    sys.settrace(tracer)
-    try:
-        act(fresh())
-    finally:
-        sys.settrace(None)
-    first = {code: i for i, code in reversed(list(enumerate(called, 1)))}
-    last = {code: i for i, code in enumerate(called, 1)}
-    places = sorted(set(first.values()) | set(last.values()))
-    assert len(first) > 10
-    for n in places:
-        model = fresh()
-        before = _state(model)
-        tracer, _ = _fail_at_call(n)
-        sys.settrace(tracer)
-        try:
-            act(model)
-        except Injected:
-            failed = model
-        else:  # (the call caught it and went on: fine, if it then did its job)
-            continue
-        finally:
-            sys.settrace(None)
-        _assert_same(before, _state(model))
-    act(failed)  # a retry on a model where it failed works
-    return len(places)
-
-
 CONFIGS = {
     "lora+saved+tokens": LoRAConfig(
         r=4, target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"], trainable_token_indices=[1, 2]
@@ -353,7 +277,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_get_lora_model_failing_at_any_step_leaves_the_model_exactly_as_before(config):
-    steps = _every_step(lambda m: get_lora_model(m, config), lambda: make_model("gpt2"))
+    steps = every_step(lambda m: get_lora_model(m, config), lambda: make_model("gpt2"))
     print(f"{steps} steps")
 
 
@@ -363,7 +287,7 @@ def test_add_adapter_failing_at_any_step_leaves_the_model_exactly_as_before(conf
         torch.manual_seed(0)
         return get_lora_model(make_model("gpt2"), LoRAConfig(r=2, target_modules=["c_attn"]))
 
-    _every_step(lambda m: m.add_adapter("other", config.replace(trainable_token_indices=None)), fresh)
+    every_step(lambda m: m.add_adapter("other", config.replace(trainable_token_indices=None)), fresh)
 
 
 def test_saving_several_adapters_writes_none_when_a_subfolder_cannot_be_written(tmp_path):
