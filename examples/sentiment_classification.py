@@ -1,22 +1,30 @@
-"""Sentiment classification three ways: LoRA, the last layers only, and full fine-tuning.
+"""Sentiment classification three ways: LoRA, the last layers only, and full fine-tuning, compared fairly.
 
 The DistilBERT/IMDb tutorial, with hf_lora. The same pretrained encoder, the same data and the same
 classification head initialisation are fine-tuned with
 
-* LoRA on the attention's query and value projections (+ the new classification head, trained in full
-  as `modules_to_save`: BERT's classifier, DistilBERT's pre_classifier and classifier),
+* LoRA (+ the new classification head, trained in full as `modules_to_save`: BERT's classifier,
+  DistilBERT's pre_classifier and classifier),
 * only the last 2 transformer layers (+ the head), everything else frozen,
 * every weight (full fine-tuning),
 
 and the script prints a table of trainable parameters, training time and test accuracy.
 
+A fair comparison gives each method its own learning rate (and LoRA its targets and rank), chosen on a
+validation split carved from the training data, never on the test split. `--sweep` does that: it trains
+each candidate of `SWEEP` on the training data minus the validation split, picks each method's best by
+validation accuracy, then trains the chosen configurations on the whole training split with `--seeds`
+seeds and scores each once on the test split (mean +- std).
+
     python examples/sentiment_classification.py                     # offline: MiniLM on Rotten Tomatoes
+    python examples/sentiment_classification.py --dataset rotten_tomatoes_full --sweep --seeds 3 --epochs 1
     python examples/sentiment_classification.py --model distilbert-base-uncased --dataset imdb
     python examples/sentiment_classification.py --methods lora --target-modules query key value dense
 
 `--model` takes a Hub id, a local directory, `minilm` or `tiny`; `--dataset` a Hub dataset id with
 train/test splits and text/label columns (imdb), a CSV file with text and label columns (split here,
-seeded), or `rotten_tomatoes` (fresh vs rotten review snippets; the plot summaries are dropped).
+seeded), `rotten_tomatoes` (4,866 fresh or rotten review snippets; the plot summaries are dropped) or
+`rotten_tomatoes_full` (the asset's whole corpus: 12,808).
 """
 
 from __future__ import annotations
@@ -55,6 +63,15 @@ from common import (
 log = logging.getLogger("sentiment_classification")
 
 METHODS = ("lora", "last-layers", "full")
+# The candidates --sweep tries: learning rates around each method's usual one and, for LoRA, two target
+# sets that both train under 1 % of MiniLM's weights (q, v at r=8: 0.33 %; every linear layer at r=4: 0.74 %).
+SWEEP: dict[str, list[dict[str, Any]]] = {
+    "lora": [dict(target_modules=None, rank=8, lr=lr) for lr in (1e-3, 2e-3, 4e-3)]
+    + [dict(target_modules=["all-linear"], rank=4, lr=lr) for lr in (5e-4, 1e-3, 2e-3)],
+    "last-layers": [dict(lr=lr) for lr in (2e-4, 5e-4, 1e-3)],
+    "full": [dict(lr=lr) for lr in (2e-5, 5e-5, 1e-4)],
+}
+LR_FLAG = {"lora": "lora_lr", "last-layers": "last_layers_lr", "full": "full_lr"}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model="tiny", train_size=48, test_size=32, epochs=1, batch_size=8, max_length=32,
                  lora_lr=1e-2, last_layers_lr=1e-3, full_lr=1e-3),
@@ -66,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default="minilm", help="Hub id, local directory, or minilm / tiny (default: minilm)"
     )
-    p.add_argument("--dataset", default="rotten_tomatoes", help="Hub id (imdb), CSV file, or rotten_tomatoes")
+    p.add_argument(
+        "--dataset",
+        default="rotten_tomatoes",
+        help="Hub id (imdb), CSV file, rotten_tomatoes or rotten_tomatoes_full",
+    )
     p.add_argument("--text-column", help="CSV column with the text (default: text, review or sentence)")
     p.add_argument("--label-column", help="CSV column with the label (default: label, category or sentiment)")
     p.add_argument("--labels", nargs="+",
@@ -75,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="CSV encoding; falls back to latin-1 if it fails")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--output-dir", type=Path, default=Path("runs/sentiment_classification"))
+    p.add_argument("--sweep", action="store_true",
+                   help="choose each method's settings on a validation split first (see above)")  # fmt: skip
     g = p.add_argument_group("data")
     g.add_argument("--test-fraction", type=float, default=0.2, help="for a CSV: share held out for testing")
+    g.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="--sweep: share of the training split it chooses on")  # fmt: skip
+    g.add_argument("--split-seed", type=int, default=42, help="the fixed seeded split (and samples)")
     g.add_argument("--train-size", type=int, help="train on a seeded sample of N examples (default: all)")
     g.add_argument("--test-size", type=int, help="test on a seeded sample of N examples (default: all)")
     g.add_argument("--max-length", type=int, default=256, help="truncate texts to N tokens")
@@ -87,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--last-layers-lr", type=float, default=5e-4)
     g.add_argument("--full-lr", type=float, default=5e-5)
     g.add_argument("--last-layers", type=int, default=2, help="how many layers the last-layers method trains")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="training seed (the first of --seeds)")
+    g.add_argument("--seeds", type=int, default=1, help="train each final configuration with N seeds")
     g = p.add_argument_group("LoRA")
     g.add_argument("-r", "--rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=16)
@@ -102,10 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = parse_with_presets(p, argv, PRESETS)
     check_range(p, args, "--test-fraction", 0, 1, low_open=True, high_open=True)
+    check_range(p, args, "--validation-fraction", 0, 1, low_open=True, high_open=True)
+    check_range(p, args, "--seeds", 1)
     for flag in ("--train-size", "--test-size", "--max-length", "--batch-size", "--last-layers", "--rank"):
         check_range(p, args, flag, 1)  # --last-layers' upper bound (the model's layers) is checked in main
     check_range(p, args, "--epochs", 0, low_open=True)
-    if args.labels is None and args.dataset == "rotten_tomatoes":
+    if args.labels is None and args.dataset in ("rotten_tomatoes", "rotten_tomatoes_full"):
         args.labels = ["rotten", "fresh"]  # negative = 0, positive = 1, as in IMDb
     return args
 
@@ -138,7 +167,7 @@ def load_data(args: argparse.Namespace):
         ids = {name: i for i, name in enumerate(names)}
         examples = [{"text": r[text_col], "label": ids[r[label_col]]} for r in rows if r[label_col] in ids]
         log.info("%s: %d rows, %d with labels %s", path.name, len(rows), len(examples), names)
-        random.Random(args.seed).shuffle(examples)  # a fixed split: the same test set every run
+        random.Random(args.split_seed).shuffle(examples)  # a fixed split: the same test set every run
         n_test = round(len(examples) * args.test_fraction)
         if not 0 < n_test < len(examples):
             build_parser().error(
@@ -146,8 +175,8 @@ def load_data(args: argparse.Namespace):
                 f"{'test' if n_test == 0 else 'training'} examples"
             )
         test, train = Dataset.from_list(examples[:n_test]), Dataset.from_list(examples[n_test:])
-    train = sample(train, args.train_size, args.seed)
-    test = sample(test, args.test_size, args.seed)
+    train = sample(train, args.train_size, args.split_seed)
+    test = sample(test, args.test_size, args.split_seed)
     log.info("train: %d examples, test: %d examples, labels %s", len(train), len(test), names)
     return train, test, list(names)
 
@@ -238,7 +267,11 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def train_and_test(method: str, base_model, tokenizer, train, test, args: argparse.Namespace) -> dict:
+def train_and_test(
+    method: str, base_model, tokenizer, train, test, args: argparse.Namespace, save: bool = True
+) -> dict:
+    """Train `method` on `train` with the settings in `args`, then score it once on `test` (the test split,
+    or --sweep's validation split). `save`: keep the LoRA adapter in --output-dir."""
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     import hf_lora
@@ -285,7 +318,7 @@ def train_and_test(method: str, base_model, tokenizer, train, test, args: argpar
         "test_accuracy": metrics["eval_accuracy"],
         "test_loss": metrics["eval_loss"],
     }
-    if method == "lora":  # the adapter is the one thing worth keeping: a few hundred KB
+    if method == "lora" and save:  # the adapter is the one thing worth keeping: a few hundred KB
         model.save_pretrained(
             args.output_dir, log_history=trainer.state.log_history, is_main_process=is_main_process()
         )
@@ -295,24 +328,157 @@ def train_and_test(method: str, base_model, tokenizer, train, test, args: argpar
     return result
 
 
-def summarize(results: list[dict], args: argparse.Namespace, n_train: int, n_test: int) -> None:
-    names = {"lora": "LoRA (q, v) + head", "last-layers": f"last {args.last_layers} layers + head",
-             "full": "full fine-tuning"}  # fmt: skip
-    if args.target_modules:
-        names["lora"] = f"LoRA ({', '.join(args.target_modules)}) + head"
-    rows = [
-        [names[r["method"]], params_cell(r["trainable_params"], r["total_params"]),
-         human_seconds(r["train_seconds"]), f"{100 * r['test_accuracy']:.2f}%"]
-        for r in results
-    ]  # fmt: skip
+# ---- the comparison: a sweep on the validation split, then the final runs -----------------------
+
+
+def settings_of(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A method's settings in `args`, in SWEEP's terms."""
+    if method != "lora":
+        return {"lr": getattr(args, LR_FLAG[method])}
+    return {"target_modules": args.target_modules, "rank": args.rank, "lr": args.lora_lr}
+
+
+def with_settings(args: argparse.Namespace, method: str, settings: dict[str, Any], seed: int | None = None):
+    """A copy of `args` that runs `method` with `settings` (and `seed`)."""
+    run = argparse.Namespace(**vars(args))
+    setattr(run, LR_FLAG[method], settings["lr"])
+    if method == "lora":
+        run.target_modules, run.rank = settings["target_modules"], settings["rank"]
+    if seed is not None:
+        run.seed = seed
+    return run
+
+
+def describe(method: str, settings: dict[str, Any], args: argparse.Namespace) -> str:
+    """`LoRA (all-linear, r=4) + head, lr 1e-03`, `last 2 layers + head, lr 5e-04`, ..."""
+    if method == "lora":
+        targets = ", ".join(settings["target_modules"] or ["q", "v"])
+        name = f"LoRA ({targets}, r={settings['rank']}) + head"
+    else:
+        name = {"last-layers": f"last {args.last_layers} layers + head", "full": "full fine-tuning"}[method]
+    return f"{name}, lr {settings['lr']:.0e}"
+
+
+def split_validation(train, args: argparse.Namespace):
+    """(fit, validation): the validation split carved from the training split, seeded and fixed."""
+    parts = train.train_test_split(test_size=args.validation_fraction, seed=args.split_seed)
+    return parts["train"], parts["test"]
+
+
+def sweep(base_model, tokenizer, train, args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+    """Every candidate of SWEEP for each method, trained on the training split minus the validation split
+    and scored on that: (runs, each method's best settings). The test split is not touched."""
+    fit, validation = split_validation(train, args)
+    log.info("sweep: %d examples to fit, %d to choose on", len(fit), len(validation))
+    runs, chosen = [], {}
+    for method in args.methods:
+        for settings in SWEEP[method]:
+            run = train_and_test(
+                method,
+                base_model,
+                tokenizer,
+                fit,
+                validation,
+                with_settings(args, method, settings),
+                save=False,
+            )
+            run = {"settings": settings, "validation_accuracy": run.pop("test_accuracy"),
+                   "validation_loss": run.pop("test_loss"), **run}  # fmt: skip
+            log.info(
+                "%s: validation accuracy %.2f%%",
+                describe(method, settings, args),
+                100 * run["validation_accuracy"],
+            )
+            runs.append(run)
+        best = max((r for r in runs if r["method"] == method), key=lambda r: r["validation_accuracy"])
+        chosen[method] = best["settings"]
+    return runs, chosen
+
+
+def final_runs(base_model, tokenizer, train, test, args, chosen: dict[str, dict]) -> list[dict]:
+    """Each method's settings trained on the whole training split with --seeds seeds, each scored once on
+    the test split."""
+    results = []
+    for method in args.methods:
+        for seed in range(args.seed, args.seed + args.seeds):
+            run_args = with_settings(args, method, chosen[method], seed)
+            result = train_and_test(
+                method, base_model, tokenizer, train, test, run_args, save=seed == args.seed
+            )
+            results.append({"settings": chosen[method], "seed": seed, **result})
+    return results
+
+
+def summarize(results: list[dict], args: argparse.Namespace, n_train: int, n_test: int) -> list[dict]:
+    """Print the table (mean +- std over the seeds) and return its rows."""
+    import statistics
+
+    rows, summary = [], []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        accuracy = [100 * r["test_accuracy"] for r in runs]
+        seconds = statistics.mean(r["train_seconds"] for r in runs)
+        spread = f" ± {statistics.stdev(accuracy):.2f}" if len(runs) > 1 else ""
+        name = describe(method, runs[0]["settings"], args)
+        cell = params_cell(runs[0]["trainable_params"], runs[0]["total_params"])
+        rows.append([name, cell, human_seconds(seconds), f"{statistics.mean(accuracy):.2f}%{spread}"])
+        summary.append({"method": method, "configuration": name, "trainable_params": runs[0]["trainable_params"],
+                        "train_seconds": seconds, "test_accuracy_mean": statistics.mean(accuracy) / 100,
+                        "test_accuracy_std": statistics.stdev(accuracy) / 100 if len(runs) > 1 else 0.0,
+                        "seeds": len(runs)})  # fmt: skip
+    seeds = f", {args.seeds} seeds each (mean ± std)" if args.seeds > 1 else ""
     print_table(
-        f"{args.model} on {args.dataset}: {n_train} train / {n_test} test examples, {args.epochs:g} epochs",
+        f"{args.model} on {args.dataset}: {n_train} train / {n_test} test examples, {args.epochs:g} epochs{seeds}",
         ["method", "trainable params", "train time", "test accuracy"],
         rows,
     )
-    lora = next((r for r in results if r["method"] == "lora"), None)
+    lora = next((r for r in results if r["method"] == "lora" and "adapter_bytes" in r), None)
     if lora:
         print(f"LoRA adapter: {human_bytes(lora['adapter_bytes'])} in {args.output_dir}/")
+    return summary
+
+
+def print_sweep(runs: list[dict], chosen: dict[str, dict], args: argparse.Namespace) -> None:
+    rows = [
+        [describe(r["method"], r["settings"], args), human_seconds(r["train_seconds"]),
+         f"{100 * r['validation_accuracy']:.2f}%", "chosen" if r["settings"] == chosen[r["method"]] else ""]
+        for r in runs
+    ]  # fmt: skip
+    print_table(
+        "sweep: validation accuracy", ["configuration", "train time", "validation accuracy", ""], rows
+    )
+
+
+def plot_sweep(runs: list[dict], chosen: dict[str, dict], args: argparse.Namespace, path: Path) -> Path:
+    """Validation accuracy against learning rate, a line per method (and LoRA target set); the chosen
+    settings ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict]] = {}
+    for r in runs:
+        label = describe(r["method"], r["settings"], args).rpartition(", lr")[0]
+        lines.setdefault(label, []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for i, (label, points) in enumerate(lines.items()):
+        lrs = [p["settings"]["lr"] for p in points]
+        acc = [100 * p["validation_accuracy"] for p in points]
+        ax.plot(lrs, acc, "o-", color=f"C{i}", label=label)
+        for p in points:
+            if p["settings"] == chosen[p["method"]]:
+                ax.plot(p["settings"]["lr"], 100 * p["validation_accuracy"], "o", markersize=14,
+                        markerfacecolor="none", markeredgecolor=f"C{i}")  # fmt: skip
+    ax.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy (%)",
+           title=f"{args.model} on {args.dataset}: the sweep (ringed: chosen)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,10 +499,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     train, test = tokenize(train, tokenizer, args.max_length), tokenize(test, tokenizer, args.max_length)
 
-    results = [train_and_test(m, base_model, tokenizer, train, test, args) for m in args.methods]
+    report: dict[str, Any] = {"model": args.model, "dataset": args.dataset, "labels": label_names}
+    if args.sweep:
+        runs, chosen = sweep(base_model, tokenizer, train, args)
+        report |= {"sweep": runs, "chosen": chosen}
+        if is_main_process():
+            print_sweep(runs, chosen, args)
+            plot = plot_sweep(runs, chosen, args, args.output_dir / "sweep.png")
+            print(f"sweep plot: {plot}")
+    else:
+        chosen = {method: settings_of(method, args) for method in args.methods}
+    results = final_runs(base_model, tokenizer, train, test, args, chosen)
     if is_main_process():
-        summarize(results, args, len(train), len(test))
-        report = {"model": args.model, "dataset": args.dataset, "labels": label_names, "results": results}
+        report |= {"results": results, "summary": summarize(results, args, len(train), len(test))}
         (args.output_dir / "results.json").write_text(json.dumps(report, indent=2))
 
 

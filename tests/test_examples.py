@@ -307,6 +307,31 @@ def test_sentiment_classification_three_methods(tmp_path, reviews_csv):
     assert {"pre_classifier", "classifier"} <= saved, saved
 
 
+def test_sentiment_classification_sweep_chooses_on_validation_and_reports_seeds(tmp_path, reviews_csv):
+    """--sweep: every candidate is scored on the validation split (carved from the training split), each
+    method's best by that score is the one trained with every seed and scored on the test split."""
+    sys.path.insert(0, str(EXAMPLES))
+    from sentiment_classification import SWEEP
+
+    out = tmp_path / "sweep"
+    proc = run_example("sentiment_classification.py", "--tiny", "--dataset", str(reviews_csv), "--output-dir", str(out),
+                       "--train-size", "60", "--sweep", "--seeds", "2", "--methods", "lora", "full")  # fmt: skip
+    report = results(out)
+    assert len(report["sweep"]) == len(SWEEP["lora"]) + len(SWEEP["full"])
+    for method in ("lora", "full"):
+        runs = [r for r in report["sweep"] if r["method"] == method]
+        assert [r["settings"] for r in runs] == [json.loads(json.dumps(c)) for c in SWEEP[method]]
+        best = max(runs, key=lambda r: r["validation_accuracy"])
+        assert report["chosen"][method] == best["settings"]
+        finals = [r for r in report["results"] if r["method"] == method]
+        assert [r["seed"] for r in finals] == [42, 43] and all(
+            r["settings"] == best["settings"] for r in finals
+        )
+    assert [r["seeds"] for r in report["summary"]] == [2, 2]
+    assert "± " in proc.stdout and (out / "sweep.png").stat().st_size > 10_000
+    assert "validation accuracy" in proc.stdout
+
+
 # ---- bad flags: a clear argparse error naming the flag and what it allows ------------------------
 
 
@@ -456,6 +481,6 @@ def test_sentiment_classification_on_minilm(tmp_path):
     out = tmp_path / "minilm"
     proc = run_example("sentiment_classification.py", "--output-dir", str(out), "--train-size", "64",
                        "--test-size", "32", "--epochs", "1", "--methods", "lora", timeout=600)  # fmt: skip
-    assert "LoRA (q, v) + head" in proc.stdout
+    assert "LoRA (q, v, r=8) + head" in proc.stdout
     report = results(out)
     assert report["labels"] == ["rotten", "fresh"] and report["results"][0]["trainable_params"] > 0
