@@ -91,9 +91,9 @@ def fused_paths(model) -> dict[str, bool]:
 
 
 def assert_equal_up_to_rounding(ours: torch.Tensor, theirs: torch.Tensor, exact: bool, what: str) -> None:
-    """Bit for bit on the plain path; on the fused one, `LAYER_ROUNDINGS` eps of the compared tensor's own
-    largest magnitude per LoRA layer it passes through (3 per block, 2 blocks: x ROUNDINGS/LAYER_ROUNDINGS
-    covers them; gradients of ~1e-5 are bounded relative to themselves, not to 1)."""
+    """Bit for bit on the plain path; on the fused one, ROUNDINGS eps of the compared tensor's own largest
+    magnitude (tolerance.py: the roundings of one evaluation; gradients of ~1e-5 are bounded relative to
+    themselves, not to 1)."""
     if exact:
         assert torch.equal(ours, theirs), what
     else:
