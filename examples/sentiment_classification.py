@@ -14,7 +14,9 @@ A fair comparison gives each method its own learning rate (and LoRA its targets 
 validation split carved from the training data, never on the test split. `--sweep` does that: it trains
 each candidate of `SWEEP` on the training data minus the validation split, picks each method's best by
 validation accuracy, then trains the chosen configurations on the whole training split with `--seeds`
-seeds and scores each once on the test split (mean +- std).
+seeds and scores each once on the test split (mean +- std). Every finished run is recorded in
+OUTPUT_DIR/runs.jsonl; with `--resume` the recorded ones are reused, so an interrupted sweep goes on where it
+stopped and two processes (say `--methods lora` and `--methods last-layers full`) can share the work.
 
     python examples/sentiment_classification.py                     # offline: MiniLM on Rotten Tomatoes
     python examples/sentiment_classification.py --dataset rotten_tomatoes_full --sweep --seeds 3 --epochs 1
@@ -33,6 +35,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -98,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=Path("runs/sentiment_classification"))
     p.add_argument("--sweep", action="store_true",
                    help="choose each method's settings on a validation split first (see above)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs recorded in OUTPUT_DIR/runs.jsonl with the same settings and data "
+                        "(an interrupted sweep goes on where it stopped; processes with different "
+                        "--methods can share the directory)")  # fmt: skip
     g = p.add_argument_group("data")
     g.add_argument("--test-fraction", type=float, default=0.2, help="for a CSV: share held out for testing")
     g.add_argument("--validation-fraction", type=float, default=0.1,
@@ -290,6 +297,9 @@ def train_and_test(
         learning_rate=lr,
         lr_scheduler_type="linear",
         warmup_steps=0.1,  # a fraction of the steps
+        # batches of similar lengths: review snippets are 5 to 70 tokens, so random batches of 32 are half
+        # padding; grouped, a step does about half the work and learns the same
+        train_sampling_strategy="group_by_length",
         weight_decay=0.01,
         logging_steps=max(1, len(train) // args.batch_size // 10),  # ~10 lines per epoch
         eval_strategy="no",  # one test at the end; the test set is not for choosing anything
@@ -331,6 +341,54 @@ def train_and_test(
 # ---- the comparison: a sweep on the validation split, then the final runs -----------------------
 
 
+# What a run's result depends on besides its method, settings and seed: a recorded run is reused only where
+# all of these are the same.
+RECORDED_FLAGS = ("model", "dataset", "labels", "text_column", "label_column", "split_seed", "test_fraction",
+                  "validation_fraction", "train_size", "test_size", "max_length", "epochs", "batch_size",
+                  "last_layers", "lora_alpha", "lora_dropout")  # fmt: skip
+
+
+class RunRecords:
+    """OUTPUT_DIR/runs.jsonl: a line per finished run (sweep or final) with what defines it and its result.
+    With --resume a run already recorded is read back instead of trained again, so an interrupted sweep goes
+    on where it stopped, and processes that train different --methods into one directory add up."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.path = args.output_dir / "runs.jsonl"
+        self.resume = args.resume
+        self.common = {flag: getattr(args, flag) for flag in RECORDED_FLAGS}
+
+    def key(self, phase: str, method: str, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+        key = {"phase": phase, "method": method, "settings": settings, "seed": seed, **self.common}
+        return json.loads(json.dumps(key, default=str))  # as it reads back: tuples as lists, paths as str
+
+    def find(self, key: dict[str, Any]) -> dict | None:
+        """The latest recorded result of the run `key` describes (None without --resume)."""
+        if not self.resume or not self.path.exists():
+            return None
+        found = None
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when a process was killed mid-write
+                continue
+            if isinstance(record, dict) and record.get("key") == key:
+                found = record["result"]
+        if found is not None:
+            log.info("%s %s seed %d: recorded in %s, not trained again", key["phase"], key["method"],
+                     key["seed"], self.path)  # fmt: skip
+        return found
+
+    def add(self, key: dict[str, Any], result: dict) -> dict:
+        if is_main_process():  # one line, appended whole: other processes may be appending too
+            line = json.dumps({"key": key, "result": result}, default=str) + "\n"
+            with open(self.path, "ab+") as f:
+                end = f.seek(0, os.SEEK_END)
+                cut = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"  # a killed writer's half line
+                f.write((("\n" if cut else "") + line).encode("utf-8"))
+        return result
+
+
 def settings_of(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """A method's settings in `args`, in SWEEP's terms."""
     if method != "lora":
@@ -365,7 +423,7 @@ def split_validation(train, args: argparse.Namespace):
     return parts["train"], parts["test"]
 
 
-def sweep(base_model, tokenizer, train, args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+def sweep(base_model, tokenizer, train, args, records: RunRecords) -> tuple[list[dict], dict[str, dict]]:
     """Every candidate of SWEEP for each method, trained on the training split minus the validation split
     and scored on that: (runs, each method's best settings). The test split is not touched."""
     fit, validation = split_validation(train, args)
@@ -373,14 +431,18 @@ def sweep(base_model, tokenizer, train, args: argparse.Namespace) -> tuple[list[
     runs, chosen = [], {}
     for method in args.methods:
         for settings in SWEEP[method]:
-            run = train_and_test(
-                method,
-                base_model,
-                tokenizer,
-                fit,
-                validation,
-                with_settings(args, method, settings),
-                save=False,
+            key = records.key("sweep", method, settings, args.seed)
+            run = records.find(key) or records.add(
+                key,
+                train_and_test(
+                    method,
+                    base_model,
+                    tokenizer,
+                    fit,
+                    validation,
+                    with_settings(args, method, settings),
+                    save=False,
+                ),
             )
             run = {"settings": settings, "validation_accuracy": run.pop("test_accuracy"),
                    "validation_loss": run.pop("test_loss"), **run}  # fmt: skip
@@ -395,15 +457,19 @@ def sweep(base_model, tokenizer, train, args: argparse.Namespace) -> tuple[list[
     return runs, chosen
 
 
-def final_runs(base_model, tokenizer, train, test, args, chosen: dict[str, dict]) -> list[dict]:
+def final_runs(
+    base_model, tokenizer, train, test, args, chosen: dict[str, dict], records: RunRecords
+) -> list[dict]:
     """Each method's settings trained on the whole training split with --seeds seeds, each scored once on
     the test split."""
     results = []
     for method in args.methods:
         for seed in range(args.seed, args.seed + args.seeds):
+            key = records.key("final", method, chosen[method], seed)
             run_args = with_settings(args, method, chosen[method], seed)
-            result = train_and_test(
-                method, base_model, tokenizer, train, test, run_args, save=seed == args.seed
+            result = records.find(key) or records.add(
+                key,
+                train_and_test(method, base_model, tokenizer, train, test, run_args, save=seed == args.seed),
             )
             results.append({"settings": chosen[method], "seed": seed, **result})
     return results
@@ -500,8 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     train, test = tokenize(train, tokenizer, args.max_length), tokenize(test, tokenizer, args.max_length)
 
     report: dict[str, Any] = {"model": args.model, "dataset": args.dataset, "labels": label_names}
+    records = RunRecords(args)
     if args.sweep:
-        runs, chosen = sweep(base_model, tokenizer, train, args)
+        runs, chosen = sweep(base_model, tokenizer, train, args, records)
         report |= {"sweep": runs, "chosen": chosen}
         if is_main_process():
             print_sweep(runs, chosen, args)
@@ -509,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sweep plot: {plot}")
     else:
         chosen = {method: settings_of(method, args) for method in args.methods}
-    results = final_runs(base_model, tokenizer, train, test, args, chosen)
+    results = final_runs(base_model, tokenizer, train, test, args, chosen, records)
     if is_main_process():
         report |= {"results": results, "summary": summarize(results, args, len(train), len(test))}
         (args.output_dir / "results.json").write_text(json.dumps(report, indent=2))

@@ -332,6 +332,37 @@ def test_sentiment_classification_sweep_chooses_on_validation_and_reports_seeds(
     assert "validation accuracy" in proc.stdout
 
 
+def test_sentiment_classification_resume_reuses_only_runs_with_the_same_settings(tmp_path, reviews_csv):
+    """--resume: runs recorded in runs.jsonl by an earlier process (here: --methods lora) are read back, not
+    trained again, and add up with the new ones; a run recorded under other data or training flags is not
+    reused, and a line cut short by a kill is skipped."""
+    sys.path.insert(0, str(EXAMPLES))
+    from sentiment_classification import SWEEP
+
+    out = tmp_path / "resume"
+    flags = ["--tiny", "--dataset", str(reviews_csv), "--output-dir", str(out), "--train-size", "40", "--sweep",
+             "--resume", "--seeds", "2"]  # fmt: skip
+    run_example("sentiment_classification.py", *flags, "--methods", "lora")
+    first = results(out)
+    with open(out / "runs.jsonl", "a") as f:
+        f.write('{"key": {"phase": "sweep", "meth')  # a process killed mid-write
+    proc = run_example("sentiment_classification.py", *flags, "--methods", "lora", "full")
+    report = results(out)
+    reused = proc.stderr.count("not trained again")
+    assert reused == len(first["sweep"]) + 2, proc.stderr[-3000:]  # every lora run, sweep and final
+    assert [r for r in report["sweep"] if r["method"] == "lora"] == first["sweep"]
+    assert [r for r in report["results"] if r["method"] == "lora"] == first["results"]
+    assert {r["method"] for r in report["results"]} == {"lora", "full"}
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == len(first["sweep"]) + 2 + len(SWEEP["full"]) + 2 + 1  # and the cut line; none twice
+    assert sum(line.startswith('{"key": {"phase": "sweep", "method": "full"') for line in lines) == len(
+        SWEEP["full"]
+    )
+
+    proc = run_example("sentiment_classification.py", *flags, "--methods", "lora", "--epochs", "2")
+    assert "not trained again" not in proc.stderr  # other flags: other runs
+
+
 # ---- bad flags: a clear argparse error naming the flag and what it allows ------------------------
 
 
