@@ -74,6 +74,7 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
     "last-layers": [dict(lr=lr) for lr in (2e-4, 5e-4, 1e-3)],
     "full": [dict(lr=lr) for lr in (2e-5, 5e-5, 1e-4)],
 }
+EXTEND_MAX = 2  # how far past its grid a sweep follows a line's best learning rate (see `sweep`)
 LR_FLAG = {"lora": "lora_lr", "last-layers": "last_layers_lr", "full": "full_lr"}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model="tiny", train_size=48, test_size=32, epochs=1, batch_size=8, max_length=32,
@@ -116,17 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=float, default=2)
     g.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
+    # the defaults: what --sweep chose on the whole corpus (examples/README.md)
     g.add_argument("--lora-lr", type=float, default=1e-3)
-    g.add_argument("--last-layers-lr", type=float, default=5e-4)
-    g.add_argument("--full-lr", type=float, default=5e-5)
+    g.add_argument("--last-layers-lr", type=float, default=1e-3)
+    g.add_argument("--full-lr", type=float, default=2e-4)
     g.add_argument("--last-layers", type=int, default=2, help="how many layers the last-layers method trains")
     g.add_argument("--seed", type=int, default=42, help="training seed (the first of --seeds)")
     g.add_argument("--seeds", type=int, default=1, help="train each final configuration with N seeds")
     g = p.add_argument_group("LoRA")
-    g.add_argument("-r", "--rank", type=int, default=8)
+    g.add_argument("-r", "--rank", type=int, default=4)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--target-modules", nargs="+", help="default: the architecture's (BERT: query value)")
+    g.add_argument("--target-modules", nargs="+", default=["all-linear"],
+                   help="default: all-linear; 'default' for the architecture's (BERT: query value)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="random tiny model, a few rows: smoke tests")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -205,7 +208,7 @@ def tokenize(dataset, tokenizer, max_length: int):
 
 
 def with_lora(model, args: argparse.Namespace):
-    """LoRA on the architecture's default targets (query/value), and the new head trained in full."""
+    """LoRA on --target-modules (every linear layer by default), and the new head trained in full."""
     import hf_lora
 
     config = hf_lora.LoRAConfig(
@@ -410,7 +413,8 @@ def with_settings(args: argparse.Namespace, method: str, settings: dict[str, Any
 def describe(method: str, settings: dict[str, Any], args: argparse.Namespace) -> str:
     """`LoRA (all-linear, r=4) + head, lr 1e-03`, `last 2 layers + head, lr 5e-04`, ..."""
     if method == "lora":
-        targets = ", ".join(settings["target_modules"] or ["q", "v"])
+        names = settings["target_modules"]
+        targets = "q, v" if names in (None, ["default"]) else ", ".join(names)
         name = f"LoRA ({targets}, r={settings['rank']}) + head"
     else:
         name = {"last-layers": f"last {args.last_layers} layers + head", "full": "full fine-tuning"}[method]
@@ -423,35 +427,66 @@ def split_validation(train, args: argparse.Namespace):
     return parts["train"], parts["test"]
 
 
+def lr_beyond(line_runs: list[dict]) -> float | None:
+    """The learning rate to try next on a line of runs that differ only in it: twice the largest where the
+    largest scored best, half the smallest where the smallest did (the first best, in run order, on a tie),
+    None where the best lies inside."""
+    best = max(line_runs, key=lambda r: r["validation_accuracy"])["settings"]["lr"]
+    lrs = sorted(r["settings"]["lr"] for r in line_runs)
+    if len(lrs) < 2 or best not in (lrs[0], lrs[-1]):
+        return None
+    return 2 * lrs[-1] if best == lrs[-1] else lrs[0] / 2
+
+
 def sweep(base_model, tokenizer, train, args, records: RunRecords) -> tuple[list[dict], dict[str, dict]]:
     """Every candidate of SWEEP for each method, trained on the training split minus the validation split
-    and scored on that: (runs, each method's best settings). The test split is not touched."""
+    and scored on that: (runs, each method's best settings). The test split is not touched.
+
+    Where a line of candidates (a method's settings but the learning rate) scores best at the end of its
+    grid, the optimum may lie beyond it: the learning rate is doubled (or halved) past that end, up to
+    EXTEND_MAX times, until the best is inside."""
     fit, validation = split_validation(train, args)
     log.info("sweep: %d examples to fit, %d to choose on", len(fit), len(validation))
+
+    def score(method: str, settings: dict[str, Any]) -> dict:
+        key = records.key("sweep", method, settings, args.seed)
+        run = records.find(key) or records.add(
+            key,
+            train_and_test(
+                method,
+                base_model,
+                tokenizer,
+                fit,
+                validation,
+                with_settings(args, method, settings),
+                save=False,
+            ),
+        )
+        run = {"settings": settings, "validation_accuracy": run.pop("test_accuracy"),
+               "validation_loss": run.pop("test_loss"), **run}  # fmt: skip
+        log.info(
+            "%s: validation accuracy %.2f%%",
+            describe(method, settings, args),
+            100 * run["validation_accuracy"],
+        )
+        return run
+
     runs, chosen = [], {}
     for method in args.methods:
+        lines: dict[str, list[dict]] = {}  # the candidates that differ only in learning rate
         for settings in SWEEP[method]:
-            key = records.key("sweep", method, settings, args.seed)
-            run = records.find(key) or records.add(
-                key,
-                train_and_test(
-                    method,
-                    base_model,
-                    tokenizer,
-                    fit,
-                    validation,
-                    with_settings(args, method, settings),
-                    save=False,
-                ),
+            lines.setdefault(json.dumps({k: v for k, v in settings.items() if k != "lr"}), []).append(
+                settings
             )
-            run = {"settings": settings, "validation_accuracy": run.pop("test_accuracy"),
-                   "validation_loss": run.pop("test_loss"), **run}  # fmt: skip
-            log.info(
-                "%s: validation accuracy %.2f%%",
-                describe(method, settings, args),
-                100 * run["validation_accuracy"],
-            )
-            runs.append(run)
+        for line in lines.values():
+            line_runs = [score(method, settings) for settings in line]
+            for _ in range(EXTEND_MAX):
+                if (lr := lr_beyond(line_runs)) is None:
+                    break
+                best = max(line_runs, key=lambda r: r["validation_accuracy"])["settings"]
+                log.info("%s: best at the end of its grid, trying lr %.0e", describe(method, best, args), lr)
+                line_runs.append(score(method, {**best, "lr": lr}))
+            runs += sorted(line_runs, key=lambda r: r["settings"]["lr"])
         best = max((r for r in runs if r["method"] == method), key=lambda r: r["validation_accuracy"])
         chosen[method] = best["settings"]
     return runs, chosen
@@ -529,6 +564,7 @@ def plot_sweep(runs: list[dict], chosen: dict[str, dict], args: argparse.Namespa
         lines.setdefault(label, []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, (label, points) in enumerate(lines.items()):
+        points = sorted(points, key=lambda p: p["settings"]["lr"])
         lrs = [p["settings"]["lr"] for p in points]
         acc = [100 * p["validation_accuracy"] for p in points]
         ax.plot(lrs, acc, "o-", color=f"C{i}", label=label)

@@ -311,16 +311,30 @@ def test_sentiment_classification_sweep_chooses_on_validation_and_reports_seeds(
     """--sweep: every candidate is scored on the validation split (carved from the training split), each
     method's best by that score is the one trained with every seed and scored on the test split."""
     sys.path.insert(0, str(EXAMPLES))
-    from sentiment_classification import SWEEP
+    from sentiment_classification import EXTEND_MAX, SWEEP, lr_beyond
+
+    def line_of(settings):  # the settings but the learning rate
+        return json.dumps({k: v for k, v in settings.items() if k != "lr"}, sort_keys=True)
 
     out = tmp_path / "sweep"
     proc = run_example("sentiment_classification.py", "--tiny", "--dataset", str(reviews_csv), "--output-dir", str(out),
                        "--train-size", "60", "--sweep", "--seeds", "2", "--methods", "lora", "full")  # fmt: skip
     report = results(out)
-    assert len(report["sweep"]) == len(SWEEP["lora"]) + len(SWEEP["full"])
     for method in ("lora", "full"):
         runs = [r for r in report["sweep"] if r["method"] == method]
-        assert [r["settings"] for r in runs] == [json.loads(json.dumps(c)) for c in SWEEP[method]]
+        grid = [json.loads(json.dumps(c)) for c in SWEEP[method]]
+        for line in {line_of(c) for c in grid}:
+            ran = [r for r in runs if line_of(r["settings"]) == line]
+            lrs = [r["settings"]["lr"] for r in ran]
+            assert lrs == sorted(lrs)  # listed in learning-rate order
+            # replayed: the grid, then lr_beyond's choice while it has one (at most EXTEND_MAX)
+            replay = [r for r in ran if r["settings"] in grid]
+            assert len(replay) == len([c for c in grid if line_of(c) == line])
+            for _ in range(EXTEND_MAX):
+                if (lr := lr_beyond(replay)) is None:
+                    break
+                replay += [r for r in ran if r["settings"]["lr"] == lr]
+            assert sorted(r["settings"]["lr"] for r in replay) == lrs
         best = max(runs, key=lambda r: r["validation_accuracy"])
         assert report["chosen"][method] == best["settings"]
         finals = [r for r in report["results"] if r["method"] == method]
@@ -330,6 +344,20 @@ def test_sentiment_classification_sweep_chooses_on_validation_and_reports_seeds(
     assert [r["seeds"] for r in report["summary"]] == [2, 2]
     assert "± " in proc.stdout and (out / "sweep.png").stat().st_size > 10_000
     assert "validation accuracy" in proc.stdout
+
+
+def test_sentiment_classification_sweep_follows_a_best_learning_rate_past_the_grid():
+    sys.path.insert(0, str(EXAMPLES))
+    from sentiment_classification import lr_beyond
+
+    def line(*points):
+        return [{"settings": {"lr": lr}, "validation_accuracy": acc} for lr, acc in points]
+
+    assert lr_beyond(line((1e-3, 0.80), (2e-3, 0.82), (4e-3, 0.81))) is None  # inside: done
+    assert lr_beyond(line((1e-3, 0.80), (2e-3, 0.81), (4e-3, 0.82))) == 8e-3  # at the top: doubled
+    assert lr_beyond(line((2e-3, 0.81), (1e-3, 0.83), (4e-3, 0.82))) == 5e-4  # at the bottom: halved
+    assert lr_beyond(line((1e-3, 0.8), (2e-3, 0.8))) == 5e-4  # a tie: the first best, here the bottom
+    assert lr_beyond(line((1e-3, 0.8))) is None  # one point has no end to pass
 
 
 def test_sentiment_classification_resume_reuses_only_runs_with_the_same_settings(tmp_path, reviews_csv):
@@ -354,10 +382,10 @@ def test_sentiment_classification_resume_reuses_only_runs_with_the_same_settings
     assert [r for r in report["results"] if r["method"] == "lora"] == first["results"]
     assert {r["method"] for r in report["results"]} == {"lora", "full"}
     lines = (out / "runs.jsonl").read_text().splitlines()
-    assert len(lines) == len(first["sweep"]) + 2 + len(SWEEP["full"]) + 2 + 1  # and the cut line; none twice
-    assert sum(line.startswith('{"key": {"phase": "sweep", "method": "full"') for line in lines) == len(
-        SWEEP["full"]
-    )
+    full = [r for r in report["sweep"] if r["method"] == "full"]
+    assert len(full) >= len(SWEEP["full"])
+    assert len(lines) == len(first["sweep"]) + 2 + len(full) + 2 + 1  # and the cut line; none twice
+    assert sum(line.startswith('{"key": {"phase": "sweep", "method": "full"') for line in lines) == len(full)
 
     proc = run_example("sentiment_classification.py", *flags, "--methods", "lora", "--epochs", "2")
     assert "not trained again" not in proc.stderr  # other flags: other runs
@@ -512,6 +540,6 @@ def test_sentiment_classification_on_minilm(tmp_path):
     out = tmp_path / "minilm"
     proc = run_example("sentiment_classification.py", "--output-dir", str(out), "--train-size", "64",
                        "--test-size", "32", "--epochs", "1", "--methods", "lora", timeout=600)  # fmt: skip
-    assert "LoRA (q, v, r=8) + head" in proc.stdout
+    assert "LoRA (all-linear, r=4) + head" in proc.stdout
     report = results(out)
     assert report["labels"] == ["rotten", "fresh"] and report["results"][0]["trainable_params"] > 0
