@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-size", type=int, help="test on a seeded sample of N examples (default: all)")
     g.add_argument("--max-length", type=int, default=256, help="truncate texts to N tokens")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=2)
+    g.add_argument("--epochs", type=float, default=1)
     g.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     # the defaults: what --sweep chose on the whole corpus (examples/README.md)
     g.add_argument("--lora-lr", type=float, default=1e-3)
