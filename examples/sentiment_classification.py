@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,10 @@ class RunRecords:
                 f.write((("\n" if cut else "") + line).encode("utf-8"))
         return result
 
+    def reuse_or_run(self, key: dict[str, Any], train: Callable[..., dict], *args, **kwargs) -> dict:
+        """The recorded result of `key` (with --resume), else `train(*args, **kwargs)`'s, recorded."""
+        return self.find(key) or self.add(key, train(*args, **kwargs))
+
 
 def settings_of(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """A method's settings in `args`, in SWEEP's terms."""
@@ -427,6 +432,11 @@ def split_validation(train, args: argparse.Namespace):
     return parts["train"], parts["test"]
 
 
+def line_of(settings: dict[str, Any]) -> str:
+    """What candidates on one line of the sweep share: their settings but the learning rate."""
+    return json.dumps({k: v for k, v in settings.items() if k != "lr"}, sort_keys=True)
+
+
 def lr_beyond(line_runs: list[dict]) -> float | None:
     """The learning rate to try next on a line of runs that differ only in it: twice the largest where the
     largest scored best, half the smallest where the smallest did (the first best, in run order, on a tie),
@@ -450,17 +460,9 @@ def sweep(base_model, tokenizer, train, args, records: RunRecords) -> tuple[list
 
     def score(method: str, settings: dict[str, Any]) -> dict:
         key = records.key("sweep", method, settings, args.seed)
-        run = records.find(key) or records.add(
-            key,
-            train_and_test(
-                method,
-                base_model,
-                tokenizer,
-                fit,
-                validation,
-                with_settings(args, method, settings),
-                save=False,
-            ),
+        run_args = with_settings(args, method, settings)
+        run = records.reuse_or_run(
+            key, train_and_test, method, base_model, tokenizer, fit, validation, run_args, save=False
         )
         run = {"settings": settings, "validation_accuracy": run.pop("test_accuracy"),
                "validation_loss": run.pop("test_loss"), **run}  # fmt: skip
@@ -475,9 +477,7 @@ def sweep(base_model, tokenizer, train, args, records: RunRecords) -> tuple[list
     for method in args.methods:
         lines: dict[str, list[dict]] = {}  # the candidates that differ only in learning rate
         for settings in SWEEP[method]:
-            lines.setdefault(json.dumps({k: v for k, v in settings.items() if k != "lr"}), []).append(
-                settings
-            )
+            lines.setdefault(line_of(settings), []).append(settings)
         for line in lines.values():
             line_runs = [score(method, settings) for settings in line]
             for _ in range(EXTEND_MAX):
@@ -502,9 +502,16 @@ def final_runs(
         for seed in range(args.seed, args.seed + args.seeds):
             key = records.key("final", method, chosen[method], seed)
             run_args = with_settings(args, method, chosen[method], seed)
-            result = records.find(key) or records.add(
+            result = records.reuse_or_run(
                 key,
-                train_and_test(method, base_model, tokenizer, train, test, run_args, save=seed == args.seed),
+                train_and_test,
+                method,
+                base_model,
+                tokenizer,
+                train,
+                test,
+                run_args,
+                save=seed == args.seed,
             )
             results.append({"settings": chosen[method], "seed": seed, **result})
     return results

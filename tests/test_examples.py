@@ -311,10 +311,7 @@ def test_sentiment_classification_sweep_chooses_on_validation_and_reports_seeds(
     """--sweep: every candidate is scored on the validation split (carved from the training split), each
     method's best by that score is the one trained with every seed and scored on the test split."""
     sys.path.insert(0, str(EXAMPLES))
-    from sentiment_classification import EXTEND_MAX, SWEEP, lr_beyond
-
-    def line_of(settings):  # the settings but the learning rate
-        return json.dumps({k: v for k, v in settings.items() if k != "lr"}, sort_keys=True)
+    from sentiment_classification import EXTEND_MAX, SWEEP, line_of, lr_beyond
 
     out = tmp_path / "sweep"
     proc = run_example("sentiment_classification.py", "--tiny", "--dataset", str(reviews_csv), "--output-dir", str(out),
